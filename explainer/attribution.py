@@ -1,0 +1,474 @@
+"""Layer conductance and neuron gradients, with Captum's argument names and semantics.
+
+The results match ``captum.attr.LayerConductance`` and ``captum.attr.NeuronGradient``; the
+engine differs where the reference does work it does not need:
+
+* Conductance runs the network up to the layer without recording autograd history: the layer's
+  output becomes the root of the graph, so only the part of the network after the layer is kept
+  for the backward pass. The earliest of several listed layers is the root, and one backward
+  pass yields the gradients of every listed layer.
+* A neuron gradient needs the network only up to the layer: the forward pass stops there.
+  Many neurons of one layer share that forward pass and run one batched backward pass.
+* The model is never modified (no ``requires_grad`` or ``training`` changes) and hooks act only
+  for the calling thread, so threads may explain one shared model at the same time.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+from torch.nn import DataParallel, Module
+
+from explainer.arguments import (
+    BaselineType,
+    TargetType,
+    as_input_tuple,
+    check_target,
+    dense_baselines,
+    format_additional_args,
+    format_baselines,
+    repeat_additional_args,
+    repeat_target,
+    select_target,
+)
+from explainer.errors import AttributionError, AttributionTypeError
+from explainer.hooks import StopForward, layer_label, tap_layers
+from explainer.integration import alphas as integration_alphas
+from explainer.integration import check_method
+
+__all__ = ["LayerConductance", "NeuronGradient"]
+
+ProgressFn = Callable[[int, int], None]
+Selector = Union[int, tuple, Callable[..., Tensor]]
+
+
+def _unwrap(forward_func: Callable) -> Callable:
+    """Run DataParallel models on their wrapped module (hooks then fire on one device)."""
+    return forward_func.module if isinstance(forward_func, DataParallel) else forward_func
+
+
+def _run(forward_func: Callable, inputs: tuple[Tensor, ...], args: tuple | None) -> Any:
+    return forward_func(*inputs, *args) if args is not None else forward_func(*inputs)
+
+
+def _layers_of(layer: Module | Sequence[Module], what: str) -> tuple[list[Module], bool]:
+    if isinstance(layer, Module):
+        return [layer], False
+    if isinstance(layer, (list, tuple)) and layer and all(isinstance(m, Module) for m in layer):
+        return list(layer), True
+    raise AttributionTypeError(
+        f"{what} must be a torch.nn.Module or a non-empty list of modules, "
+        f"not {type(layer).__name__}."
+    )
+
+
+def _check_output(output: Any) -> Tensor:
+    if not isinstance(output, Tensor):
+        raise AttributionTypeError(
+            f"The forward function returned a {type(output).__name__}; it must return a tensor "
+            "of scores (wrap the model so that it returns one)."
+        )
+    return output
+
+
+def _sum_rows(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+class _LayerMethod:
+    """Shared state of the layer and neuron methods: the forward function and its layer(s)."""
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Module | Sequence[Module],
+        device_ids: list[int] | None = None,
+    ) -> None:
+        if not callable(forward_func):
+            raise AttributionTypeError(
+                f"forward_func must be a model or a function, not {type(forward_func).__name__}."
+            )
+        self.forward_func = forward_func
+        self.layer = layer
+        self.device_ids = device_ids
+        self._layers, self._is_list = _layers_of(layer, "layer")
+        self._labels = [layer_label(m, _unwrap(forward_func)) for m in self._layers]
+
+    def compute_convergence_delta(
+        self,
+        attributions: Tensor | tuple[Tensor, ...],
+        start_point: BaselineType,
+        end_point: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        """Per example: the sum of ``attributions`` minus ``F(end_point) - F(start_point)``.
+
+        ``start_point`` takes every form a baseline may take. The result is signed, one value
+        per example; zero means the attributions account exactly for the change in output.
+        """
+        ends = as_input_tuple(end_point, "end_point")
+        starts = dense_baselines(format_baselines(start_point, ends), ends)
+        attrs = attributions if isinstance(attributions, tuple) else (attributions,)
+        n = ends[0].shape[0]
+        for a in attrs:
+            if not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != n:
+                raise AttributionError(
+                    f"Each attribution tensor must have {n} rows, one per example of end_point."
+                )
+        args = format_additional_args(additional_forward_args)
+        forward = _unwrap(self.forward_func)
+        with torch.no_grad():
+            end_out = _check_output(_run(forward, ends, args))
+            check_target(target, end_out.shape, n)
+            end_sum = select_target(end_out, target)
+            start_sum = select_target(_check_output(_run(forward, starts, args)), target)
+            total = torch.stack([_sum_rows(a) for a in attrs]).sum(0)
+            return total.to(end_sum.dtype) - (end_sum - start_sum)
+
+
+class LayerConductance(_LayerMethod):
+    """Conductance of every neuron of a layer: how much of the change in the target output,
+    from the baseline to the input, flows through each neuron.
+
+    Arguments and results follow ``captum.attr.LayerConductance``. ``layer`` may also be a
+    list of modules: one pass then returns a list with the conductance of every listed layer.
+    References: https://arxiv.org/abs/1805.12233, https://arxiv.org/abs/1807.09946
+    """
+
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        baselines: BaselineType = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> Any:
+        """Compute the conductance of the layer's output (or input) neurons.
+
+        Parameters follow the reference. ``internal_batch_size`` bounds how many path points
+        times examples run in one pass; it must be at least the number of examples. ``progress``,
+        when given, is called as ``progress(done, total)`` in path points after every pass.
+
+        Returns
+        -------
+        A tensor shaped like the layer's output (a tuple when the layer has several output
+        tensors), a list of those when ``layer`` is a list, and with
+        ``return_convergence_delta=True`` a pair ``(attributions, delta)`` where ``delta`` holds
+        one signed value per example (a list of such when ``layer`` is a list).
+        """
+        inputs_t = as_input_tuple(inputs)
+        baselines_t = format_baselines(baselines, inputs_t)
+        check_method(method)
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+            raise AttributionError(f"n_steps must be a positive integer, got {n_steps!r}.")
+        num_examples = inputs_t[0].shape[0]
+        if num_examples == 0:
+            raise AttributionError("inputs hold no examples (dimension 0 is empty).")
+        points = n_steps + 1
+        if internal_batch_size is None:
+            per_pass = points
+        else:
+            if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
+                raise AttributionTypeError("internal_batch_size must be an int or None.")
+            if internal_batch_size < num_examples:
+                raise AttributionError(
+                    f"internal_batch_size={internal_batch_size} is smaller than the number of "
+                    f"examples ({num_examples}); use at least {num_examples}, or None to run "
+                    "all path points in one pass."
+                )
+            per_pass = max(1, internal_batch_size // num_examples)
+        args = format_additional_args(additional_forward_args)
+        alphas = integration_alphas(method, points)
+
+        totals, tuple_layers = self._integrate(
+            inputs_t, baselines_t, target, args, alphas, per_pass, attribute_to_layer_input, progress
+        )
+        results = [
+            tuple(total) if is_tuple else total[0] for total, is_tuple in zip(totals, tuple_layers)
+        ]
+        attributions = results if self._is_list else results[0]
+        if not return_convergence_delta:
+            return attributions
+        deltas = [
+            self.compute_convergence_delta(r, baselines_t, inputs_t, target, additional_forward_args)
+            for r in results
+        ] if len(results) == 1 else self._deltas(results, baselines_t, inputs_t, target, args)
+        return attributions, (deltas if self._is_list else deltas[0])
+
+    def _deltas(self, results, baselines_t, inputs_t, target, args) -> list[Tensor]:
+        """Convergence deltas of several layers from one pair of forward passes."""
+        forward = _unwrap(self.forward_func)
+        n = inputs_t[0].shape[0]
+        with torch.no_grad():
+            end_out = _check_output(_run(forward, inputs_t, args))
+            check_target(target, end_out.shape, n)
+            end_sum = select_target(end_out, target)
+            starts = dense_baselines(baselines_t, inputs_t)
+            start_sum = select_target(_check_output(_run(forward, starts, args)), target)
+            diff = end_sum - start_sum
+            deltas = []
+            for r in results:
+                attrs = r if isinstance(r, tuple) else (r,)
+                total = torch.stack([_sum_rows(a) for a in attrs]).sum(0)
+                deltas.append(total.to(diff.dtype) - diff)
+        return deltas
+
+    def _integrate(
+        self,
+        inputs: tuple[Tensor, ...],
+        baselines: tuple[Tensor | int | float, ...],
+        target: TargetType,
+        args: tuple | None,
+        alphas: list[float],
+        per_pass: int,
+        use_input: bool,
+        progress: ProgressFn | None,
+    ) -> tuple[list[list[Tensor]], list[bool]]:
+        """Sum over path points i of grad(F)(layer_i) * (layer_{i+1} - layer_i), pass by pass.
+
+        Passes hold consecutive path points; the gradient at the last point of a pass is kept
+        until the next pass supplies the layer value that follows it.
+        """
+        forward = _unwrap(self.forward_func)
+        num_examples = inputs[0].shape[0]
+        total_points = len(alphas)
+        sums: list[list[Tensor]] | None = None
+        carry: list[list[tuple[Tensor, Tensor]]] | None = None  # (grad, value) at last point
+        checked = False
+        tuple_layers = [False] * len(self._layers)
+
+        with torch.inference_mode(False), tap_layers(
+            self._layers, self._labels, use_input=use_input, mode="root"
+        ) as tap:
+            for start in range(0, total_points, per_pass):
+                chunk = alphas[start : start + per_pass]
+                k = len(chunk)
+                scaled = tuple(
+                    torch.cat([base + a * (inp - base) for a in chunk], dim=0)
+                    for inp, base in zip(inputs, baselines)
+                )
+                tap.reset()
+                with torch.no_grad():
+                    output = _check_output(_run(forward, scaled, repeat_additional_args(args, k)))
+                    if not checked:
+                        check_target(target, (num_examples, *output.shape[1:]), num_examples)
+                        checked = True
+                    picked = select_target(output, repeat_target(target, k)).sum()
+                tap.check_reached()
+                tuple_layers = list(tap.is_tuple)
+                flat = [t for values in tap.values for t in values]
+                if picked.requires_grad:
+                    grads = torch.autograd.grad(picked, flat, allow_unused=True)
+                else:  # the output does not depend on any tapped layer
+                    grads = (None,) * len(flat)
+                grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, flat)]
+
+                pos = 0
+                new_carry: list[list[tuple[Tensor, Tensor]]] = []
+                if sums is None:
+                    sums = [[] for _ in self._layers]
+                for li, values in enumerate(tap.values):
+                    layer_carry = []
+                    for ti, value in enumerate(values):
+                        grad = grads[pos]
+                        pos += 1
+                        v = value.detach().reshape(k, num_examples, *value.shape[1:])
+                        g = grad.reshape(k, num_examples, *value.shape[1:])
+                        part = (g[:-1] * (v[1:] - v[:-1])).sum(0) if k > 1 else torch.zeros_like(v[0])
+                        if carry is not None:
+                            g_prev, v_prev = carry[li][ti]
+                            part = part + g_prev * (v[0] - v_prev)
+                        if len(sums[li]) <= ti:
+                            sums[li].append(part)
+                        else:
+                            sums[li][ti] = sums[li][ti] + part
+                        layer_carry.append((g[-1], v[-1]))
+                    new_carry.append(layer_carry)
+                carry = new_carry
+                del flat, grads, output, picked
+                if progress is not None:
+                    progress(min(start + k, total_points), total_points)
+        assert sums is not None
+        return sums, tuple_layers
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return True
+
+
+class NeuronGradient(_LayerMethod):
+    """Gradient of one neuron (or a sum of neurons) of a layer with respect to the inputs.
+
+    Arguments and results follow ``captum.attr.NeuronGradient``. ``neuron_selector`` may also
+    be a list of selectors: the result then has a new leading dimension, one entry per selector,
+    computed with one forward pass and one batched backward pass.
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Module,
+        device_ids: list[int] | None = None,
+    ) -> None:
+        if not isinstance(layer, Module):
+            raise AttributionTypeError(
+                f"layer must be a torch.nn.Module, not {type(layer).__name__}."
+            )
+        super().__init__(forward_func, layer, device_ids)
+
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        neuron_selector: Selector | list[Selector],
+        additional_forward_args: Any = None,
+        attribute_to_neuron_input: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Gradients of the selected neuron(s) with respect to every input feature.
+
+        ``neuron_selector`` is an int (2-D layers), a tuple of ints and slices (slices sum the
+        neurons they cover), a callable taking the layer's output and returning one value per
+        example, or a list of any of those.
+        """
+        is_tuple = isinstance(inputs, tuple)
+        inputs_t = as_input_tuple(inputs)
+        many = isinstance(neuron_selector, list)
+        selectors = neuron_selector if many else [neuron_selector]
+        if many and not selectors:
+            raise AttributionError("neuron_selector is an empty list; give at least one selector.")
+        args = format_additional_args(additional_forward_args)
+        forward = _unwrap(self.forward_func)
+        label = self._labels[0]
+        num_examples = inputs_t[0].shape[0]
+
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = tuple(t.detach().requires_grad_(True) for t in inputs_t)
+            with tap_layers(
+                self._layers, self._labels, use_input=attribute_to_neuron_input, mode="stop"
+            ) as tap:
+                try:
+                    _run(forward, leaves, args)
+                except StopForward:
+                    pass
+                tap.check_reached()
+                values = tap.values[0]
+                layer_is_tuple = tap.is_tuple[0]
+
+            if all(not callable(s) for s in selectors):
+                if layer_is_tuple:
+                    raise AttributionError(
+                        f"Layer {label} has {len(values)} tensors; an index selector cannot pick "
+                        "a neuron from several tensors. Pass a callable that takes the tuple and "
+                        "returns one value per example."
+                    )
+                layer_out = values[0]
+                seeds = torch.stack([self._seed(layer_out, s, label) for s in selectors])
+                grads = self._grad(layer_out, leaves, seeds)
+            else:
+                layer_arg = values if layer_is_tuple else values[0]
+                picked = torch.stack(
+                    [self._pick(layer_arg, s, label, num_examples) for s in selectors]
+                )
+                seeds = torch.eye(len(selectors), dtype=picked.dtype, device=picked.device)
+                seeds = seeds[:, :, None].expand(len(selectors), len(selectors), picked.shape[1])
+                grads = self._grad(picked, leaves, seeds)
+
+        results = tuple(g if many else g[0] for g in grads)
+        return results if is_tuple else results[0]
+
+    @staticmethod
+    def _grad(out: Tensor, leaves: tuple[Tensor, ...], seeds: Tensor) -> tuple[Tensor, ...]:
+        """Vector-Jacobian products of ``out`` for every seed (leading dim), in one backward pass."""
+        if not out.requires_grad:
+            return tuple(torch.zeros((seeds.shape[0], *t.shape), dtype=t.dtype, device=t.device) for t in leaves)
+        if seeds.shape[0] == 1:
+            grads = torch.autograd.grad(out, leaves, grad_outputs=seeds[0], allow_unused=True)
+            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        else:
+            try:
+                grads = torch.autograd.grad(
+                    out, leaves, grad_outputs=seeds, allow_unused=True, is_grads_batched=True
+                )
+            except RuntimeError:  # an op without a batching rule: one backward per seed
+                per_seed = [
+                    torch.autograd.grad(out, leaves, grad_outputs=s, allow_unused=True, retain_graph=True)
+                    for s in seeds
+                ]
+                grads = tuple(
+                    None if per_seed[0][i] is None else torch.stack([p[i] for p in per_seed])
+                    for i in range(len(leaves))
+                )
+        return tuple(
+            torch.zeros((seeds.shape[0], *t.shape), dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(grads, leaves)
+        )
+
+    @staticmethod
+    def _index(layer_out: Tensor, selector: Any, label: str) -> tuple:
+        """Check an index selector against the layer's shape; return it as a tuple."""
+        sel = (selector,) if isinstance(selector, int) and not isinstance(selector, bool) else selector
+        if not isinstance(sel, tuple) or not all(
+            (isinstance(s, int) and not isinstance(s, bool)) or isinstance(s, slice) for s in sel
+        ):
+            raise AttributionTypeError(
+                "neuron_selector must be an int, a tuple of ints and slices, a callable, or a list "
+                f"of those; got {selector!r}."
+            )
+        dims = tuple(layer_out.shape[1:])
+        has_slice = any(isinstance(s, slice) for s in sel)
+        if len(sel) > len(dims) or (len(sel) < len(dims) and not has_slice):
+            raise AttributionError(
+                f"neuron_selector {selector!r} has {len(sel)} index(es) but the neurons of layer "
+                f"{label} are addressed by {len(dims)} (its output per example has shape {dims}); "
+                f"give a tuple of {len(dims)} indices."
+            )
+        for s, size in zip(sel, dims):
+            if isinstance(s, int) and not -size <= s < size:
+                raise AttributionError(
+                    f"neuron_selector {selector!r} is out of range for layer {label} with neuron "
+                    f"shape {dims}; each index must be below its dimension's size."
+                )
+        return sel
+
+    def _seed(self, layer_out: Tensor, selector: Any, label: str) -> Tensor:
+        """A tensor shaped like the layer output, 1 where the selector picks neurons, else 0."""
+        sel = self._index(layer_out, selector, label)
+        seed = torch.zeros_like(layer_out)
+        seed[(slice(None), *sel)] = 1
+        return seed
+
+    def _pick(self, layer_arg: Any, selector: Any, label: str, num_examples: int) -> Tensor:
+        """One value per example for the selector (index or callable)."""
+        if callable(selector):
+            value = selector(layer_arg)
+            if not isinstance(value, Tensor):
+                raise AttributionTypeError(
+                    f"The neuron selector function returned a {type(value).__name__}; it must "
+                    "return a tensor with one value, or one value per example."
+                )
+            if value.numel() == 1:
+                return value.reshape(1).expand(num_examples) / num_examples if num_examples > 1 else value.reshape(1)
+            if value.numel() != num_examples:
+                raise AttributionError(
+                    f"The neuron selector function returned {value.numel()} values for "
+                    f"{num_examples} examples; return one value per example (or one in total)."
+                )
+            return value.reshape(num_examples)
+        if isinstance(layer_arg, tuple):
+            raise AttributionError(
+                f"Layer {label} has {len(layer_arg)} tensors; use a callable neuron selector."
+            )
+        sel = self._index(layer_arg, selector, label)
+        picked = layer_arg[(slice(None), *sel)]
+        return picked.reshape(num_examples, -1).sum(1)

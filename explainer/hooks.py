@@ -1,0 +1,174 @@
+"""Scoped hooks that read (and, for gradients, re-root) what flows through chosen layers.
+
+Hooks exist only inside :func:`tap_layers`; they are removed on exit, also when the forward
+pass raises. They act only for the thread that opened the tap, so two threads explaining the
+same shared model never see each other's tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from explainer.errors import AttributionError, AttributionTypeError
+
+__all__ = ["LayerTap", "StopForward", "tap_layers", "layer_label"]
+
+
+class StopForward(BaseException):
+    """Raised from a hook to end a forward pass once the layer has been read.
+
+    A ``BaseException`` so that a model's own ``except Exception`` cannot swallow it.
+    """
+
+
+def layer_label(layer: Module, root: Any = None) -> str:
+    """A readable name for ``layer``: its dotted path inside ``root`` when found."""
+    if isinstance(root, Module):
+        for name, module in root.named_modules():
+            if module is layer:
+                return f"'{name}' ({type(layer).__name__})" if name else f"the root module ({type(layer).__name__})"
+    return f"a {type(layer).__name__} layer"
+
+
+def _as_tensors(value: Any, label: str, side: str) -> tuple[tuple[Tensor, ...], bool]:
+    """Split a layer's input or output into tensors; say plainly when it is not tensors."""
+    if isinstance(value, Tensor):
+        return (value,), False
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
+        return tuple(value), True
+    kind = type(value).__name__
+    if isinstance(value, (tuple, list)):
+        kinds = ", ".join(sorted({type(v).__name__ for v in value})) or "nothing"
+        kind = f"{kind} of {kinds}"
+    raise AttributionTypeError(
+        f"The {side} of {label} is a {kind}, not a tensor or a tuple of tensors; "
+        f"choose a layer whose {side} is a tensor."
+    )
+
+
+@dataclass
+class LayerTap:
+    """What the hooks saw during one forward pass, per tapped layer (in the order given)."""
+
+    layers: Sequence[Module]
+    labels: list[str]
+    use_input: bool
+    values: list[tuple[Tensor, ...] | None] = field(default_factory=list)
+    is_tuple: list[bool] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.values = [None] * len(self.layers)
+        self.is_tuple = [False] * len(self.layers)
+        self.calls = [0] * len(self.layers)
+
+    def check_reached(self) -> None:
+        """Raise when a tapped layer never ran during the forward pass."""
+        for label, value in zip(self.labels, self.values):
+            if value is None:
+                raise AttributionError(
+                    f"Layer {label} is not reached by the forward pass, so nothing flows through "
+                    "it; choose a layer that the model actually runs."
+                )
+
+
+@contextmanager
+def tap_layers(
+    layers: Sequence[Module],
+    labels: Sequence[str],
+    *,
+    use_input: bool = False,
+    mode: str = "read",
+) -> Iterator[LayerTap]:
+    """Hook ``layers`` for the calling thread.
+
+    Modes
+    -----
+    ``"read"``
+        Record the tensors only (the graph is whatever the caller's grad mode records).
+    ``"root"``
+        For conductance. The caller runs the forward under ``torch.no_grad()``; the first tapped
+        layer to run becomes the root of the autograd graph: its tensors are replaced by leaves
+        that require grad and grad mode is switched on for the rest of the pass, so nothing
+        upstream of the layer is recorded. Later tapped layers are recorded where they stand.
+    ``"stop"``
+        For neuron gradients. Record the first tapped layer and end the forward pass at once by
+        raising :class:`StopForward` (the caller catches it).
+
+    Values handed on to the rest of the network are clones, so in-place operations downstream
+    (``ReLU(inplace=True)``) cannot overwrite what was recorded.
+    """
+    owner = threading.get_ident()
+    tap = LayerTap(layers=layers, labels=list(labels), use_input=use_input)
+    tap.reset()
+    handles = []
+    flipped: list[Tensor] = []
+
+    def capture(index: int, value: Any) -> Any:
+        tap.calls[index] += 1
+        if tap.calls[index] > 1:
+            raise AttributionError(
+                f"Layer {tap.labels[index]} runs more than once in one forward pass (a reused "
+                "module), so its activations are ambiguous; choose a module that runs once."
+            )
+        side = "input" if use_input else "output"
+        tensors, is_tuple = _as_tensors(value, tap.labels[index], side)
+        if use_input:
+            is_tuple = len(tensors) > 1
+        tap.is_tuple[index] = is_tuple
+        if mode == "root":
+            rooted = []
+            for t in tensors:
+                if not t.requires_grad:
+                    # Like the reference: the tensor itself becomes a graph root, so every later
+                    # use of it counts, not only the use by this layer. Flipped back on exit.
+                    try:
+                        t.requires_grad_(True)
+                        flipped.append(t)
+                    except RuntimeError:
+                        t = t.detach().requires_grad_(True)
+                rooted.append(t)
+            tensors = tuple(rooted)
+            torch.set_grad_enabled(True)  # restored by the caller's no_grad block on exit
+        tap.values[index] = tensors
+        if mode == "stop":
+            raise StopForward()
+        handed = tuple(t.clone() for t in tensors)
+        if use_input:
+            return handed
+        return (type(value)(handed) if is_tuple else handed[0])
+
+    def make_hooks(index: int):
+        def forward_hook(module: Module, args: Any, output: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            return capture(index, output)
+
+        def pre_hook(module: Module, args: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            return capture(index, args)
+
+        return forward_hook, pre_hook
+
+    try:
+        for i, layer in enumerate(layers):
+            forward_hook, pre_hook = make_hooks(i)
+            if use_input:
+                handles.append(layer.register_forward_pre_hook(pre_hook))
+            else:
+                handles.append(layer.register_forward_hook(forward_hook))
+        yield tap
+    finally:
+        for handle in handles:
+            handle.remove()
+        for t in flipped:
+            t.requires_grad_(False)

@@ -1,0 +1,72 @@
+"""Integration rules: where along the straight path from baseline to input the model is evaluated.
+
+Each rule maps a number of points ``n`` to the interpolation coefficients ``alphas`` in
+``[0, 1]`` (ascending). Layer conductance evaluates the layer at ``n_steps + 1`` of these
+points and takes finite differences between neighbours, so it needs the points only, not the
+quadrature weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from explainer.errors import AttributionError
+
+__all__ = ["METHODS", "alphas", "check_method"]
+
+
+def _riemann_left(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.float64) / n
+
+
+def _riemann_right(n: int) -> np.ndarray:
+    return np.arange(1, n + 1, dtype=np.float64) / n
+
+
+def _riemann_middle(n: int) -> np.ndarray:
+    return (np.arange(n, dtype=np.float64) + 0.5) / n
+
+
+def _riemann_trapezoid(n: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, n, dtype=np.float64)
+
+
+def _gauss_legendre(n: int) -> np.ndarray:
+    nodes, _ = np.polynomial.legendre.leggauss(n)
+    return 0.5 * (nodes + 1.0)
+
+
+_ALPHAS: dict[str, Callable[[int], np.ndarray]] = {
+    "riemann_right": _riemann_right,
+    "riemann_left": _riemann_left,
+    "riemann_middle": _riemann_middle,
+    "riemann_trapezoid": _riemann_trapezoid,
+    "gausslegendre": _gauss_legendre,
+}
+
+METHODS: tuple[str, ...] = tuple(_ALPHAS)
+
+
+def check_method(method: str) -> None:
+    """Raise :class:`AttributionError` unless ``method`` names a known rule."""
+    if method not in _ALPHAS:
+        raise AttributionError(
+            f"Unknown integration method {method!r}. Choose one of: {', '.join(METHODS)}."
+        )
+
+
+def _check_points(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise AttributionError(
+            f"An integration rule needs at least 2 points, got {n!r}; use n_steps >= 1."
+        )
+
+
+def alphas(method: str, n: int) -> list[float]:
+    """The ``n`` interpolation coefficients of ``method``, ascending, as Python floats."""
+    check_method(method)
+    _check_points(n)
+    return _ALPHAS[method](int(n)).tolist()
+
