@@ -1,5 +1,6 @@
 """Layer conductance and neuron gradients for PyTorch image models."""
 
+from explainer.attribution import LayerConductance, NeuronGradient
 from explainer.errors import (
     AttributionError,
     AttributionTypeError,
@@ -13,5 +14,7 @@ __all__ = [
     "AttributionTypeError",
     "ExplainerError",
     "ImageLoadError",
+    "LayerConductance",
     "ModelLoadError",
+    "NeuronGradient",
 ]

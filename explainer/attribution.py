@@ -40,6 +40,7 @@ from explainer.errors import AttributionError, AttributionTypeError
 from explainer.hooks import StopForward, layer_label, tap_layers
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
+from explainer.limits import rows_per_pass
 
 __all__ = ["LayerConductance", "NeuronGradient"]
 
@@ -74,6 +75,29 @@ def _check_output(output: Any) -> Tensor:
             "of scores (wrap the model so that it returns one)."
         )
     return output
+
+
+def _fast_layout(t: Tensor) -> Tensor:
+    """Images in channels-last order on the CPU, where oneDNN convolutions and pooling run much
+    faster on it; values are unchanged and outputs are handed back in the default layout."""
+    if t.dim() == 4 and t.device.type == "cpu" and t.is_floating_point():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _run_fast(
+    forward_func: Callable, inputs: tuple[Tensor, ...], args: tuple | None, state: dict[str, bool]
+) -> Any:
+    """Run the forward on channels-last inputs; fall back to the given layout for good when the
+    model cannot take them (e.g. it calls ``.view`` on an activation)."""
+    if state.setdefault("fast", True):
+        try:
+            return _run(forward_func, tuple(_fast_layout(t) for t in inputs), args)
+        except RuntimeError:
+            if not any(_fast_layout(t) is not t for t in inputs):
+                raise
+            state["fast"] = False
+    return _run(forward_func, inputs, args)
 
 
 def _sum_rows(t: Tensor) -> Tensor:
@@ -178,7 +202,8 @@ class LayerConductance(_LayerMethod):
             raise AttributionError("inputs hold no examples (dimension 0 is empty).")
         points = n_steps + 1
         if internal_batch_size is None:
-            per_pass = points
+            # Results do not depend on the split; passes only keep memory within the budget.
+            per_pass = max(1, rows_per_pass(inputs_t) // num_examples)
         else:
             if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
                 raise AttributionTypeError("internal_batch_size must be an int or None.")
@@ -248,6 +273,7 @@ class LayerConductance(_LayerMethod):
         carry: list[list[tuple[Tensor, Tensor]]] | None = None  # (grad, value) at last point
         checked = False
         tuple_layers = [False] * len(self._layers)
+        layout: dict[str, bool] = {}
 
         with torch.inference_mode(False), tap_layers(
             self._layers, self._labels, use_input=use_input, mode="root"
@@ -261,7 +287,8 @@ class LayerConductance(_LayerMethod):
                 )
                 tap.reset()
                 with torch.no_grad():
-                    output = _check_output(_run(forward, scaled, repeat_additional_args(args, k)))
+                    output = _run_fast(forward, scaled, repeat_additional_args(args, k), layout)
+                    output = _check_output(output)
                     if not checked:
                         check_target(target, (num_examples, *output.shape[1:]), num_examples)
                         checked = True
@@ -301,7 +328,7 @@ class LayerConductance(_LayerMethod):
                 if progress is not None:
                     progress(min(start + k, total_points), total_points)
         assert sums is not None
-        return sums, tuple_layers
+        return [[t.contiguous() for t in layer] for layer in sums], tuple_layers
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -348,71 +375,74 @@ class NeuronGradient(_LayerMethod):
         if many and not selectors:
             raise AttributionError("neuron_selector is an empty list; give at least one selector.")
         args = format_additional_args(additional_forward_args)
-        forward = _unwrap(self.forward_func)
-        label = self._labels[0]
         num_examples = inputs_t[0].shape[0]
+        per_pass = max(1, rows_per_pass(inputs_t) // max(num_examples, 1))
 
+        parts: list[list[Tensor]] = [[] for _ in inputs_t]
+        layout: dict[str, bool] = {}
+        for start in range(0, len(selectors), per_pass):
+            group = selectors[start : start + per_pass]
+            grads = self._group_gradients(inputs_t, group, args, attribute_to_neuron_input, layout)
+            for i, g in enumerate(grads):
+                parts[i].append(g.reshape(len(group), *inputs_t[i].shape))
+        results = tuple(torch.cat(p).contiguous() if many else p[0][0].contiguous() for p in parts)
+        return results if is_tuple else results[0]
+
+    def _group_gradients(
+        self,
+        inputs: tuple[Tensor, ...],
+        group: list[Any],
+        args: tuple | None,
+        use_input: bool,
+        layout: dict[str, bool],
+    ) -> tuple[Tensor, ...]:
+        """Gradients for several selectors in one pass over stacked copies of the inputs.
+
+        Copy ``j`` of every example carries selector ``j``; the forward stops at the layer and
+        one backward pass, seeded per copy, yields all gradients.
+        """
+        copies = len(group)
+        num_examples = inputs[0].shape[0]
+        label = self._labels[0]
+        forward = _unwrap(self.forward_func)
         with torch.inference_mode(False), torch.enable_grad():
-            leaves = tuple(t.detach().requires_grad_(True) for t in inputs_t)
-            with tap_layers(
-                self._layers, self._labels, use_input=attribute_to_neuron_input, mode="stop"
-            ) as tap:
+            leaves = tuple(
+                (torch.cat([t.detach()] * copies) if copies > 1 else t.detach()).requires_grad_(True)
+                for t in inputs
+            )
+            with tap_layers(self._layers, self._labels, use_input=use_input, mode="stop") as tap:
                 try:
-                    _run(forward, leaves, args)
+                    _run_fast(forward, leaves, repeat_additional_args(args, copies), layout)
                 except StopForward:
                     pass
                 tap.check_reached()
                 values = tap.values[0]
                 layer_is_tuple = tap.is_tuple[0]
 
-            if all(not callable(s) for s in selectors):
+            def rows(j: int) -> slice:
+                return slice(j * num_examples, (j + 1) * num_examples)
+
+            if all(not callable(s) for s in group):
                 if layer_is_tuple:
                     raise AttributionError(
                         f"Layer {label} has {len(values)} tensors; an index selector cannot pick "
                         "a neuron from several tensors. Pass a callable that takes the tuple and "
                         "returns one value per example."
                     )
-                layer_out = values[0]
-                seeds = torch.stack([self._seed(layer_out, s, label) for s in selectors])
-                grads = self._grad(layer_out, leaves, seeds)
+                out = values[0]
+                seed = torch.zeros_like(out)
+                for j, selector in enumerate(group):
+                    seed[(rows(j), *self._index(out, selector, label))] = 1
             else:
-                layer_arg = values if layer_is_tuple else values[0]
-                picked = torch.stack(
-                    [self._pick(layer_arg, s, label, num_examples) for s in selectors]
-                )
-                seeds = torch.eye(len(selectors), dtype=picked.dtype, device=picked.device)
-                seeds = seeds[:, :, None].expand(len(selectors), len(selectors), picked.shape[1])
-                grads = self._grad(picked, leaves, seeds)
-
-        results = tuple(g if many else g[0] for g in grads)
-        return results if is_tuple else results[0]
-
-    @staticmethod
-    def _grad(out: Tensor, leaves: tuple[Tensor, ...], seeds: Tensor) -> tuple[Tensor, ...]:
-        """Vector-Jacobian products of ``out`` for every seed (leading dim), in one backward pass."""
-        if not out.requires_grad:
-            return tuple(torch.zeros((seeds.shape[0], *t.shape), dtype=t.dtype, device=t.device) for t in leaves)
-        if seeds.shape[0] == 1:
-            grads = torch.autograd.grad(out, leaves, grad_outputs=seeds[0], allow_unused=True)
-            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        else:
-            try:
-                grads = torch.autograd.grad(
-                    out, leaves, grad_outputs=seeds, allow_unused=True, is_grads_batched=True
-                )
-            except RuntimeError:  # an op without a batching rule: one backward per seed
-                per_seed = [
-                    torch.autograd.grad(out, leaves, grad_outputs=s, allow_unused=True, retain_graph=True)
-                    for s in seeds
-                ]
-                grads = tuple(
-                    None if per_seed[0][i] is None else torch.stack([p[i] for p in per_seed])
-                    for i in range(len(leaves))
-                )
-        return tuple(
-            torch.zeros((seeds.shape[0], *t.shape), dtype=t.dtype, device=t.device) if g is None else g
-            for g, t in zip(grads, leaves)
-        )
+                picked = []
+                for j, selector in enumerate(group):
+                    copy = tuple(v[rows(j)] for v in values)
+                    picked.append(self._pick(copy if layer_is_tuple else copy[0], selector, label))
+                out, seed = torch.stack([p.sum() for p in picked]).sum(), None
+            if not out.requires_grad:  # the layer does not depend on the inputs
+                return tuple(torch.zeros_like(t) for t in leaves)
+            grads = torch.autograd.grad(out, leaves, grad_outputs=seed, allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))
 
     @staticmethod
     def _index(layer_out: Tensor, selector: Any, label: str) -> tuple:
@@ -441,15 +471,8 @@ class NeuronGradient(_LayerMethod):
                 )
         return sel
 
-    def _seed(self, layer_out: Tensor, selector: Any, label: str) -> Tensor:
-        """A tensor shaped like the layer output, 1 where the selector picks neurons, else 0."""
-        sel = self._index(layer_out, selector, label)
-        seed = torch.zeros_like(layer_out)
-        seed[(slice(None), *sel)] = 1
-        return seed
-
-    def _pick(self, layer_arg: Any, selector: Any, label: str, num_examples: int) -> Tensor:
-        """One value per example for the selector (index or callable)."""
+    def _pick(self, layer_arg: Any, selector: Any, label: str) -> Tensor:
+        """The selected value(s) of one copy: one per example, or one in total."""
         if callable(selector):
             value = selector(layer_arg)
             if not isinstance(value, Tensor):
@@ -457,18 +480,15 @@ class NeuronGradient(_LayerMethod):
                     f"The neuron selector function returned a {type(value).__name__}; it must "
                     "return a tensor with one value, or one value per example."
                 )
-            if value.numel() == 1:
-                return value.reshape(1).expand(num_examples) / num_examples if num_examples > 1 else value.reshape(1)
-            if value.numel() != num_examples:
+            first = layer_arg[0] if isinstance(layer_arg, tuple) else layer_arg
+            if value.numel() not in (1, first.shape[0]):
                 raise AttributionError(
                     f"The neuron selector function returned {value.numel()} values for "
-                    f"{num_examples} examples; return one value per example (or one in total)."
+                    f"{first.shape[0]} examples; return one value per example (or one in total)."
                 )
-            return value.reshape(num_examples)
+            return value
         if isinstance(layer_arg, tuple):
             raise AttributionError(
                 f"Layer {label} has {len(layer_arg)} tensors; use a callable neuron selector."
             )
-        sel = self._index(layer_arg, selector, label)
-        picked = layer_arg[(slice(None), *sel)]
-        return picked.reshape(num_examples, -1).sum(1)
+        return layer_arg[(slice(None), *self._index(layer_arg, selector, label))]
