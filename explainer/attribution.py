@@ -37,7 +37,7 @@ from explainer.arguments import (
     select_target,
 )
 from explainer.errors import AttributionError, AttributionTypeError
-from explainer.hooks import StopForward, layer_label, tap_layers
+from explainer.hooks import LayerTap, StopForward, layer_label, tap_layers
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
 from explainer.limits import rows_per_pass
@@ -86,10 +86,16 @@ def _fast_layout(t: Tensor) -> Tensor:
 
 
 def _run_fast(
-    forward_func: Callable, inputs: tuple[Tensor, ...], args: tuple | None, state: dict[str, bool]
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    args: tuple | None,
+    state: dict[str, bool],
+    tap: LayerTap,
 ) -> Any:
     """Run the forward on channels-last inputs; fall back to the given layout for good when the
     model cannot take them (e.g. it calls ``.view`` on an activation)."""
+    tap.reset()
+    grad_mode = torch.is_grad_enabled()  # a root hook switches it on mid-pass
     if state.setdefault("fast", True):
         try:
             return _run(forward_func, tuple(_fast_layout(t) for t in inputs), args)
@@ -97,6 +103,8 @@ def _run_fast(
             if not any(_fast_layout(t) is not t for t in inputs):
                 raise
             state["fast"] = False
+            tap.reset()
+            torch.set_grad_enabled(grad_mode)
     return _run(forward_func, inputs, args)
 
 
@@ -285,9 +293,8 @@ class LayerConductance(_LayerMethod):
                     torch.cat([base + a * (inp - base) for a in chunk], dim=0)
                     for inp, base in zip(inputs, baselines)
                 )
-                tap.reset()
                 with torch.no_grad():
-                    output = _run_fast(forward, scaled, repeat_additional_args(args, k), layout)
+                    output = _run_fast(forward, scaled, repeat_additional_args(args, k), layout, tap)
                     output = _check_output(output)
                     if not checked:
                         check_target(target, (num_examples, *output.shape[1:]), num_examples)
@@ -412,7 +419,7 @@ class NeuronGradient(_LayerMethod):
             )
             with tap_layers(self._layers, self._labels, use_input=use_input, mode="stop") as tap:
                 try:
-                    _run_fast(forward, leaves, repeat_additional_args(args, copies), layout)
+                    _run_fast(forward, leaves, repeat_additional_args(args, copies), layout, tap)
                 except StopForward:
                     pass
                 tap.check_reached()
