@@ -1,0 +1,756 @@
+"""The service behind the pages: predictions, layer conductance, neuron gradients, convergence.
+
+Every function takes an eval-mode model, the layer's dotted name and one normalised image, runs
+the attribution engine, and returns plain dataclasses of numpy arrays and floats that are cheap
+to cache and to draw. Tensor work happens on the model's device; results come back on the CPU.
+
+Nothing here mutates the model: the only hooks are short-lived forward hooks that record a
+layer's output for the calling thread, removed in ``finally`` blocks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from explainer.attribution import LayerConductance, NeuronGradient
+from explainer.errors import AttributionError, AttributionTypeError
+from explainer.integration import check_method
+
+__all__ = [
+    "ConductanceResult",
+    "ConvergencePoint",
+    "NeuronGradientResult",
+    "compute_conductance",
+    "compute_layer_overview",
+    "compute_neuron_gradient",
+    "compute_neuron_gradients",
+    "convergence_sweep",
+    "layer_activation",
+    "neighbours",
+    "top_predictions",
+]
+
+Progress = Callable[[int, int], None]
+
+# Guards the relative delta against division by a vanishing output difference.
+_EPS = 1e-8
+
+
+@dataclass(frozen=True, eq=False)
+class ConductanceResult:
+    """Layer conductance of one layer for one image and one target class.
+
+    Attributes
+    ----------
+    layer : str
+        Dotted module name.
+    target : int
+        Output class whose score is explained.
+    attributions : np.ndarray
+        Conductance per layer unit for the image, shaped like the layer output without the
+        batch dimension, e.g. ``(C, H, W)`` or ``(F,)``.
+    channel_totals : np.ndarray
+        ``(C,)`` sums over every dimension but the first (equal to ``attributions`` for a
+        flat layer).
+    spatial : np.ndarray or None
+        ``(H, W)`` sum over channels for ``(C, H, W)`` layers, else None.
+    delta : float
+        Signed convergence delta: ``sum(attributions) - (F(x) - F(baseline))``.
+    output_diff : float
+        ``F(x) - F(baseline)`` for the target class.
+    relative_delta : float
+        ``|delta| / max(|output_diff|, eps)``.
+    method : str
+        Integration rule.
+    n_steps : int
+        Number of integration steps.
+    is_spatial : bool
+        True for ``(C, H, W)`` layers.
+    """
+
+    layer: str
+    target: int
+    attributions: np.ndarray
+    channel_totals: np.ndarray
+    spatial: np.ndarray | None
+    delta: float
+    output_diff: float
+    relative_delta: float
+    method: str
+    n_steps: int
+    is_spatial: bool
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronGradientResult:
+    """Gradient of one layer unit with respect to the model input.
+
+    Attributes
+    ----------
+    layer : str
+        Dotted module name.
+    neuron : tuple of int
+        Index of the unit in the layer output, without the batch dimension.
+    gradient : np.ndarray
+        ``(C, H, W)`` gradient of the unit with respect to the (normalised) input image.
+    activation : float
+        The unit's value for the image.
+    abs_max : float
+        ``max(|gradient|)``, handy for a symmetric colour scale.
+    """
+
+    layer: str
+    neuron: tuple[int, ...]
+    gradient: np.ndarray
+    activation: float
+    abs_max: float
+
+
+@dataclass(frozen=True)
+class ConvergencePoint:
+    """Convergence delta of one integration rule at one number of steps."""
+
+    method: str
+    n_steps: int
+    delta: float
+    relative_delta: float
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def top_predictions(
+    model: nn.Module, x: Tensor, labels: Sequence[str], k: int = 5
+) -> list[list[tuple[str, int, float]]]:
+    """Return the ``k`` most probable classes of each image.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An eval-mode classifier returning scores shaped ``(N, classes)``.
+    x : Tensor
+        Normalised images ``(N, C, H, W)``.
+    labels : sequence of str
+        Class names by index; classes without a name are shown as ``"class <i>"``.
+    k : int, optional
+        How many classes to return per image (fewer if the model has fewer classes).
+
+    Returns
+    -------
+    list of list of (str, int, float)
+        For each image, ``(label, index, probability)`` by decreasing probability, where the
+        probabilities are the softmax of the scores.
+    """
+    _check_model(model)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise AttributionError(f"k must be a positive whole number of classes; got {k!r}.")
+    x = _prepare_input(model, x, "image batch", single=False)
+    logits = _forward(model, x)
+    probs = torch.softmax(logits.to(torch.float64), dim=1)
+    top = torch.topk(probs, k=min(int(k), probs.shape[1]), dim=1)
+    values = top.values.cpu().tolist()
+    indices = top.indices.cpu().tolist()
+    return [
+        [(_label(labels, i), int(i), float(p)) for p, i in zip(row_p, row_i, strict=True)]
+        for row_p, row_i in zip(values, indices, strict=True)
+    ]
+
+
+def compute_conductance(
+    model: nn.Module,
+    layer_name: str,
+    x: Tensor,
+    target: int,
+    baseline: Tensor,
+    *,
+    method: str = "gausslegendre",
+    n_steps: int = 50,
+    internal_batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> ConductanceResult:
+    """Layer conductance of ``layer_name`` for one image, target class and baseline.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An eval-mode classifier returning scores shaped ``(N, classes)``.
+    layer_name : str
+        Dotted name of the layer, as in ``model.named_modules()``.
+    x : Tensor
+        One normalised image ``(1, C, H, W)``.
+    target : int
+        Output class to explain.
+    baseline : Tensor
+        Reference input shaped like ``x`` (see :func:`explainer.baselines.make_baseline`).
+    method : str, optional
+        Integration rule: ``"gausslegendre"``, ``"riemann_left"``, ``"riemann_right"``,
+        ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+    n_steps : int, optional
+        Number of integration steps.
+    internal_batch_size : int, optional
+        Path points evaluated per forward pass (bounds memory); all at once when None.
+    progress : callable, optional
+        ``progress(done, total)``, called as chunks of the path finish.
+
+    Returns
+    -------
+    ConductanceResult
+    """
+    _check_model(model)
+    layer = _resolve_layer(model, layer_name)
+    _check_settings(method, n_steps)
+    x = _prepare_input(model, x, "image")
+    baseline = _prepare_baseline(model, baseline, x)
+    logits, outputs = _probe(model, [layer], [layer_name], torch.cat([x, baseline]))
+    _check_target(target, logits.shape[1])
+    output_diff = float(logits[0, target] - logits[1, target])
+
+    engine = LayerConductance(model, layer)
+    with torch.enable_grad():
+        attributions, delta = engine.attribute(
+            x,
+            baselines=baseline,
+            target=int(target),
+            n_steps=int(n_steps),
+            method=method,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+            progress=progress,
+        )
+    return _conductance_result(
+        layer_name, int(target), attributions, delta, output_diff, method, int(n_steps)
+    )
+
+
+def compute_layer_overview(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    x: Tensor,
+    target: int,
+    baseline: Tensor,
+    *,
+    method: str = "gausslegendre",
+    n_steps: int = 50,
+    internal_batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, ConductanceResult]:
+    """Layer conductance of several layers from one pass along the path.
+
+    Same parameters as :func:`compute_conductance`, with a list of layer names; the engine
+    walks the path once and records every layer, which is much cheaper than one call per layer.
+
+    Returns
+    -------
+    dict of str to ConductanceResult
+        One result per distinct layer name, in the order given.
+    """
+    _check_model(model)
+    if isinstance(layer_names, str) or not isinstance(layer_names, Sequence):
+        raise AttributionTypeError(
+            "layer_names must be a list of layer names; use compute_conductance for one layer."
+        )
+    names = list(dict.fromkeys(layer_names))
+    if not names:
+        raise AttributionError("Pick at least one layer for the overview.")
+    # Several names may point at one module object; hand the engine each module once.
+    modules: list[nn.Module] = []
+    slot_of_name: dict[str, int] = {}
+    for name in names:
+        module = _resolve_layer(model, name)
+        slot = next((i for i, known in enumerate(modules) if known is module), None)
+        if slot is None:
+            slot = len(modules)
+            modules.append(module)
+        slot_of_name[name] = slot
+    _check_settings(method, n_steps)
+    x = _prepare_input(model, x, "image")
+    baseline = _prepare_baseline(model, baseline, x)
+    first_name = {slot: name for name, slot in reversed(slot_of_name.items())}
+    logits, _ = _probe(
+        model, modules, [first_name[i] for i in range(len(modules))], torch.cat([x, baseline])
+    )
+    _check_target(target, logits.shape[1])
+    output_diff = float(logits[0, target] - logits[1, target])
+
+    engine = LayerConductance(model, modules)
+    with torch.enable_grad():
+        attributions, deltas = engine.attribute(
+            x,
+            baselines=baseline,
+            target=int(target),
+            n_steps=int(n_steps),
+            method=method,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+            progress=progress,
+        )
+    return {
+        name: _conductance_result(
+            name,
+            int(target),
+            attributions[slot],
+            deltas[slot],
+            output_diff,
+            method,
+            int(n_steps),
+        )
+        for name, slot in slot_of_name.items()
+    }
+
+
+def compute_neuron_gradient(
+    model: nn.Module, layer_name: str, x: Tensor, neuron: Sequence[int]
+) -> NeuronGradientResult:
+    """Gradient of one unit of ``layer_name`` with respect to the input image.
+
+    See :func:`compute_neuron_gradients`, which this calls with a single neuron.
+    """
+    return compute_neuron_gradients(model, layer_name, x, [neuron])[0]
+
+
+def compute_neuron_gradients(
+    model: nn.Module, layer_name: str, x: Tensor, neurons: Sequence[Sequence[int]]
+) -> list[NeuronGradientResult]:
+    """Gradients of several units of one layer with respect to the input, in one batched pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An eval-mode model.
+    layer_name : str
+        Dotted name of the layer.
+    x : Tensor
+        One normalised image ``(1, C, H, W)``.
+    neurons : sequence of tuple of int
+        Unit indices in the layer output without the batch dimension, e.g. ``(c, y, x)`` for a
+        convolution or ``(f,)`` for a linear layer.
+
+    Returns
+    -------
+    list of NeuronGradientResult
+        One result per neuron, in the order given.
+    """
+    _check_model(model)
+    layer = _resolve_layer(model, layer_name)
+    x = _prepare_input(model, x, "image")
+    if isinstance(neurons, (str, bytes)) or not isinstance(neurons, Sequence):
+        raise AttributionTypeError("neurons must be a list of index tuples such as [(0, 3, 4)].")
+    _, outputs = _probe(model, [layer], [layer_name], x)
+    activation = outputs[0][0]
+    indices = [_check_neuron(n, tuple(activation.shape), layer_name) for n in neurons]
+    if not indices:
+        return []
+
+    engine = NeuronGradient(model, layer)
+    with torch.enable_grad():
+        gradients = engine.attribute(x, neuron_selector=list(indices))
+    gradients = gradients.detach()
+    results = []
+    for k, index in enumerate(indices):
+        gradient = gradients[k, 0].to(device="cpu", dtype=torch.float32).numpy()
+        results.append(
+            NeuronGradientResult(
+                layer=layer_name,
+                neuron=index,
+                gradient=gradient,
+                activation=float(activation[index]),
+                abs_max=float(np.abs(gradient).max()) if gradient.size else 0.0,
+            )
+        )
+    return results
+
+
+def neighbours(
+    neuron: Sequence[int], layer_shape: Sequence[int], radius: int = 1
+) -> list[tuple[int, ...]]:
+    """Units next to ``neuron`` in a layer of shape ``layer_shape`` (without batch dimension).
+
+    For a ``(C, H, W)`` layer and neuron ``(c, y, x)``: the units at the same channel within
+    ``radius`` positions in each spatial direction (the 8 surrounding ones for ``radius=1``,
+    fewer at edges and corners), then channels ``c - 1`` and ``c + 1`` at the same position.
+    For a flat ``(F,)`` layer and neuron ``(f,)``: units ``f - radius`` to ``f + radius``.
+    Other shapes treat the first dimension as channels and the rest as spatial.
+
+    The neuron itself is never included; the order is fixed (spatial offsets row by row, then
+    the channel before and after).
+
+    Raises
+    ------
+    AttributionError
+        When the neuron does not fit the shape or the radius is negative.
+    """
+    shape = tuple(int(s) for s in layer_shape)
+    if not shape:
+        raise AttributionError("A layer without dimensions has no neighbouring units.")
+    index = _check_neuron(neuron, shape, "this layer")
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise AttributionError(f"radius must be a whole number of 0 or more; got {radius!r}.")
+    r = int(radius)
+    if len(shape) == 1:
+        (f,) = index
+        return [(g,) for g in range(max(0, f - r), min(shape[0], f + r + 1)) if g != f]
+
+    channel, position = index[0], index[1:]
+    result: list[tuple[int, ...]] = []
+    for offset in itertools.product(range(-r, r + 1), repeat=len(position)):
+        if not any(offset):
+            continue
+        moved = tuple(p + o for p, o in zip(position, offset, strict=True))
+        if all(0 <= m < size for m, size in zip(moved, shape[1:], strict=True)):
+            result.append((channel, *moved))
+    for c in (channel - 1, channel + 1):
+        if 0 <= c < shape[0]:
+            result.append((c, *position))
+    return result
+
+
+def layer_activation(model: nn.Module, layer_name: str, x: Tensor) -> np.ndarray:
+    """Output of ``layer_name`` for one image ``(1, C, H, W)``, without the batch dimension.
+
+    Returns
+    -------
+    np.ndarray
+        float32 array on the CPU, e.g. ``(C, H, W)`` or ``(F,)``.
+    """
+    _check_model(model)
+    layer = _resolve_layer(model, layer_name)
+    x = _prepare_input(model, x, "image")
+    _, outputs = _probe(model, [layer], [layer_name], x)
+    return outputs[0][0].to(device="cpu", dtype=torch.float32).numpy()
+
+
+def convergence_sweep(
+    model: nn.Module,
+    layer_name: str,
+    x: Tensor,
+    target: int,
+    baseline: Tensor,
+    methods: Sequence[str],
+    steps: Sequence[int],
+    progress: Progress | None = None,
+) -> list[ConvergencePoint]:
+    """Convergence delta of every integration rule in ``methods`` at every count in ``steps``.
+
+    The delta shows how far the summed conductance is from ``F(x) - F(baseline)``; it
+    shrinks as the integral is approximated better, and faster for better rules.
+
+    Parameters
+    ----------
+    model, layer_name, x, target, baseline
+        As for :func:`compute_conductance`.
+    methods : sequence of str
+        Integration rules to compare.
+    steps : sequence of int
+        Numbers of steps to try for each rule.
+    progress : callable, optional
+        ``progress(done, total)`` with ``total = len(methods) * len(steps)``; called with
+        ``done = 0`` first and after every point.
+
+    Returns
+    -------
+    list of ConvergencePoint
+        Ordered by method (as given), then by steps (as given).
+    """
+    _check_model(model)
+    layer = _resolve_layer(model, layer_name)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    steps = list(steps)
+    if not methods or not steps:
+        raise AttributionError("Pick at least one integration method and one number of steps.")
+    for method in methods:
+        for n in steps:
+            _check_settings(method, n)
+    x = _prepare_input(model, x, "image")
+    baseline = _prepare_baseline(model, baseline, x)
+    logits, _ = _probe(model, [layer], [layer_name], torch.cat([x, baseline]))
+    _check_target(target, logits.shape[1])
+    output_diff = float(logits[0, target] - logits[1, target])
+
+    total = len(methods) * len(steps)
+    if progress is not None:
+        progress(0, total)
+    engine = LayerConductance(model, layer)
+    points = []
+    for method in methods:
+        for n in steps:
+            with torch.enable_grad():
+                _, delta = engine.attribute(
+                    x,
+                    baselines=baseline,
+                    target=int(target),
+                    n_steps=int(n),
+                    method=method,
+                    return_convergence_delta=True,
+                )
+            value = _delta_value(delta)
+            points.append(
+                ConvergencePoint(
+                    method=method,
+                    n_steps=int(n),
+                    delta=value,
+                    relative_delta=abs(value) / max(abs(output_diff), _EPS),
+                )
+            )
+            if progress is not None:
+                progress(len(points), total)
+    return points
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise AttributionTypeError(
+            f"Expected a torch.nn.Module, got {type(model).__name__}; load the model first."
+        )
+
+
+def _resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule called ``name``, or raise with the closest known names."""
+    if not isinstance(name, str):
+        raise AttributionTypeError(
+            f"A layer is named by a string such as 'features.3'; got {type(name).__name__}."
+        )
+    if not name.strip():
+        raise AttributionError("Pick a layer: the layer name is empty.")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        known = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = (
+            f" Did you mean {', '.join(repr(c) for c in close)}?"
+            if close
+            else " Pick a name from the layer tree."
+        )
+        raise AttributionError(f"The model has no layer named {name!r}.{hint}") from None
+
+
+def _model_device_dtype(model: nn.Module, x: Tensor) -> tuple[torch.device, torch.dtype]:
+    """The device of the model's first parameter (or buffer) and its floating dtype."""
+    device = x.device
+    dtype = x.dtype
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        device = tensor.device
+        break
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            dtype = tensor.dtype
+            break
+    return device, dtype
+
+
+def _prepare_input(model: nn.Module, x: Any, what: str, *, single: bool = True) -> Tensor:
+    """Check ``x`` is an (N, C, H, W) float tensor and move it to the model's device/dtype."""
+    if not isinstance(x, Tensor):
+        raise AttributionTypeError(
+            f"The {what} must be a torch.Tensor shaped (N, C, H, W); got {type(x).__name__}."
+        )
+    if not x.is_floating_point():
+        raise AttributionTypeError(
+            f"The {what} must hold floating-point values (it is {x.dtype}); preprocess it first."
+        )
+    if x.dim() != 4 or (single and x.shape[0] != 1):
+        wanted = "(1, C, H, W): one image" if single else "(N, C, H, W)"
+        raise AttributionError(
+            f"The {what} must be shaped {wanted}; got shape {tuple(x.shape)}."
+        )
+    device, dtype = _model_device_dtype(model, x)
+    return x.detach().to(device=device, dtype=dtype)
+
+
+def _prepare_baseline(model: nn.Module, baseline: Any, x: Tensor) -> Tensor:
+    if not isinstance(baseline, Tensor):
+        raise AttributionTypeError(
+            "The baseline must be a torch.Tensor shaped like the image; build one with "
+            f"explainer.baselines.make_baseline (got {type(baseline).__name__})."
+        )
+    if tuple(baseline.shape) != tuple(x.shape):
+        raise AttributionError(
+            f"The baseline has shape {tuple(baseline.shape)} but the image has shape "
+            f"{tuple(x.shape)}; build the baseline from the same preprocessed image."
+        )
+    if not baseline.is_floating_point():
+        raise AttributionTypeError(
+            f"The baseline must hold floating-point values; it is {baseline.dtype}."
+        )
+    return baseline.detach().to(device=x.device, dtype=x.dtype)
+
+
+def _check_settings(method: Any, n_steps: Any) -> None:
+    if not isinstance(method, str):
+        raise AttributionTypeError(f"The integration method is a name; got {method!r}.")
+    check_method(method)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+        raise AttributionError(f"n_steps must be a whole number of 1 or more; got {n_steps!r}.")
+
+
+def _check_target(target: Any, num_classes: int) -> None:
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        raise AttributionTypeError(
+            f"The target must be a class index (a whole number); got {target!r}."
+        )
+    if not 0 <= int(target) < num_classes:
+        raise AttributionError(
+            f"Target class {int(target)} is out of range: this model has {num_classes} classes, "
+            f"so pick a class between 0 and {num_classes - 1}."
+        )
+
+
+def _check_neuron(neuron: Any, shape: tuple[int, ...], layer_name: str) -> tuple[int, ...]:
+    """Return ``neuron`` as a tuple of ints after checking it indexes a unit of ``shape``."""
+    if isinstance(neuron, (int, np.integer)) and not isinstance(neuron, bool):
+        neuron = (neuron,)
+    if isinstance(neuron, (str, bytes)) or not isinstance(neuron, Sequence):
+        raise AttributionTypeError(
+            f"A neuron is a tuple of indices such as (0, 3, 4); got {neuron!r}."
+        )
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in neuron):
+        raise AttributionTypeError(f"Neuron indices must be whole numbers; got {tuple(neuron)!r}.")
+    index = tuple(int(i) for i in neuron)
+    if len(index) != len(shape):
+        raise AttributionError(
+            f"Neuron {index} has {len(index)} indices but {layer_name!r} has outputs shaped "
+            f"{shape}; give {len(shape)} indices, one per dimension."
+        )
+    for position, (i, size) in enumerate(zip(index, shape, strict=True)):
+        if not 0 <= i < size:
+            raise AttributionError(
+                f"Neuron {index} is outside {layer_name!r} (shape {shape}): index {position} "
+                f"must be between 0 and {size - 1}."
+            )
+    return index
+
+
+def _label(labels: Sequence[str], index: int) -> str:
+    if 0 <= index < len(labels):
+        return str(labels[index])
+    return f"class {index}"
+
+
+def _forward(model: nn.Module, batch: Tensor) -> Tensor:
+    """Run the model without gradients and check it returns ``(N, classes)`` scores."""
+    try:
+        with torch.no_grad():
+            output = model(batch)
+    except RuntimeError as exc:
+        raise AttributionError(
+            f"The model could not run on an input of shape {tuple(batch.shape)}; check the "
+            f"image size and channels the model expects. ({exc})"
+        ) from exc
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != batch.shape[0]:
+        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise AttributionError(
+            f"The model must return class scores shaped (N, classes); it returned {got}."
+        )
+    return output
+
+
+@contextmanager
+def _recording(modules: Sequence[nn.Module]) -> Iterator[list[list[Any]]]:
+    """Record the outputs of ``modules`` during forwards run by the calling thread only."""
+    thread = threading.get_ident()
+    records: list[list[Any]] = [[] for _ in modules]
+    handles = []
+
+    def make_hook(slot: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() == thread:
+                records[slot].append(output)
+
+        return hook
+
+    try:
+        for slot, module in enumerate(modules):
+            handles.append(module.register_forward_hook(make_hook(slot)))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _probe(
+    model: nn.Module, modules: Sequence[nn.Module], names: Sequence[str], batch: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """One no-grad forward of ``batch`` returning the scores and each layer's output.
+
+    Also checks that every layer runs and returns one tensor that keeps the batch dimension,
+    so that mistakes are reported before the expensive attribution pass.
+    """
+    with _recording(modules) as records:
+        logits = _forward(model, batch)
+    outputs = []
+    for name, record in zip(names, records, strict=True):
+        if not record:
+            raise AttributionError(
+                f"Layer {name!r} is not used when the model runs on this input; pick another "
+                "layer from the tree."
+            )
+        output = record[0]
+        if not isinstance(output, Tensor):
+            raise AttributionError(
+                f"Layer {name!r} returns a {type(output).__name__}, not a single tensor; pick "
+                "one of its sub-layers instead."
+            )
+        if output.dim() == 0 or output.shape[0] != batch.shape[0]:
+            raise AttributionError(
+                f"Layer {name!r} returns shape {tuple(output.shape)}, which does not keep one "
+                "entry per image; pick another layer."
+            )
+        outputs.append(output)
+    return logits, outputs
+
+
+def _delta_value(delta: Any) -> float:
+    if isinstance(delta, Tensor):
+        return float(delta.detach().reshape(-1)[0])
+    return float(delta)
+
+
+def _conductance_result(
+    layer_name: str,
+    target: int,
+    attributions: Any,
+    delta: Any,
+    output_diff: float,
+    method: str,
+    n_steps: int,
+) -> ConductanceResult:
+    if not isinstance(attributions, Tensor):
+        raise AttributionError(
+            f"Layer {layer_name!r} returns several tensors; pick one of its sub-layers instead."
+        )
+    values = attributions.detach()[0].to(device="cpu", dtype=torch.float64).numpy()
+    if values.ndim == 0:
+        values = values.reshape(1)
+    if values.ndim == 1:
+        channel_totals = values
+    else:
+        channel_totals = values.reshape(values.shape[0], -1).sum(axis=1)
+    is_spatial = values.ndim == 3
+    spatial = values.sum(axis=0).astype(np.float32) if is_spatial else None
+    delta_value = _delta_value(delta)
+    return ConductanceResult(
+        layer=layer_name,
+        target=target,
+        attributions=values.astype(np.float32),
+        channel_totals=channel_totals.astype(np.float32),
+        spatial=spatial,
+        delta=delta_value,
+        output_diff=output_diff,
+        relative_delta=abs(delta_value) / max(abs(output_diff), _EPS),
+        method=method,
+        n_steps=n_steps,
+        is_spatial=is_spatial,
+    )

@@ -1,0 +1,584 @@
+"""Images: safe decoding, the preprocessing a model expects, and the way back to pixels.
+
+Uploaded bytes are untrusted. :func:`load_image` reads only the header first, refuses anything
+whose pixel count is absurd before a single pixel is decoded, and turns every decoding failure
+into an :class:`~explainer.errors.ImageLoadError` whose message names the supported formats.
+
+:class:`Preprocessing` describes, as plain data, how a PIL image becomes the tensor a model sees;
+:func:`preprocess` applies it and :func:`deprocess` undoes the normalisation so the app can show
+exactly what the model received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from explainer.errors import ImageLoadError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MAX_PIXELS_ENV",
+    "SUPPORTED_FORMATS",
+    "Preprocessing",
+    "deprocess",
+    "image_digest",
+    "load_image",
+    "preprocess",
+    "resize_and_crop",
+    "resize_map",
+    "to_mode",
+]
+
+#: Formats :func:`load_image` accepts, as shown to users.
+SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WebP", "BMP", "GIF", "TIFF")
+# Pillow's names for the same formats; MPO is the multi-picture JPEG many cameras write.
+_PIL_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
+_FORMATS_TEXT = ", ".join(SUPPORTED_FORMATS)
+
+#: Environment variable that overrides the default pixel limit.
+MAX_PIXELS_ENV = "EXPLAINER_MAX_IMAGE_PIXELS"
+#: Largest width * height accepted when neither ``max_pixels`` nor the variable is set.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# The classic evaluation ratio: resize the shorter side to size / 0.875, then centre-crop.
+_CROP_RATIO = 0.875
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+
+# Errors Pillow raises for data it cannot decode (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _pixel_limit(max_pixels: int | None) -> int:
+    """Resolve the pixel limit: the argument, else the environment variable, else the default."""
+    if max_pixels is None:
+        raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not raw:
+            return DEFAULT_MAX_PIXELS
+        try:
+            max_pixels = int(raw.replace("_", ""))
+        except ValueError:
+            raise ImageLoadError(
+                f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {raw!r}."
+            ) from None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ImageLoadError(
+            f"max_pixels must be a positive whole number of pixels, got {max_pixels!r}."
+        )
+    return max_pixels
+
+
+def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
+    """Return a readable binary stream for ``source`` and a phrase naming it in messages."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = "The uploaded data"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = f"The file {path.name!r}"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageLoadError(f"No image file at {str(path)!r}; check the path.") from None
+        except IsADirectoryError:
+            raise ImageLoadError(
+                f"{str(path)!r} is a folder, not an image file; pick one image inside it."
+            ) from None
+        except PermissionError:
+            raise ImageLoadError(
+                f"{str(path)!r} cannot be read (permission denied); check the file's permissions."
+            ) from None
+    elif hasattr(source, "read"):
+        # A binary file-like object, e.g. an upload widget's buffer.
+        if getattr(source, "seekable", lambda: False)():
+            source.seek(0)
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError("load_image needs a file opened in binary mode ('rb').")
+        data = bytes(data)
+        label = "The uploaded data"
+    else:
+        raise TypeError(
+            "load_image takes a file path or the image's bytes, "
+            f"got an object of type {type(source).__name__}."
+        )
+    if not data:
+        raise ImageLoadError(
+            f"{label} is empty (0 bytes). Provide an image file in one of these formats: "
+            f"{_FORMATS_TEXT}."
+        )
+    return io.BytesIO(data), label
+
+
+def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image safely and return it as an RGB :class:`PIL.Image.Image`.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, bytes or binary file object
+        A path to an image file, or the raw bytes of an upload.
+    max_pixels : int, optional
+        Largest ``width * height`` accepted. Defaults to the environment variable
+        ``EXPLAINER_MAX_IMAGE_PIXELS``, else 40,000,000. The size is checked from the header,
+        before any pixel is decoded. Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``) still
+        applies on top.
+
+    Returns
+    -------
+    PIL.Image.Image
+        A fully loaded image in mode ``"RGB"``, rotated upright per its EXIF orientation, with
+        transparency composited over white. Animated GIFs give their first frame.
+
+    Raises
+    ------
+    ImageLoadError
+        The data is empty, truncated, not an image in a supported format (PNG, JPEG, WebP, BMP,
+        GIF, TIFF), or larger than the pixel limit.
+    """
+    limit = _pixel_limit(max_pixels)
+    stream, label = _open_source(source)
+    unreadable = (
+        f"{label} is not an image in a supported format ({_FORMATS_TEXT}). Convert or re-save "
+        "it as one of these and try again."
+    )
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns about a possible decompression bomb; make it a hard stop.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(stream, formats=_available_formats())
+            except Image.UnidentifiedImageError:
+                raise ImageLoadError(unreadable) from None
+            with image:
+                # Image.open has parsed only the header here; nothing is decoded yet.
+                _check_size(image.size, limit, label)
+                image.seek(0)
+                image.load()
+                # Some formats (GIF frames) can grow while loading; check again.
+                _check_size(image.size, limit, label)
+                upright = ImageOps.exif_transpose(image)
+                result = _to_rgb(upright)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(
+            f"{label} declares an enormous size and was refused as a possible decompression "
+            f"bomb ({exc}). Resize the image to at most {limit:,} pixels and try again."
+        ) from None
+    except ImageLoadError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise ImageLoadError(
+            f"{label} could not be decoded; the file looks truncated or damaged ({exc}). "
+            f"Re-save it in a supported format ({_FORMATS_TEXT}) and try again."
+        ) from exc
+    result.load()
+    return result
+
+
+def _available_formats() -> list[str]:
+    """Pillow's names of the supported formats this Pillow build can decode."""
+    Image.init()  # registers every plugin (MPO, WebP, TIFF are not loaded by default)
+    return [name for name in _PIL_FORMATS if name in Image.OPEN]
+
+
+def _check_size(size: tuple[int, int], limit: int, label: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(
+            f"{label} declares an empty size ({width} x {height} pixels); it is not a usable image."
+        )
+    if width * height > limit:
+        raise ImageLoadError(
+            f"{label} is {width} x {height} = {width * height:,} pixels, more than the limit of "
+            f"{limit:,}. Resize it to a smaller size first, or raise {MAX_PIXELS_ENV} if you "
+            "trust the file."
+        )
+
+
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """Map a 16/32-bit integer or float greyscale image onto 8 bits, keeping its contrast.
+
+    Pillow's own conversion to ``"L"`` clips at 255, which turns most 16-bit images white.
+    """
+    array = np.asarray(image)
+    mode = image.mode
+    if mode.startswith("I;16"):
+        scaled = array.astype(np.float64) / 257.0
+    elif mode == "I":
+        # 32-bit storage usually holds 8- or 16-bit data (e.g. 16-bit PNGs on older Pillow).
+        peak = int(array.max()) if array.size else 0
+        scaled = array.astype(np.float64) / (257.0 if peak > 255 else 1.0)
+    else:  # "F": floats in [0, 1] are intensities, anything else is taken as 0..255
+        finite = array[np.isfinite(array)]
+        unit = finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0
+        scaled = np.nan_to_num(array.astype(np.float64)) * (255.0 if unit else 1.0)
+    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB; transparent pixels become white."""
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        image = _high_bit_depth_to_l(image)
+        mode = image.mode
+    if mode == "P":
+        # Palette images may mark one index transparent; keep that information.
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    elif (
+        mode in ("PA", "LA", "La", "RGBa")
+        or (mode == "L" and "transparency" in image.info)
+        or (mode == "RGB" and "transparency" in image.info)
+    ):
+        image = image.convert("RGBA")
+        mode = image.mode
+    if mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    if mode == "RGB":
+        return image.copy()
+    if mode == "LAB":
+        # A plain convert would copy L, a, b into R, G, B; map the colours properly instead.
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return ImageCms.applyTransform(image, transform)
+    return image.convert("RGB")
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Return ``image`` with the number of channels a model expects.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+        Any Pillow image (typically the RGB result of :func:`load_image`).
+    channels : int
+        ``3`` for RGB or ``1`` for greyscale (``"L"``).
+
+    Returns
+    -------
+    PIL.Image.Image
+        A new image in mode ``"RGB"`` or ``"L"``.
+    """
+    rgb = image if image.mode == "RGB" else _to_rgb(image)
+    if channels == 3:
+        return rgb
+    if channels == 1:
+        return rgb.convert("L")
+    raise ImageLoadError(
+        f"Images can be given to models with 1 (greyscale) or 3 (RGB) channels, not {channels}."
+    )
+
+
+def image_digest(data: bytes) -> str:
+    """Return the SHA-256 hex digest of ``data``, the key under which results are cached."""
+    return hashlib.sha256(bytes(data)).hexdigest()
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _as_size(size: int | Sequence[int], what: str = "size") -> tuple[int, int]:
+    """Normalise an int or ``(height, width)`` pair to a tuple of two positive ints."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        pair = (int(size), int(size))
+    elif (
+        isinstance(size, Sequence)
+        and len(size) == 2
+        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)
+    ):
+        pair = (int(size[0]), int(size[1]))
+    else:
+        raise ImageLoadError(
+            f"{what} must be one whole number or a (height, width) pair, got {size!r}."
+        )
+    if min(pair) <= 0:
+        raise ImageLoadError(f"{what} must be positive, got {pair}.")
+    return pair
+
+
+def _as_floats(values: float | Sequence[float], what: str) -> tuple[float, ...]:
+    if isinstance(values, (int, float)):
+        values = (values,)
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ImageLoadError(
+            f"{what} must be a list of numbers, one per channel, got {values!r}."
+        ) from None
+    if not all(math.isfinite(v) for v in out):
+        raise ImageLoadError(f"{what} must contain finite numbers, got {out}.")
+    return out
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a PIL image becomes the normalised tensor a model sees.
+
+    The geometry is ``resize`` then centre crop: when ``resize`` is an int, the shorter side is
+    scaled to it (keeping the aspect ratio) and the centre ``size`` is cropped; when it is
+    ``None`` the whole image is scaled to ``size`` directly. Pixels are then mapped to ``[0, 1]``
+    and normalised per channel: ``(x - mean) / std``.
+
+    Attributes
+    ----------
+    mean, std : tuple[float, ...]
+        One value per channel; every ``std`` must be non-zero.
+    size : tuple[int, int]
+        Final ``(height, width)`` of the tensor.
+    resize : int or None
+        Shorter side before the centre crop, or ``None`` to resize straight to ``size``.
+    channels : int
+        ``3`` (RGB) or ``1`` (greyscale).
+    name : str
+        A short label for the UI (``"imagenet"``, ``"none"``, ``"model"``, ``"custom"``).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, int]
+    resize: int | None
+    channels: int = 3
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        mean = _as_floats(self.mean, "mean")
+        std = _as_floats(self.std, "std")
+        size = _as_size(self.size)
+        if self.channels not in (1, 3):
+            raise ImageLoadError(
+                f"channels must be 1 (greyscale) or 3 (RGB), got {self.channels!r}."
+            )
+        if len(mean) != self.channels or len(std) != self.channels:
+            raise ImageLoadError(
+                f"mean and std need one value per channel ({self.channels}); got "
+                f"{len(mean)} mean value(s) and {len(std)} std value(s)."
+            )
+        if any(s == 0.0 for s in std):
+            raise ImageLoadError(
+                f"std values must be non-zero (they divide the pixels); got {std}."
+            )
+        resize = self.resize
+        if resize is not None:
+            if isinstance(resize, bool) or not isinstance(resize, (int, np.integer)) or resize <= 0:
+                raise ImageLoadError(
+                    f"resize must be a positive whole number of pixels or None, got {resize!r}."
+                )
+            resize = int(resize)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "resize", resize)
+
+    # ---- presets
+
+    @classmethod
+    def imagenet(cls, size: int = 224) -> Preprocessing:
+        """The standard ImageNet evaluation pipeline: resize to ``size * 256/224``, centre crop.
+
+        Parameters
+        ----------
+        size : int
+            Side of the square crop (224 for most torchvision classifiers).
+        """
+        height, width = _as_size(size)
+        resize = int(round(max(height, width) * 256 / 224))
+        return cls(IMAGENET_MEAN, IMAGENET_STD, (height, width), resize, 3, "imagenet")
+
+    @classmethod
+    def none(cls, size: int | tuple[int, int], channels: int = 3) -> Preprocessing:
+        """Resize straight to ``size`` and scale pixels to ``[0, 1]``; no normalisation."""
+        return cls((0.0,) * channels, (1.0,) * channels, _as_size(size), None, channels, "none")
+
+    @classmethod
+    def custom(
+        cls,
+        mean: Sequence[float],
+        std: Sequence[float],
+        size: int | tuple[int, int],
+        resize: int | None = None,
+    ) -> Preprocessing:
+        """User-chosen normalisation; the number of channels follows ``len(mean)``."""
+        mean_t = _as_floats(mean, "mean")
+        return cls(mean_t, _as_floats(std, "std"), _as_size(size), resize, len(mean_t), "custom")
+
+    @classmethod
+    def for_model(
+        cls,
+        input_size: int | Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> Preprocessing:
+        """The pipeline matching a model's expected input.
+
+        Inputs of 64 pixels or more get the evaluation-style resize of the shorter side to
+        ``int(side / 0.875)`` followed by a centre crop; smaller inputs (thumbnails, toy models)
+        are resized straight to the input size, since cropping would lose too much.
+
+        Parameters
+        ----------
+        input_size : int or (height, width) or (channels, height, width)
+            The model's expected input size.
+        mean, std : sequence of float
+            The model's normalisation, one value per channel.
+        """
+        mean_t = _as_floats(mean, "mean")
+        std_t = _as_floats(std, "std")
+        if isinstance(input_size, Sequence) and len(input_size) == 3:
+            channels = int(input_size[0])
+            size = _as_size(tuple(input_size[1:]), "input_size")
+        else:
+            channels = len(mean_t)
+            size = _as_size(input_size, "input_size")
+        side = max(size)
+        resize = int(side / _CROP_RATIO) if min(size) >= 64 else None
+        return cls(mean_t, std_t, size, resize, channels, "model")
+
+    # ---- transforms
+
+    def geometry(self) -> v2.Transform:
+        """The resize (and centre crop) part of the pipeline, usable on PIL images."""
+        if self.resize is None:
+            return v2.Resize(self.size, antialias=True)
+        return v2.Compose([v2.Resize(self.resize, antialias=True), v2.CenterCrop(self.size)])
+
+    def transform(self) -> v2.Transform:
+        """The full pipeline: geometry, to a float tensor in ``[0, 1]``, normalisation."""
+        return v2.Compose(
+            [
+                self.geometry(),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(self.mean), list(self.std)),
+            ]
+        )
+
+
+def _check_image(image: object) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"Expected a PIL image (see load_image), got an object of type {type(image).__name__}."
+        )
+    return image
+
+
+def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Apply only the geometric part of ``prep``: the picture the model sees, before scaling.
+
+    Returns
+    -------
+    PIL.Image.Image
+        An image of ``prep.size`` in mode ``"RGB"`` or ``"L"`` (per ``prep.channels``).
+    """
+    image = to_mode(_check_image(image), prep.channels)
+    return prep.geometry()(image)
+
+
+def preprocess(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """Turn a PIL image into the model's input tensor.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(1, C, H, W)``, dtype ``float32``, on the CPU (move it to the model's device).
+    """
+    image = to_mode(_check_image(image), prep.channels)
+    tensor = prep.transform()(image)
+    return tensor.as_subclass(torch.Tensor).unsqueeze(0).contiguous()
+
+
+def deprocess(tensor: torch.Tensor, prep: Preprocessing) -> np.ndarray:
+    """Undo the normalisation of ``prep``: the exact picture the model received, as pixels.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        ``(1, C, H, W)`` or ``(C, H, W)``, on any device.
+    prep : Preprocessing
+        The preprocessing that produced it.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` array of shape ``(H, W, 3)``, or ``(H, W)`` for one channel; values outside
+        ``[0, 255]`` are clipped.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"deprocess expects a torch.Tensor, got {type(tensor).__name__}.")
+    x = tensor.detach()
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3:
+        raise ImageLoadError(
+            "deprocess expects one image shaped (1, C, H, W) or (C, H, W), "
+            f"got shape {tuple(tensor.shape)}."
+        )
+    if x.shape[0] != prep.channels:
+        raise ImageLoadError(
+            f"The tensor has {x.shape[0]} channel(s) but the preprocessing describes "
+            f"{prep.channels}; pass the Preprocessing that produced it."
+        )
+    x = x.to(device="cpu", dtype=torch.float64)
+    mean = torch.tensor(prep.mean, dtype=torch.float64).view(-1, 1, 1)
+    std = torch.tensor(prep.std, dtype=torch.float64).view(-1, 1, 1)
+    pixels = (x * std + mean).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(array[:, :, 0] if prep.channels == 1 else array)
+
+
+def resize_map(map2d: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly upsample a 2-D heatmap to ``size`` for drawing it over an image.
+
+    Parameters
+    ----------
+    map2d : torch.Tensor or numpy.ndarray
+        A 2-D map, e.g. conductance summed over channels.
+    size : tuple[int, int]
+        Target ``(height, width)`` — note: PIL's ``Image.size`` is ``(width, height)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` array of shape ``size``.
+    """
+    height, width = _as_size(size)
+    if isinstance(map2d, np.ndarray):
+        values = torch.from_numpy(np.asarray(map2d, dtype=np.float32))
+    elif isinstance(map2d, torch.Tensor):
+        values = map2d.detach().to(dtype=torch.float32)
+    else:
+        raise TypeError(f"resize_map expects a tensor or array, got {type(map2d).__name__}.")
+    if values.dim() != 2 or values.numel() == 0:
+        raise ImageLoadError(
+            f"resize_map expects a non-empty 2-D map (height, width), got shape "
+            f"{tuple(values.shape)}; sum over channels first."
+        )
+    out = F.interpolate(
+        values[None, None], size=(height, width), mode="bilinear", align_corners=False
+    )
+    return out[0, 0].cpu().numpy()
