@@ -97,15 +97,33 @@ def _run_fast(
     tap.reset()
     grad_mode = torch.is_grad_enabled()  # a root hook switches it on mid-pass
     if state.setdefault("fast", True):
+        fast = tuple(_fast_layout(t) for t in inputs)
         try:
-            return _run(forward_func, tuple(_fast_layout(t) for t in inputs), args)
+            return _run(forward_func, fast, args)
         except RuntimeError:
-            if not any(_fast_layout(t) is not t for t in inputs):
+            if all(t.is_contiguous() for t in fast):
                 raise
             state["fast"] = False
             tap.reset()
             torch.set_grad_enabled(grad_mode)
-    return _run(forward_func, inputs, args)
+    return _run(forward_func, tuple(t.contiguous() for t in inputs), args)
+
+
+def _path_points(inp: Tensor, base: Tensor | int | float, alphas: list[float]) -> Tensor:
+    """``base + a * (inp - base)`` for every ``a``, stacked step-major, written once in the
+    layout the forward pass prefers."""
+    if not inp.is_floating_point():
+        inp = inp.to(torch.get_default_dtype())
+    k, shape = len(alphas), tuple(inp.shape)
+    base_t = base.to(device=inp.device, dtype=inp.dtype) if isinstance(base, Tensor) else base
+    diff = inp - base_t
+    if not isinstance(base_t, Tensor):
+        base_t = torch.tensor(base_t, dtype=inp.dtype, device=inp.device)
+    coef = torch.tensor(alphas, dtype=inp.dtype, device=inp.device).reshape(k, *([1] * len(shape)))
+    out = torch.empty((k * shape[0], *shape[1:]), dtype=inp.dtype, device=inp.device)
+    out = _fast_layout(out)
+    torch.addcmul(base_t, coef, diff, out=out.view(k, *shape))
+    return out
 
 
 def _sum_rows(t: Tensor) -> Tensor:
@@ -289,10 +307,7 @@ class LayerConductance(_LayerMethod):
             for start in range(0, total_points, per_pass):
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
-                scaled = tuple(
-                    torch.cat([base + a * (inp - base) for a in chunk], dim=0)
-                    for inp, base in zip(inputs, baselines)
-                )
+                scaled = tuple(_path_points(inp, base, chunk) for inp, base in zip(inputs, baselines))
                 with torch.no_grad():
                     output = _run_fast(forward, scaled, repeat_additional_args(args, k), layout, tap)
                     output = _check_output(output)
