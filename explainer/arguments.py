@@ -152,6 +152,10 @@ def check_target(target: TargetType, output_shape: Sequence[int], num_examples: 
     if isinstance(target, bool):
         raise AttributionTypeError("target must be an int, a tuple, a list or a tensor, not a bool.")
     if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise AttributionTypeError(
+                f"A target tensor must hold integer class indices, not {target.dtype} values."
+            )
         if target.numel() == 1:
             check_target(int(target.item()), shape, num_examples)
             return
@@ -232,12 +236,12 @@ def select_target(output: Tensor, target: TargetType) -> Tensor:
         picked = output[(slice(None), *target)]
     elif isinstance(target, Tensor):
         index = target.reshape(-1, 1).to(device=output.device, dtype=torch.long)
-        picked = torch.gather(output, 1, index)
+        picked = torch.gather(output, 1, index.remainder(output.shape[1]))
     elif isinstance(target, list):
         items = [int(t.item()) if isinstance(t, Tensor) else t for t in target]
         if all(isinstance(t, int) for t in items):
             index = torch.tensor(items, device=output.device, dtype=torch.long).reshape(-1, 1)
-            picked = torch.gather(output, 1, index)
+            picked = torch.gather(output, 1, index.remainder(output.shape[1]))
         else:
             picked = torch.stack([output[(i, *tuple(t))] for i, t in enumerate(items)])
     else:  # check_target rejects everything else first

@@ -15,8 +15,7 @@ engine differs where the reference does work it does not need:
 
 from __future__ import annotations
 
-import math
-import warnings
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -37,7 +36,7 @@ from explainer.arguments import (
     select_target,
 )
 from explainer.errors import AttributionError, AttributionTypeError
-from explainer.hooks import LayerTap, StopForward, layer_label, tap_layers
+from explainer.hooks import LayerTap, NeedsFullGraph, StopForward, layer_label, tap_layers
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
 from explainer.limits import rows_per_pass
@@ -109,9 +108,14 @@ def _run_fast(
     return _run(forward_func, tuple(t.contiguous() for t in inputs), args)
 
 
-def _path_points(inp: Tensor, base: Tensor | int | float, alphas: list[float]) -> Tensor:
+def _path_points(
+    inp: Tensor, base: Tensor | int | float, alphas: list[float], *, requires_grad: bool = False
+) -> Tensor:
     """``base + a * (inp - base)`` for every ``a``, stacked step-major, written once in the
-    layout the forward pass prefers."""
+    layout the forward pass prefers (a fresh tensor: the caller's are never touched)."""
+    inp = inp.detach()
+    if isinstance(base, Tensor):
+        base = base.detach()
     if not inp.is_floating_point():
         inp = inp.to(torch.get_default_dtype())
     k, shape = len(alphas), tuple(inp.shape)
@@ -123,7 +127,7 @@ def _path_points(inp: Tensor, base: Tensor | int | float, alphas: list[float]) -
     out = torch.empty((k * shape[0], *shape[1:]), dtype=inp.dtype, device=inp.device)
     out = _fast_layout(out)
     torch.addcmul(base_t, coef, diff, out=out.view(k, *shape))
-    return out
+    return out.requires_grad_(requires_grad)
 
 
 def _sum_rows(t: Tensor) -> Tensor:
@@ -221,8 +225,9 @@ class LayerConductance(_LayerMethod):
         inputs_t = as_input_tuple(inputs)
         baselines_t = format_baselines(baselines, inputs_t)
         check_method(method)
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
             raise AttributionError(f"n_steps must be a positive integer, got {n_steps!r}.")
+        n_steps = int(n_steps)
         num_examples = inputs_t[0].shape[0]
         if num_examples == 0:
             raise AttributionError("inputs hold no examples (dimension 0 is empty).")
@@ -231,8 +236,11 @@ class LayerConductance(_LayerMethod):
             # Results do not depend on the split; passes only keep memory within the budget.
             per_pass = max(1, rows_per_pass(inputs_t) // num_examples)
         else:
-            if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
+            if isinstance(internal_batch_size, bool) or not isinstance(
+                internal_batch_size, numbers.Integral
+            ):
                 raise AttributionTypeError("internal_batch_size must be an int or None.")
+            internal_batch_size = int(internal_batch_size)
             if internal_batch_size < num_examples:
                 raise AttributionError(
                     f"internal_batch_size={internal_batch_size} is smaller than the number of "
@@ -301,20 +309,34 @@ class LayerConductance(_LayerMethod):
         tuple_layers = [False] * len(self._layers)
         layout: dict[str, bool] = {}
 
+        # Lean passes record the graph from the layer on; a layer input (or a tensor passed
+        # straight through) may have been used before the layer ran, so it needs the full graph.
+        lean = not use_input
         with torch.inference_mode(False), tap_layers(
             self._layers, self._labels, use_input=use_input, mode="root"
         ) as tap:
             for start in range(0, total_points, per_pass):
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
-                scaled = tuple(_path_points(inp, base, chunk) for inp, base in zip(inputs, baselines))
-                with torch.no_grad():
-                    output = _run_fast(forward, scaled, repeat_additional_args(args, k), layout, tap)
-                    output = _check_output(output)
-                    if not checked:
-                        check_target(target, (num_examples, *output.shape[1:]), num_examples)
-                        checked = True
-                    picked = select_target(output, repeat_target(target, k)).sum()
+                while True:
+                    tap.lean = lean
+                    scaled = tuple(
+                        _path_points(inp, base, chunk, requires_grad=not lean)
+                        for inp, base in zip(inputs, baselines)
+                    )
+                    try:
+                        with torch.set_grad_enabled(not lean):
+                            output = _run_fast(
+                                forward, scaled, repeat_additional_args(args, k), layout, tap
+                            )
+                            output = _check_output(output)
+                            if not checked:
+                                check_target(target, (num_examples, *output.shape[1:]), num_examples)
+                                checked = True
+                            picked = select_target(output, repeat_target(target, k)).sum()
+                        break
+                    except NeedsFullGraph:
+                        lean = False
                 tap.check_reached()
                 tuple_layers = list(tap.is_tuple)
                 flat = [t for values in tap.values for t in values]
@@ -398,7 +420,15 @@ class NeuronGradient(_LayerMethod):
             raise AttributionError("neuron_selector is an empty list; give at least one selector.")
         args = format_additional_args(additional_forward_args)
         num_examples = inputs_t[0].shape[0]
-        per_pass = max(1, rows_per_pass(inputs_t) // max(num_examples, 1))
+        if num_examples == 0:
+            raise AttributionError("inputs hold no examples (dimension 0 is empty).")
+        for i, t in enumerate(inputs_t):
+            if not t.is_floating_point():
+                raise AttributionTypeError(
+                    f"inputs[{i}] has dtype {t.dtype}; gradients need floating-point inputs "
+                    "(pass integer arguments such as token ids through additional_forward_args)."
+                )
+        per_pass = max(1, rows_per_pass(inputs_t) // num_examples)
 
         parts: list[list[Tensor]] = [[] for _ in inputs_t]
         layout: dict[str, bool] = {}
@@ -486,6 +516,13 @@ class NeuronGradient(_LayerMethod):
                 f"give a tuple of {len(dims)} indices."
             )
         for s, size in zip(sel, dims):
+            if isinstance(s, slice) and s.step is not None and (
+                not isinstance(s.step, int) or s.step < 1
+            ):
+                raise AttributionError(
+                    f"neuron_selector {selector!r} has a slice with step {s.step!r}; slice steps "
+                    "must be positive whole numbers."
+                )
             if isinstance(s, int) and not -size <= s < size:
                 raise AttributionError(
                     f"neuron_selector {selector!r} is out of range for layer {label} with neuron "

@@ -19,7 +19,13 @@ from torch.nn import Module
 
 from explainer.errors import AttributionError, AttributionTypeError
 
-__all__ = ["LayerTap", "StopForward", "tap_layers", "layer_label"]
+__all__ = ["LayerTap", "NeedsFullGraph", "StopForward", "tap_layers", "layer_label"]
+
+
+class NeedsFullGraph(BaseException):
+    """Raised by a root hook when a tapped tensor existed before its layer ran (a layer input,
+    or an output passed straight through): uses of it that came earlier were not recorded, so
+    the pass must be redone with the whole graph recorded."""
 
 
 class StopForward(BaseException):
@@ -61,6 +67,7 @@ class LayerTap:
     layers: Sequence[Module]
     labels: list[str]
     use_input: bool
+    lean: bool = False
     values: list[tuple[Tensor, ...] | None] = field(default_factory=list)
     is_tuple: list[bool] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
@@ -95,10 +102,12 @@ def tap_layers(
     ``"read"``
         Record the tensors only (the graph is whatever the caller's grad mode records).
     ``"root"``
-        For conductance. The caller runs the forward under ``torch.no_grad()``; the first tapped
-        layer to run becomes the root of the autograd graph: its tensors are replaced by leaves
-        that require grad and grad mode is switched on for the rest of the pass, so nothing
-        upstream of the layer is recorded. Later tapped layers are recorded where they stand.
+        For conductance. In a lean pass (``tap.lean = True``) the caller runs the forward under
+        ``torch.no_grad()``; the first tapped layer to run becomes the root of the autograd
+        graph: its tensors are made to require grad and grad mode is switched on for the rest of
+        the pass, so nothing upstream of the layer is recorded. Later tapped layers are recorded
+        where they stand. A tensor that existed before its layer ran cannot be a lean root
+        (:class:`NeedsFullGraph`); the caller then records the whole graph instead.
     ``"stop"``
         For neuron gradients. Record the first tapped layer and end the forward pass at once by
         raising :class:`StopForward` (the caller catches it).
@@ -112,7 +121,7 @@ def tap_layers(
     handles = []
     flipped: list[Tensor] = []
 
-    def capture(index: int, value: Any) -> Any:
+    def capture(index: int, value: Any, args: tuple = ()) -> Any:
         tap.calls[index] += 1
         if tap.calls[index] > 1:
             raise AttributionError(
@@ -124,9 +133,17 @@ def tap_layers(
         if use_input:
             is_tuple = len(tensors) > 1
         tap.is_tuple[index] = is_tuple
+        if any(not t.is_floating_point() and not t.is_complex() for t in tensors):
+            raise AttributionTypeError(
+                f"The {side} of {tap.labels[index]} holds integer or boolean values, which have no "
+                "gradient; choose a layer with floating-point activations."
+            )
         if mode == "root":
             rooted = []
             for t in tensors:
+                existed = use_input or any(t is a for a in args)
+                if not t.requires_grad and existed and tap.lean:
+                    raise NeedsFullGraph()
                 if not t.requires_grad:
                     # Like the reference: the tensor itself becomes a graph root, so every later
                     # use of it counts, not only the use by this layer. Flipped back on exit.
@@ -150,7 +167,7 @@ def tap_layers(
         def forward_hook(module: Module, args: Any, output: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
-            return capture(index, output)
+            return capture(index, output, args)
 
         def pre_hook(module: Module, args: Any) -> Any:
             if threading.get_ident() != owner:

@@ -11,7 +11,15 @@ from torch import nn
 from explainer import AttributionError, AttributionTypeError, LayerConductance, NeuronGradient
 from explainer.integration import METHODS, alphas
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Exact golden values need float64; restore the default for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class LinearReLU(nn.Module):
