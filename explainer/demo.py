@@ -277,6 +277,10 @@ def load_demo_model(directory: Path | None = None) -> LoadedModel:
             raise ModelLoadError(
                 f"The demo model card {card_path} could not be read ({exc}). {regenerate}"
             ) from exc
+        if not isinstance(card, dict):
+            raise ModelLoadError(
+                f"The demo model card {card_path} is not a JSON object. {regenerate}"
+            )
         accuracy = card.get("heldout_accuracy")
         if isinstance(accuracy, (int, float)):
             notes.append(
