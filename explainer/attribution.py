@@ -36,7 +36,14 @@ from explainer.arguments import (
     select_target,
 )
 from explainer.errors import AttributionError, AttributionTypeError
-from explainer.hooks import LayerTap, NeedsFullGraph, StopForward, layer_label, tap_layers
+from explainer.hooks import (
+    LayerTap,
+    NeedsFullGraph,
+    StopForward,
+    affine_entry,
+    layer_label,
+    tap_layers,
+)
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
 from explainer.limits import rows_per_pass
@@ -312,7 +319,11 @@ class LayerConductance(_LayerMethod):
         # Lean passes record the graph from the layer on; a layer input (or a tensor passed
         # straight through) may have been used before the layer ran, so it needs the full graph.
         lean = not use_input
-        with torch.inference_mode(False), tap_layers(
+        # End points for the first affine module on the path (see hooks.AffineEntry).
+        ends = tuple(
+            _path_points(inp, base, [0.0, 1.0]) for inp, base in zip(inputs, baselines)
+        )
+        with torch.inference_mode(False), affine_entry(forward) as entry, tap_layers(
             self._layers, self._labels, use_input=use_input, mode="root"
         ) as tap:
             for start in range(0, total_points, per_pass):
@@ -324,6 +335,11 @@ class LayerConductance(_LayerMethod):
                         _path_points(inp, base, chunk, requires_grad=not lean)
                         for inp, base in zip(inputs, baselines)
                     )
+                    entry.disarm()
+                    if lean:
+                        coef = torch.tensor(chunk, dtype=torch.float64)
+                        for path, end_points in zip(scaled, ends):
+                            entry.arm(path, end_points, coef)
                     try:
                         with torch.set_grad_enabled(not lean):
                             output = _run_fast(

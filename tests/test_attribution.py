@@ -429,3 +429,42 @@ def test_wrong_argument_kinds_are_refused(cnn):
         LayerConductance(cnn, cnn.conv1).attribute([torch.rand(1, 3, 4, 4)], target=0)
     with pytest.raises(AttributionTypeError):
         NeuronGradient(cnn, [cnn.conv1, cnn.conv2])
+
+
+def test_first_affine_module_shortcut_matches_direct_evaluation(cnn):
+    """conv1 sees the whole path batch, so it runs on the two end points only; a subclass with
+    its own forward is never taken for affine."""
+
+    class SquaredConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) ** 2
+
+    class Net(nn.Module):
+        def __init__(self, first: nn.Module) -> None:
+            super().__init__()
+            self.first = first
+            self.act = nn.Tanh()
+            self.fc = nn.Linear(4 * 5 * 5, 3)
+
+        def forward(self, x):
+            return self.fc(self.act(self.first(x)).flatten(1))
+
+    x = torch.rand(2, 3, 5, 5)
+    for first in (nn.Conv2d(3, 4, 3, padding=1), SquaredConv(3, 4, 3, padding=1)):
+        model = Net(first).eval()
+        seen: list[int] = []
+        got = LayerConductance(model, model.act).attribute(x, target=1, n_steps=6)
+        # Reference: the same sum computed point by point with plain autograd.
+        a = alphas("gausslegendre", 7)
+        values, grads = [], []
+        for alpha in a:
+            h = model.act(model.first(alpha * x)).detach().requires_grad_()
+            out = model.fc(h.flatten(1))[:, 1].sum()
+            values.append(h.detach())
+            grads.append(torch.autograd.grad(out, h)[0])
+        expected = sum(g * (v2 - v1) for g, v1, v2 in zip(grads[:-1], values[:-1], values[1:]))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        model.first.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        LayerConductance(model, model.act).attribute(x, target=1, n_steps=6)
+        assert seen == [14]  # a module with a hook of its own is left alone
+        assert len(model.first._forward_pre_hooks) == 1

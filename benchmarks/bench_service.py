@@ -1,0 +1,90 @@
+"""Speed of the app's service layer on the built-in model (the figures quoted in the README).
+
+Drives ``webapp.backend`` exactly as the pages do, outside a browser: a new conductance map
+(nothing cached), a neuron click (its gradient map and its neighbours' in one batched call), and
+a revisited view (served from the cache). Prints medians over several images and layers::
+
+    python benchmarks/bench_service.py
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    logging.getLogger("streamlit").setLevel(logging.ERROR)
+    from explainer.analysis import neighbours
+    from explainer.demo import sample_image_paths
+    from webapp import backend
+    from webapp.state import AttributionSettings, ImageEntry, ModelRef, PrepSpec
+
+    torch.set_num_threads(2)
+    lm = backend.resolve_model(ModelRef())
+    prep = backend.preprocessing(PrepSpec(), lm)
+    images = [ImageEntry.from_bytes(p.name, p.read_bytes(), source="sample") for p in sample_image_paths()]
+    layers = ["conv1", "block1", "block2", "block3"]
+    settings = AttributionSettings()
+
+    # Warm up imports and kernels on one image so first-call costs are not counted.
+    backend.conductance(lm, images[0], prep, "block1", replace(settings, n_steps=2))
+    backend.result_cache().clear()
+
+    fresh, click, click_nb, cached = [], [], [], []
+    for image in images:
+        for layer in layers:
+            result_holder = {}
+
+            def new_map():
+                result_holder["r"] = backend.conductance(lm, image, prep, layer, settings)
+
+            fresh.append(_timed(new_map))
+            result = result_holder["r"]
+            c, y, x = (int(i) for i in strongest_neuron(result.attributions))
+            click.append(_timed(lambda: backend.neuron_gradients(lm, image, prep, layer, [(c, y, x)])))
+            shape = result.attributions.shape
+            nb = neighbours((c, (y + 1) % shape[1], x), shape)
+            click_nb.append(
+                _timed(
+                    lambda: backend.neuron_gradients(
+                        lm, image, prep, layer, [(c, (y + 1) % shape[1], x), *nb]
+                    )
+                )
+            )
+            cached.append(_timed(lambda: backend.conductance(lm, image, prep, layer, settings)))
+
+    def row(name: str, values: list[float], budget: float) -> None:
+        med, worst = statistics.median(values), max(values)
+        print(f"{name:<44} median {med * 1000:8.1f} ms   max {worst * 1000:8.1f} ms   budget {budget * 1000:6.0f} ms")
+
+    print(
+        f"built-in model ({lm.num_params:,} parameters), {len(images)} images x {len(layers)} layers, "
+        f"n_steps={settings.n_steps}, {settings.method}, torch {torch.__version__}, 2 threads"
+    )
+    row("new conductance map (nothing cached)", fresh, 1.0)
+    row("neuron click -> gradient map", click, 0.3)
+    row("neuron click with its neighbours (one batch)", click_nb, 0.3)
+    row("revisited view (cache hit)", cached, 0.05)
+    return 0
+
+
+def strongest_neuron(attributions) -> tuple[int, ...]:
+    """Index of the largest |conductance| in a (C, H, W) map."""
+    import numpy as np
+
+    return tuple(int(i) for i in np.unravel_index(np.abs(attributions).argmax(), attributions.shape))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
