@@ -1,0 +1,335 @@
+"""Model & images: choose the model, the preprocessing and the images every other page explains."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import pandas as pd
+import streamlit as st
+
+import webapp
+from explainer.errors import ExplainerError
+from explainer.images import Preprocessing
+from explainer.models import describe_model, list_architectures, load_labels, pickle_allowed
+from webapp import backend
+from webapp import figures as F
+from webapp import state as S
+from webapp import widgets as W
+
+MODEL_TYPES = ["pt", "pth", "pt2", "bin", "ckpt", "tar", "safetensors", "pkl"]
+LABEL_TYPES = ["txt", "json", "csv"]
+IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
+FROM_FILE = ""
+
+ctx = webapp.setup()
+W.page_header(
+    "Model & images",
+    "Pick the network to look inside and the pictures to show it. The cards at the bottom show "
+    "**what the model sees** (the image after resizing) and its five most likely classes: start "
+    "with an image the model gets right, then ask *why* on the next pages.",
+)
+
+
+# --- model --------------------------------------------------------------------------------------
+def _use_builtin() -> None:
+    if st.session_state.get("_w_model_source") == "builtin" and S.get(S.MODEL).kind != "builtin":
+        st.session_state[S.MODEL] = S.ModelRef()
+        st.session_state[S.LABELS] = None
+        st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None)
+        S.set_layer(None)
+        S.flash("success", "Switched to the built-in demo model.")
+
+
+def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
+    """Load an uploaded model; switch to it only when everything (model and labels) worked."""
+    data = file.getvalue()
+    ref = S.ModelRef(
+        kind="upload",
+        digest=hashlib.sha256(data).hexdigest(),
+        filename=file.name,
+        arch=arch or None,
+        num_classes=int(num_classes) or None,
+        data=data,
+    )
+    ok, lm = W.attempt(f"Loading {file.name}", backend.resolve_model, ref)
+    if not ok or lm is None:
+        st.info("The previous model is still in use.")
+        return
+    labels = None
+    if labels_file is not None:
+        ok, names = W.attempt(
+            f"Reading the labels in {labels_file.name}",
+            load_labels,
+            labels_file.getvalue(),
+            num_classes=lm.num_classes,
+        )
+        if not ok or names is None:
+            st.info("The previous model is still in use.")
+            return
+        labels = S.LabelsOverride(labels_file.name, tuple(names))
+    ok, _ = W.attempt("Checking the model on a test input", backend.tree, lm)
+    if not ok:
+        st.info("The previous model is still in use.")
+        return
+    st.session_state[S.MODEL] = ref
+    st.session_state[S.LABELS] = labels
+    st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None)
+    S.set_layer(None)
+    S.flash("success", f"Loaded **{file.name}** ({lm.arch}, {lm.num_params:,} parameters).")
+    st.rerun()
+
+
+ref: S.ModelRef = S.get(S.MODEL)
+left, right = st.columns([3, 2], gap="large")
+with left:
+    st.subheader("1 · Model")
+    source = st.radio(
+        "Which model?",
+        ["builtin", "upload"],
+        index=0 if ref.kind == "builtin" else 1,
+        format_func=lambda k: "Built-in demo (shapes CNN)" if k == "builtin" else "Upload my own",
+        horizontal=True,
+        key="_w_model_source",
+        on_change=_use_builtin,
+    )
+    if source == "upload":
+        st.caption(
+            "Weights only (a state_dict saved with `torch.save`, or `.safetensors`) with the "
+            "architecture picked below, or a whole model exported with `torch.export` (`.pt2`)."
+            + (" Pickled modules are allowed on this server." if pickle_allowed() else "")
+        )
+        model_file = st.file_uploader("Model file", type=MODEL_TYPES, key="_w_model_file")
+        c1, c2 = st.columns([3, 2])
+        arch = c1.selectbox(
+            "Architecture (weights-only files)",
+            [FROM_FILE, *list_architectures()],
+            format_func=lambda a: "Detect from the file" if a == FROM_FILE else a,
+            key="_w_arch",
+            help="A state_dict or safetensors file holds only numbers: say which network "
+            "they belong to.",
+        )
+        num_classes = c2.number_input(
+            "Classes (0 = from the file)",
+            min_value=0,
+            max_value=100_000,
+            value=0,
+            key="_w_num_classes",
+            help="Number of outputs, if the file does not tell.",
+        )
+        labels_file = st.file_uploader(
+            "Class names (optional: one per line, or a JSON list)",
+            type=LABEL_TYPES,
+            key="_w_labels_file",
+        )
+        if st.button("Load model", type="primary", disabled=model_file is None):
+            _load_upload(model_file, arch, num_classes, labels_file)
+
+    if ctx.lm is not None:
+        lm = ctx.lm
+        c, h, w = lm.input_size
+        st.markdown(f"**{lm.name}** · architecture `{lm.arch}` · {lm.source_format}")
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Parameters", f"{lm.num_params:,}")
+        m2.metric("Input (C×H×W)", f"{c}×{h}×{w}")
+        m3.metric("Classes", f"{lm.num_classes:,}")
+        with st.expander("Model summary", expanded=False):
+            ok, summary = W.attempt("Describing the model", describe_model, lm)
+            if ok and summary:
+                table = pd.DataFrame({"": list(summary.keys()), "value": list(summary.values())})
+                st.dataframe(table, hide_index=True, width="stretch")
+            labels_note = S.get(S.LABELS)
+            if labels_note is not None:
+                st.caption(f"Class names from {labels_note.filename}.")
+        for note in lm.notes:
+            st.caption(f":material/info: {note}")
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+def _parse_floats(text: str) -> tuple[float, ...]:
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
+    try:
+        return tuple(float(p) for p in parts)
+    except ValueError:
+        raise ExplainerError(
+            f"{text!r} is not a list of numbers; write them like 0.485, 0.456, 0.406."
+        ) from None
+
+
+def _apply_prep(spec: S.PrepSpec) -> bool:
+    if ctx.lm is None:
+        return False
+    ok, _ = W.attempt("Setting up the preprocessing", backend.preprocessing, spec, ctx.lm)
+    if ok:
+        st.session_state[S.PREP] = spec
+    else:
+        st.info("The previous preprocessing is still in use.")
+    return ok
+
+
+def _describe_prep(prep: Preprocessing) -> str:
+    h, w = prep.size
+    if prep.resize is None:
+        geometry = f"resize to {h}×{w}"
+    else:
+        geometry = f"resize the shorter side to {prep.resize}, centre-crop {h}×{w}"
+    mean = ", ".join(f"{m:.3g}" for m in prep.mean)
+    std = ", ".join(f"{s:.3g}" for s in prep.std)
+    return f"{geometry}; pixels in [0, 1], then (x − mean) / std with mean ({mean}), std ({std})."
+
+
+with right:
+    st.subheader("2 · Preprocessing")
+    spec: S.PrepSpec = S.get(S.PREP)
+    presets = list(S.PREP_PRESETS)
+    preset = st.radio(
+        "Normalisation",
+        presets,
+        index=presets.index(spec.preset) if spec.preset in presets else 0,
+        format_func=lambda p: S.PREP_PRESETS[p],
+        key="_w_prep_preset",
+        help="Use what the model was trained with. 'Model default' is read from the model.",
+    )
+    if preset == "custom":
+        c1, c2 = st.columns(2)
+        mean_text = c1.text_input(
+            "Mean", ", ".join(f"{m:g}" for m in spec.mean), key="_w_prep_mean"
+        )
+        std_text = c2.text_input("Std", ", ".join(f"{s:g}" for s in spec.std), key="_w_prep_std")
+        if st.button("Apply mean / std"):
+            ok, values = W.attempt(
+                "Reading mean and std",
+                lambda: (_parse_floats(mean_text), _parse_floats(std_text)),
+            )
+            if ok and values is not None:
+                if _apply_prep(S.PrepSpec("custom", values[0], values[1])):
+                    st.rerun()
+    elif preset != spec.preset:
+        if _apply_prep(S.PrepSpec(preset, spec.mean, spec.std)):
+            st.rerun()
+    if ctx.prep is not None:
+        st.caption(_describe_prep(ctx.prep))
+
+
+# --- images -------------------------------------------------------------------------------------
+def _sample_entries() -> list[S.ImageEntry]:
+    return W.load_samples()
+
+
+def _on_samples_change() -> None:
+    chosen = set(st.session_state.get("_w_samples") or [])
+    samples = {e.name: e for e in _sample_entries()}
+    images = [e for e in S.get(S.IMAGES) if e.source != "sample"]
+    picked = [samples[name] for name in samples if name in chosen]
+    st.session_state[S.IMAGES] = picked + images
+
+
+def _on_upload_images() -> None:
+    files = st.session_state.get("_w_image_files") or []
+    images = list(S.get(S.IMAGES))
+    known = {e.digest for e in images}
+    errors = []
+    added = None
+    for file in files:
+        data = file.getvalue()
+        entry = S.ImageEntry.from_bytes(file.name, data, source="upload")
+        if entry.digest in known:
+            continue
+        try:
+            backend.validate_image(data)
+        except ExplainerError as exc:
+            errors.append(f"**{file.name}** could not be used: {exc}")
+            continue
+        images.append(entry)
+        known.add(entry.digest)
+        added = entry
+    st.session_state[S.IMAGES] = images
+    st.session_state[S.UPLOAD_ERRORS] = errors
+    if added is not None:
+        st.session_state[S.ACTIVE_IMAGE] = added.digest
+
+
+def _set_active(digest: str) -> None:
+    st.session_state[S.ACTIVE_IMAGE] = digest
+
+
+def _remove(digest: str) -> None:
+    gone = [e for e in S.get(S.IMAGES) if e.digest == digest]
+    st.session_state[S.IMAGES] = [e for e in S.get(S.IMAGES) if e.digest != digest]
+    if gone and gone[0].source == "sample" and "_w_samples" in st.session_state:
+        st.session_state["_w_samples"] = [
+            n for n in st.session_state["_w_samples"] if n != gone[0].name
+        ]
+
+
+st.subheader("3 · Images")
+samples = _sample_entries()
+c1, c2 = st.columns(2)
+with c1:
+    sample_names = [e.name for e in samples]
+    current = [e.name for e in ctx.images if e.source == "sample"]
+    if "_w_samples" not in st.session_state:
+        st.session_state["_w_samples"] = [n for n in current if n in sample_names]
+    st.multiselect(
+        "Sample images",
+        sample_names,
+        key="_w_samples",
+        on_change=_on_samples_change,
+        help="Images drawn by the same generator the demo model was trained on.",
+    )
+with c2:
+    st.file_uploader(
+        "Upload images",
+        type=IMAGE_TYPES,
+        accept_multiple_files=True,
+        key="_w_image_files",
+        on_change=_on_upload_images,
+        help="Any photo or drawing; it is resized to the model's input size.",
+    )
+for message in S.get(S.UPLOAD_ERRORS) or []:
+    st.error(message, icon=":material/broken_image:")
+
+images: list[S.ImageEntry] = list(S.get(S.IMAGES))
+if not images:
+    st.info("No images yet: pick a sample or upload one.")
+elif ctx.lm is not None and ctx.prep is not None:
+    active = st.session_state.get(S.ACTIVE_IMAGE)
+    per_row = 4
+    for start in range(0, len(images), per_row):
+        cols = st.columns(per_row)
+        for col, entry in zip(cols, images[start : start + per_row], strict=False):
+            with col.container(border=True):
+                is_active = entry.digest == active
+                st.markdown(
+                    f"**{entry.name}**" + (" · :orange-badge[explaining]" if is_active else "")
+                )
+                ok, pixels = W.attempt(
+                    f"Reading {entry.name}", backend.display_image, entry, ctx.prep
+                )
+                if not ok:
+                    continue
+                st.image(pixels, width="stretch", clamp=True)
+                ok, preds = W.attempt(
+                    f"Predicting {entry.name}", backend.predictions, ctx.lm, entry, ctx.prep, 5
+                )
+                if ok and preds:
+                    W.plotly_static(F.prediction_bars(preds), key=f"_top_{entry.digest[:16]}")
+                b1, b2 = st.columns(2)
+                b1.button(
+                    "Explain",
+                    key=f"_w_explain_{entry.digest[:16]}",
+                    on_click=_set_active,
+                    args=(entry.digest,),
+                    disabled=is_active,
+                    type="primary" if not is_active else "secondary",
+                    width="stretch",
+                )
+                b2.button(
+                    "Remove",
+                    key=f"_w_remove_{entry.digest[:16]}",
+                    on_click=_remove,
+                    args=(entry.digest,),
+                    width="stretch",
+                )
+
+W.next_step(W.PAGE_LAYER, "Next: pick a layer to look inside")

@@ -1,0 +1,320 @@
+"""Layer conductance: how much each channel and position of the layer adds to the target score."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import streamlit as st
+
+import webapp
+from explainer.analysis import ConductanceResult
+from explainer.images import resize_map
+from explainer.models import LoadedModel
+from webapp import backend
+from webapp import figures as F
+from webapp import state as S
+from webapp import widgets as W
+
+ctx = webapp.setup()
+W.page_header(
+    "Layer conductance",
+    "Conductance splits the model's score for the target class, F(image) − F(baseline), among "
+    "the units of the chosen layer: **red** units push the score up, **blue** ones push it "
+    "down, and all of them together add up to the score difference. Click a bar or a tile to "
+    "select a channel, and a cell of a map to select a neuron.",
+)
+if not W.require_ready(ctx):
+    st.stop()
+lm, image, prep, layer = ctx.lm, ctx.image, ctx.prep, ctx.layer
+assert lm is not None and image is not None and prep is not None and layer is not None
+
+ok, _ = W.attempt("Checking the layer", backend.check_layer, lm, layer)
+if not ok:
+    st.page_link(W.PAGE_LAYER, label="Choose another layer", icon=":material/arrow_forward:")
+    st.stop()
+
+settings = W.settings_form(ctx, "cond")
+with W.progress_bar("Integrating along the path") as report:
+    ok, result = W.attempt(
+        "Computing conductance", backend.conductance, lm, image, prep, layer, settings, report
+    )
+if not ok or result is None:
+    st.caption("Your choices are kept: change the settings above or pick another layer.")
+    st.page_link(W.PAGE_LAYER, label="Layer picker", icon=":material/account_tree:")
+    st.stop()
+
+# --- summary ------------------------------------------------------------------------------------
+total = float(np.sum(result.channel_totals))
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Target", W.target_label(lm, result.target))
+m2.metric("F(image) − F(baseline)", f"{result.output_diff:.4g}")
+m3.metric("Sum of conductance", f"{total:.4g}")
+m4.metric(
+    "Convergence delta",
+    f"{result.delta:.2g}",
+    delta=f"{result.relative_delta:.2%} of the difference",
+    delta_color="off",
+    delta_arrow="off",
+    help="Sum of conductance minus the score difference. Small is good; the Convergence page "
+    "shows how it shrinks with more steps.",
+)
+
+
+# --- interactive views (one fragment: a click reruns only this part) ----------------------------
+def _sync_grid() -> None:
+    """Copy the grid widgets into the shared view; a new order or filter starts at page 1."""
+    ss = st.session_state
+    view: S.GridView = S.get(S.GRID)
+    new = replace(
+        view,
+        rank=ss.get("_w_rank", view.rank),
+        top_k=int(ss.get("_w_topk", view.top_k)),
+        page_size=int(ss.get("_w_page_size", view.page_size)),
+        filter=ss.get("_w_filter", view.filter),
+    )
+    if (new.rank, new.page_size, new.filter) != (view.rank, view.page_size, view.filter):
+        new = replace(new, page=1)
+    ss[S.GRID] = new
+
+
+def _sync_page() -> None:
+    view: S.GridView = S.get(S.GRID)
+    st.session_state[S.GRID] = replace(view, page=int(st.session_state.get("_w_page", 1)))
+
+
+def _grid_controls(num_channels: int) -> tuple[S.GridView, list[int] | None]:
+    view: S.GridView = S.get(S.GRID)
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
+    W.bind("_w_rank", view.rank)
+    c1.selectbox(
+        "Order channels by",
+        list(F.RANKINGS),
+        format_func=lambda r: F.RANKINGS[r],
+        key="_w_rank",
+        on_change=_sync_grid,
+    )
+    top_max = max(1, min(num_channels, 100))
+    if top_max > 1:
+        W.bind("_w_topk", max(1, min(view.top_k, top_max)))
+        c2.slider("Bars shown (top-k)", 1, top_max, key="_w_topk", on_change=_sync_grid)
+    sizes = [16, 36, 64, 100]
+    W.bind("_w_page_size", view.page_size if view.page_size in sizes else 36)
+    c3.selectbox("Tiles per page", sizes, key="_w_page_size", on_change=_sync_grid)
+    W.bind("_w_filter", view.filter)
+    c4.text_input(
+        "Only channels",
+        key="_w_filter",
+        placeholder="e.g. 3, 10-20, 40",
+        help="Restrict the bars and tiles to these channels.",
+        on_change=_sync_grid,
+    )
+    only = None
+    try:
+        only = F.parse_channel_filter(view.filter, num_channels)
+    except ValueError as exc:
+        st.warning(f"{exc} Showing every channel.")
+    return replace(view, top_k=max(1, min(view.top_k, top_max))), only
+
+
+def _pager(count: int, view: S.GridView) -> tuple[int, int]:
+    pages = max(1, math.ceil(count / view.page_size))
+    page = min(max(1, view.page), pages)
+    if pages > 1:
+        W.bind("_w_page", page)
+        st.number_input(
+            f"Page (of {pages})",
+            min_value=1,
+            max_value=pages,
+            step=1,
+            key="_w_page",
+            on_change=_sync_page,
+        )
+    start = (page - 1) * view.page_size
+    return start, min(count, start + view.page_size)
+
+
+def _neuron_preview(lm: LoadedModel, layer: str, neuron: tuple[int, ...]) -> None:
+    ok, grads = W.attempt(
+        "Computing the neuron's gradient",
+        backend.neuron_gradients,
+        lm,
+        image,
+        prep,
+        layer,
+        [neuron],
+    )
+    if not ok or not grads:
+        return
+    g = grads[0]
+    ok, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
+    if not ok:
+        return
+    c1, c2 = st.columns([1, 1])
+    with c1:
+        W.plotly_static(
+            F.gradient_overlay(
+                pixels,
+                g.gradient.sum(axis=0),
+                signed=True,
+                title=f"Input gradient of neuron {neuron}",
+                height=340,
+            ),
+            key="cond_preview",
+        )
+    with c2:
+        st.metric("Activation", f"{g.activation:.4g}")
+        st.caption(
+            "Where a small change of the input pixels would raise (red) or lower (blue) this "
+            "neuron's activation."
+        )
+        if g.abs_max == 0.0:
+            st.info(
+                "Its gradient is zero everywhere: this neuron does not respond to small "
+                "changes of the image here. Try a strongly coloured cell.",
+                icon=":material/info:",
+            )
+        st.page_link(
+            W.PAGE_NEURON, label="Open in Neuron gradient", icon=":material/arrow_forward:"
+        )
+
+
+@st.fragment
+def views(lm: LoadedModel, result: ConductanceResult) -> None:
+    """Charts and selection; a click reruns only this fragment (the result is an argument)."""
+    try:
+        _views(lm, result)
+    except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay as they were
+        W.show_error(exc, "Drawing the conductance views")
+
+
+def _views(lm: LoadedModel, result: ConductanceResult) -> None:
+    totals = np.asarray(result.channel_totals, dtype=np.float64)
+    num_channels = totals.size
+    channel = st.session_state.get(S.CHANNEL)
+    if channel is None or not 0 <= int(channel) < num_channels:
+        channel = F.rank_channels(totals, "abs")[0] if num_channels else 0
+        st.session_state[S.CHANNEL] = channel
+    neuron = st.session_state.get(S.NEURON)
+    shape = tuple(result.attributions.shape)
+    if neuron is not None and (
+        len(neuron) != len(shape) or any(not 0 <= i < s for i, s in zip(neuron, shape, strict=True))
+    ):
+        st.warning(
+            f"The selected neuron {tuple(neuron)} does not exist in this layer (shape "
+            f"{'×'.join(map(str, shape))}); pick another one."
+        )
+        neuron = None
+
+    label = f"channel **{channel}**" if result.is_spatial else f"unit **{channel}**"
+    chosen = f" · neuron **{tuple(neuron)}**" if neuron is not None else ""
+    st.info(f"Selected: {label}{chosen}", icon=":material/ads_click:")
+
+    if not result.is_spatial:
+        top_max = max(1, min(num_channels, 512))
+        ranked = F.rank_channels(totals, "abs")[:top_max]
+        st.subheader("Conductance per unit")
+        st.caption(
+            "This layer has no spatial layout (a vector per image): each bar is one unit. "
+            "Click a bar to select it as the neuron."
+        )
+        W.plotly_click(
+            F.feature_strip(
+                totals,
+                selected=neuron[0] if neuron else None,
+                yaxis_title="conductance",
+            ),
+            "cond_strip",
+            W.on_click_neuron("cond_strip"),
+        )
+        if len(ranked) < num_channels:
+            st.caption(f"Showing the {top_max} units with the largest |conductance|.")
+        if neuron is not None:
+            _neuron_preview(lm, result.layer, tuple(neuron))
+        return
+
+    view, only = _grid_controls(num_channels)
+    ranked = F.rank_channels(totals, view.rank, only)
+    zmax = F.symmetric_limit(result.attributions)
+
+    left, right = st.columns([2, 3], gap="medium")
+    with left:
+        st.markdown("**Total conductance per channel**")
+        st.caption(
+            f"The {min(view.top_k, len(ranked))} channels with the {F.RANKINGS[view.rank]} "
+            f"of {num_channels}. Click a bar to select its channel."
+        )
+        W.plotly_click(
+            F.channel_bars(ranked[: view.top_k], totals, selected=channel, height=420),
+            "cond_bars",
+            W.on_click_channel("cond_bars"),
+        )
+    with right:
+        st.markdown("**Channel maps** (one shared colour scale)")
+        start, stop = _pager(len(ranked), view)
+        st.caption(
+            f"Channels {start + 1}–{stop} of {len(ranked)} in this order; each tile is where in "
+            "the image the channel's conductance sits. Click a tile to select its channel."
+        )
+        W.plotly_click(
+            F.channel_grid(
+                result.attributions,
+                ranked[start:stop],
+                totals,
+                zmax=zmax,
+                selected=channel,
+                ncols=6 if view.page_size <= 36 else 10,
+            ),
+            "cond_grid",
+            W.on_click_channel("cond_grid"),
+        )
+
+    st.subheader("Where in the image")
+    cell = (int(neuron[1]), int(neuron[2])) if neuron is not None and len(neuron) == 3 else None
+    ok, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
+    a, b = st.columns(2, gap="medium")
+    with a:
+        st.markdown(f"**Channel {channel}** at the layer's resolution")
+        st.caption("Click a cell to select that neuron (channel, y, x).")
+        W.plotly_click(
+            F.spatial_map(
+                result.attributions[channel],
+                channel=channel,
+                selected_cell=cell if neuron is not None and neuron[0] == channel else None,
+                zmax=zmax,
+            ),
+            "cond_channel_map",
+            W.on_click_neuron("cond_channel_map"),
+        )
+    with b:
+        st.markdown("**All channels summed**, upsampled over the image")
+        st.caption(f"Click a cell to select the neuron of channel {channel} at that position.")
+        if ok and pixels is not None and result.spatial is not None:
+            up = resize_map(result.spatial, F.overlay_size(pixels.shape[:2]))
+            W.plotly_click(
+                F.overlay_map(
+                    pixels,
+                    up,
+                    result.spatial.shape,
+                    channel=channel,
+                    selected_cell=cell,
+                    layer_values=result.spatial,
+                ),
+                "cond_overlay",
+                W.on_click_neuron("cond_overlay"),
+            )
+    if neuron is not None:
+        st.subheader("Selected neuron")
+        _neuron_preview(lm, result.layer, tuple(neuron))
+    else:
+        st.caption("Click a cell of a map above to select a neuron and see its input gradient.")
+
+
+views(lm, result)
+
+W.next_step(
+    W.PAGE_NEURON,
+    "Next: what in the image drives the selected neuron",
+    previous=(W.PAGE_LAYER, "Layer picker"),
+)

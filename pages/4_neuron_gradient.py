@@ -1,0 +1,262 @@
+"""Neuron gradient: which input pixels would change one neuron of the chosen layer, and how."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+import webapp
+from explainer.analysis import neighbours
+from explainer.models import LoadedModel
+from webapp import backend
+from webapp import figures as F
+from webapp import state as S
+from webapp import widgets as W
+
+ctx = webapp.setup()
+W.page_header(
+    "Neuron gradient",
+    "One neuron is one number in the layer's output: a channel at one position. Its gradient "
+    "with respect to the input shows which pixels would raise it (**red**) or lower it "
+    "(**blue**) if nudged, i.e. what the neuron is looking at; the bright region of the "
+    "|gradient| map is its effective receptive field. Step to a neighbouring neuron to see how "
+    "the view shifts.",
+)
+if not W.require_ready(ctx):
+    st.stop()
+lm, image, prep, layer = ctx.lm, ctx.image, ctx.prep, ctx.layer
+assert lm is not None and image is not None and prep is not None and layer is not None
+
+ok, _ = W.attempt("Checking the layer", backend.check_layer, lm, layer)
+if not ok:
+    st.page_link(W.PAGE_LAYER, label="Choose another layer", icon=":material/arrow_forward:")
+    st.stop()
+ok, act = W.attempt("Reading the layer's output", backend.activation, lm, image, prep, layer)
+if not ok or act is None:
+    st.stop()
+act = np.asarray(act)
+shape = tuple(int(s) for s in act.shape)
+
+
+def _fits(neuron: tuple[int, ...] | None) -> bool:
+    return (
+        neuron is not None
+        and len(neuron) == len(shape)
+        and all(0 <= int(i) < s for i, s in zip(neuron, shape, strict=True))
+    )
+
+
+def _default_neuron() -> tuple[int, ...]:
+    """The strongest neuron of the selected channel (or of the whole layer)."""
+    channel = st.session_state.get(S.CHANNEL)
+    if len(shape) >= 2:
+        if channel is None or not 0 <= int(channel) < shape[0]:
+            channel = int(np.argmax(act.reshape(shape[0], -1).max(axis=1)))
+        position = np.unravel_index(int(np.argmax(act[channel])), shape[1:])
+        return (int(channel), *(int(p) for p in position))
+    return (int(np.argmax(act)),)
+
+
+neuron = S.get(S.NEURON)
+if neuron is not None and not _fits(tuple(neuron)):
+    st.warning(
+        f"The selected neuron {tuple(neuron)} does not exist in layer {layer} (output "
+        f"{'×'.join(map(str, shape))}); showing the strongest neuron instead."
+    )
+    neuron = None
+if neuron is None:
+    S.select_neuron(_default_neuron())
+    if S.get(S.NEURON) is not None:
+        st.caption(
+            "No neuron selected yet: showing the most active one. Click a map cell here or on "
+            "the Layer conductance page to choose another."
+        )
+
+
+def _sync_inputs() -> None:
+    ss = st.session_state
+    values = [int(ss.get(f"_w_n{i}", 0)) for i in range(len(shape) if len(shape) <= 3 else 1)]
+    if len(shape) <= 3 and _fits(tuple(values)):
+        S.select_neuron(tuple(values))
+
+
+def _move(target: tuple[int, ...]) -> None:
+    S.select_neuron(target)
+
+
+def _neighbour_buttons(current: tuple[int, ...]) -> None:
+    """One-click steps to the neurons around the current one."""
+    if len(current) == 3:
+        c, y, x = current
+        moves = [
+            ("↑ up", (c, y - 1, x)),
+            ("↓ down", (c, y + 1, x)),
+            ("← left", (c, y, x - 1)),
+            ("→ right", (c, y, x + 1)),
+            ("channel −1", (c - 1, y, x)),
+            ("channel +1", (c + 1, y, x)),
+        ]
+    elif len(current) == 1:
+        (f,) = current
+        moves = [("← unit −1", (f - 1,)), ("unit +1 →", (f + 1,))]
+    else:
+        return
+    cols = st.columns(len(moves))
+    for col, (text, target) in zip(cols, moves, strict=True):
+        col.button(
+            text,
+            key=f"_w_move_{text}",
+            on_click=_move,
+            args=(target,),
+            disabled=not _fits(target),
+            width="stretch",
+        )
+
+
+@st.fragment
+def neuron_views(lm: LoadedModel) -> None:
+    """Everything about the selected neuron; a click reruns only this fragment."""
+    try:
+        _neuron_views(lm)
+    except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay as they were
+        W.show_error(exc, "Drawing the neuron views")
+
+
+def _neuron_views(lm: LoadedModel) -> None:
+    current = tuple(int(i) for i in S.get(S.NEURON))
+    spatial = len(shape) == 3
+
+    # --- choose the neuron by number
+    if len(shape) <= 3:
+        names = (
+            ["channel", "y", "x"]
+            if spatial
+            else (["unit"] if len(shape) == 1 else ["channel", "position"])
+        )
+        cols = st.columns([1] * len(names) + [3])
+        for i, name in enumerate(names):
+            W.bind(f"_w_n{i}", int(current[i]))
+            cols[i].number_input(
+                name,
+                min_value=0,
+                max_value=shape[i] - 1,
+                step=1,
+                key=f"_w_n{i}",
+                on_change=_sync_inputs,
+            )
+        with cols[-1]:
+            st.markdown(
+                f"Neuron **{current}** of layer `{layer}` · output {'×'.join(map(str, shape))}"
+            )
+
+    others = neighbours(current, shape, radius=1)
+    with st.spinner("Computing input gradients..."):
+        ok, results = W.attempt(
+            "Computing the input gradients",
+            backend.neuron_gradients,
+            lm,
+            image,
+            prep,
+            layer,
+            [current, *others],
+        )
+    if not ok or not results:
+        return
+    ok, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
+    if not ok or pixels is None:
+        return
+    main = results[0]
+    grad = np.asarray(main.gradient, dtype=np.float64)
+
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Activation", f"{main.activation:.4g}", help="The neuron's value for this image.")
+    m2.metric("Max |gradient|", f"{main.abs_max:.3g}")
+    with m3:
+        opacity = st.slider("Map opacity", 0.2, 1.0, 0.9, 0.05, key="_w_opacity")
+
+    if main.abs_max == 0.0:
+        st.info(
+            "This neuron's gradient is zero everywhere: for this image it does not respond to "
+            "small changes of any pixel (a ReLU that outputs 0, or a max-pool that passed on "
+            "another input). Pick a strongly coloured cell of the activation map.",
+            icon=":material/info:",
+        )
+    a, b, c = st.columns(3, gap="medium")
+    with a:
+        if spatial:
+            st.markdown(f"**Activation of channel {current[0]}**")
+            st.caption("Click a cell to select that neuron.")
+            W.plotly_click(
+                F.spatial_map(
+                    act[current[0]],
+                    channel=current[0],
+                    selected_cell=(current[1], current[2]),
+                    colorbar_title="activation",
+                    height=340,
+                ),
+                "ng_activation",
+                W.on_click_neuron("ng_activation"),
+            )
+        elif len(shape) == 1:
+            st.markdown("**Activation of every unit**")
+            st.caption("Click a bar to select that unit.")
+            W.plotly_click(
+                F.feature_strip(act, selected=current[0], yaxis_title="activation", height=340),
+                "ng_strip",
+                W.on_click_neuron("ng_strip"),
+            )
+        else:
+            st.markdown(f"Layer output {shape}: choose the neuron on the Layer conductance page.")
+    with b:
+        st.markdown("**Signed gradient** (summed over colour channels)")
+        W.plotly_static(
+            F.gradient_overlay(pixels, grad.sum(axis=0), signed=True, opacity=opacity, height=340),
+            key="ng_signed",
+        )
+    with c:
+        st.markdown("**|gradient|** (largest over colour channels)")
+        W.plotly_static(
+            F.gradient_overlay(
+                pixels, np.abs(grad).max(axis=0), signed=False, opacity=opacity, height=340
+            ),
+            key="ng_abs",
+        )
+
+    if st.toggle("Show each colour channel", key="_w_per_channel"):
+        W.plotly_static(F.gradient_channels(grad), key="ng_channels")
+        st.caption(
+            "Same colour scale for all three: a pixel that turns red in one channel and blue in "
+            "another means the neuron responds to a colour, not just to brightness."
+        )
+
+    st.subheader("Neighbouring neurons")
+    st.caption(
+        "The same channel one step up, down, left, right and diagonally, and the channels just "
+        "before and after at the same position. Thumbnails show |gradient|, each on its own "
+        "scale (black: a neuron that does not respond here). Click one, or use the buttons, "
+        "to move there."
+    )
+    _neighbour_buttons(current)
+    if others:
+        tiles = [np.abs(np.asarray(r.gradient)).max(axis=0) for r in results]
+        W.plotly_click(
+            F.neighbour_tiles(
+                tiles,
+                [current, *others],
+                [r.activation for r in results],
+                current=current,
+                ncols=6,
+            ),
+            "ng_neighbours",
+            W.on_click_neuron("ng_neighbours"),
+        )
+
+
+if S.get(S.NEURON) is not None:
+    neuron_views(lm)
+
+W.next_step(
+    W.PAGE_CONVERGENCE,
+    "Next: check that the conductance numbers can be trusted",
+    previous=(W.PAGE_CONDUCTANCE, "Layer conductance"),
+)

@@ -1,0 +1,236 @@
+"""Convergence: does the conductance add up, and how many integration steps does it take?"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+import webapp
+from webapp import backend
+from webapp import figures as F
+from webapp import state as S
+from webapp import widgets as W
+
+STEP_CHOICES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Sweeps cheaper than this (parameters x total steps) run without a click.
+AUTO_RUN_BUDGET = 2e9
+
+ctx = webapp.setup()
+W.page_header(
+    "Convergence",
+    "Conductance is an integral approximated with a finite number of steps. Completeness says "
+    "the conductance of a layer sums to F(image) − F(baseline); the **delta** is how far the "
+    "sum misses it. A delta that is small relative to the score difference means the maps can "
+    "be trusted; a large one means: use more steps or a better integration method.",
+)
+if not W.require_ready(ctx):
+    st.stop()
+lm, image, prep, layer = ctx.lm, ctx.image, ctx.prep, ctx.layer
+assert lm is not None and image is not None and prep is not None and layer is not None
+
+ok, _ = W.attempt("Checking the layer", backend.check_layer, lm, layer)
+if not ok:
+    st.page_link(W.PAGE_LAYER, label="Choose another layer", icon=":material/arrow_forward:")
+    st.stop()
+
+settings = W.settings_form(ctx, "conv")
+
+
+def _sync_tolerance() -> None:
+    st.session_state[S.TOLERANCE] = float(st.session_state["_w_tolerance"]) / 100.0
+
+
+W.bind("_w_tolerance", round(float(S.get(S.TOLERANCE)) * 100.0, 4))
+st.number_input(
+    "Tolerance: largest acceptable |delta|, in % of |F(image) − F(baseline)|",
+    min_value=0.001,
+    max_value=100.0,
+    step=0.5,
+    format="%.3f",
+    key="_w_tolerance",
+    on_change=_sync_tolerance,
+)
+tolerance = float(S.get(S.TOLERANCE))
+
+# --- per image ----------------------------------------------------------------------------------
+st.subheader("Per image")
+st.caption(
+    f"Layer `{layer}`, {S.METHOD_NAMES.get(settings.method, settings.method)} with "
+    f"{settings.n_steps} steps, baseline: {S.BASELINE_NAMES.get(settings.baseline)}. "
+    "Target: "
+    + (
+        "each image's predicted class."
+        if settings.target is None
+        else W.target_label(lm, settings.target) + "."
+    )
+)
+rows = []
+failures = 0
+for n, entry in enumerate(ctx.images, start=1):
+    with W.progress_bar(f"Image {n} of {len(ctx.images)}: integrating") as report:
+        ok, result = W.attempt(
+            f"Conductance for {entry.name}",
+            backend.conductance,
+            lm,
+            entry,
+            prep,
+            layer,
+            settings,
+            report,
+        )
+    if not ok or result is None:
+        failures += 1
+        continue
+    passed = result.relative_delta <= tolerance
+    rows.append(
+        {
+            "image": entry.name,
+            "target": W.target_label(lm, result.target),
+            "F(x) − F(baseline)": result.output_diff,
+            "sum of conductance": float(result.channel_totals.sum()),
+            "delta": result.delta,
+            "|delta| relative": result.relative_delta,
+            "status": "✓ pass" if passed else "⚠ warn",
+        }
+    )
+if rows:
+    table = pd.DataFrame(rows)
+    passes = int((table["status"] == "✓ pass").sum())
+    warns = len(rows) - passes
+    b1, b2, _ = st.columns([1, 1, 4])
+    with b1:
+        st.badge(f"{passes} pass", icon=":material/check:", color="green")
+    with b2:
+        st.badge(f"{warns} warn", icon=":material/warning:", color="orange" if warns else "gray")
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "F(x) − F(baseline)": st.column_config.NumberColumn(format="%.4g"),
+            "sum of conductance": st.column_config.NumberColumn(format="%.4g"),
+            "delta": st.column_config.NumberColumn(format="%.3e"),
+            "|delta| relative": st.column_config.NumberColumn(format="percent"),
+        },
+    )
+    if warns:
+        st.caption(
+            "For images marked warn, raise n_steps or switch to Gauss-Legendre; the sweep below "
+            "shows how many steps are needed."
+        )
+
+# --- sweep --------------------------------------------------------------------------------------
+st.subheader(f"How many steps are enough? ({image.name})")
+st.caption(
+    "The delta for each integration method as the number of steps grows (both axes "
+    "logarithmic). Where a line crosses the dashed tolerance, that many steps are enough for "
+    "this image and layer."
+)
+sweep_settings: S.SweepSettings = S.get(S.SWEEP)
+with st.form("sweep_form"):
+    c1, c2, c3 = st.columns([3, 3, 2])
+    methods = c1.multiselect(
+        "Methods",
+        list(S.METHODS),
+        default=[m for m in sweep_settings.methods if m in S.METHODS],
+        format_func=lambda m: S.METHOD_NAMES.get(m, m),
+    )
+    steps = c2.multiselect(
+        "n_steps",
+        list(STEP_CHOICES),
+        default=[s for s in sweep_settings.steps if s in STEP_CHOICES],
+    )
+    relative = c3.toggle("Relative |delta|", value=True)
+    run = st.form_submit_button("Run sweep", type="primary")
+if run:
+    st.session_state[S.SWEEP] = S.SweepSettings(
+        methods=tuple(methods), steps=tuple(sorted(int(s) for s in steps))
+    )
+sweep_settings = S.get(S.SWEEP)
+
+if not sweep_settings.methods or not sweep_settings.steps:
+    st.info("Pick at least one method and one number of steps, then run the sweep.")
+else:
+    cost = lm.num_params * sum(sweep_settings.steps) * len(sweep_settings.methods)
+    ok, points = W.attempt(
+        "Looking up the sweep",
+        backend.sweep_cached,
+        lm,
+        image,
+        prep,
+        layer,
+        settings,
+        sweep_settings.methods,
+        sweep_settings.steps,
+    )
+    if ok and points is None and (run or cost <= AUTO_RUN_BUDGET):
+        with W.progress_bar("Sweep", unit="runs") as report:
+            ok, points = W.attempt(
+                "Running the sweep",
+                backend.sweep,
+                lm,
+                image,
+                prep,
+                layer,
+                settings,
+                sweep_settings.methods,
+                sweep_settings.steps,
+                report,
+            )
+    if ok and points is None:
+        st.info("Press **Run sweep** to compute the delta for every method and step count.")
+    elif ok and points:
+        ok_diff, base = W.attempt(
+            "Computing conductance", backend.conductance, lm, image, prep, layer, settings
+        )
+        diff = abs(base.output_diff) if ok_diff and base is not None else None
+        data = [
+            (p.method, p.n_steps, p.relative_delta if relative else abs(p.delta)) for p in points
+        ]
+        line = tolerance if relative else (tolerance * diff if diff is not None else None)
+        W.plotly_static(
+            F.convergence_plot(
+                data, method_names=S.METHOD_NAMES, tolerance=line, relative=relative
+            ),
+            key="conv_plot",
+        )
+        verdicts = []
+        for method in sweep_settings.methods:
+            enough = [
+                p.n_steps for p in points if p.method == method and p.relative_delta <= tolerance
+            ]
+            name = S.METHOD_NAMES.get(method, method)
+            verdicts.append(
+                f"- **{name}**: {min(enough)} steps reach the tolerance."
+                if enough
+                else f"- **{name}**: not within tolerance up to {max(sweep_settings.steps)} steps."
+            )
+        st.markdown("\n".join(verdicts))
+        with st.expander("Sweep values"):
+            st.dataframe(
+                pd.DataFrame(
+                    {
+                        "method": [S.METHOD_NAMES.get(p.method, p.method) for p in points],
+                        "n_steps": [p.n_steps for p in points],
+                        "delta": [p.delta for p in points],
+                        "|delta| relative": [p.relative_delta for p in points],
+                    }
+                ),
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    "delta": st.column_config.NumberColumn(format="%.3e"),
+                    "|delta| relative": st.column_config.NumberColumn(format="percent"),
+                },
+            )
+
+st.divider()
+cols = st.columns(2)
+with cols[0]:
+    st.page_link(W.PAGE_NEURON, label="Neuron gradient", icon=":material/arrow_back:")
+with cols[1]:
+    st.page_link(
+        W.PAGE_MODEL,
+        label="Start again with another model or image",
+        icon=":material/restart_alt:",
+    )

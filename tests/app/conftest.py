@@ -1,0 +1,16 @@
+"""Fixtures for the AppTest suites (helpers live in ``apphelpers``)."""
+
+from __future__ import annotations
+
+import pytest
+from apphelpers import APP, TIMEOUT
+from streamlit.testing.v1 import AppTest
+
+
+@pytest.fixture
+def app() -> AppTest:
+    """The app after its first run (the Model & images page on the built-in model)."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at

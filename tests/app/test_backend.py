@@ -1,0 +1,123 @@
+"""The cached boundary: content keys, batching of neighbours, progress, shared models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from apphelpers import png_bytes
+
+from explainer import analysis
+from explainer.demo import sample_image_paths
+from webapp import backend
+from webapp.state import AttributionSettings, ImageEntry, LabelsOverride, ModelRef, PrepSpec
+
+
+@pytest.fixture(scope="module")
+def demo():
+    lm = backend.resolve_model(ModelRef())
+    prep = backend.preprocessing(PrepSpec(), lm)
+    path = sample_image_paths()[0]
+    image = ImageEntry.from_bytes(path.name, path.read_bytes(), source="sample")
+    return lm, prep, image
+
+
+def test_chunk_size_defaults_to_about_eight_chunks():
+    assert backend.chunk_size(AttributionSettings(n_steps=50)) == 7
+    assert backend.chunk_size(AttributionSettings(n_steps=3)) == 1
+    assert backend.chunk_size(AttributionSettings(n_steps=50, internal_batch_size=20)) == 20
+
+
+def test_conductance_reports_progress_and_is_computed_once(demo, monkeypatch):
+    lm, prep, image = demo
+    calls = []
+    real = analysis.compute_conductance
+    monkeypatch.setattr(
+        analysis, "compute_conductance", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    settings = AttributionSettings(n_steps=41, baseline="constant", constant=0.3)
+    seen: list[tuple[int, int]] = []
+    first = backend.conductance(
+        lm, image, prep, "block2", settings, lambda d, t: seen.append((d, t))
+    )
+    assert len(seen) >= 4 and seen[-1][0] == seen[-1][1]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # Same content under new objects: a cache hit, whatever the chunk size.
+    copy = ImageEntry.from_bytes("renamed.png", image.data)
+    again = backend.conductance(
+        lm, copy, prep, "block2", dataclasses.replace(settings, internal_batch_size=5)
+    )
+    assert again is first
+    assert len(calls) == 1
+
+
+def test_different_content_gets_a_different_result(demo):
+    lm, prep, image = demo
+    settings = AttributionSettings(n_steps=12)
+    other = ImageEntry.from_bytes("other.png", png_bytes())
+    a = backend.conductance(lm, image, prep, "block3", settings)
+    b = backend.conductance(lm, other, prep, "block3", settings)
+    assert a is not b
+    c = backend.conductance(lm, image, prep, "block3", dataclasses.replace(settings, target=1))
+    assert c.target == 1 and c is not a
+
+
+def test_neighbours_are_computed_in_one_batch_and_cached_one_by_one(demo, monkeypatch):
+    lm, prep, image = demo
+    batches = []
+    real = analysis.compute_neuron_gradients
+
+    def counting(model, layer, x, neurons):
+        batches.append(list(neurons))
+        return real(model, layer, x, neurons)
+
+    monkeypatch.setattr(analysis, "compute_neuron_gradients", counting)
+    first = backend.neuron_gradients(lm, image, prep, "block1", [(0, 1, 1), (0, 1, 2), (1, 1, 1)])
+    assert batches == [[(0, 1, 1), (0, 1, 2), (1, 1, 1)]]
+    second = backend.neuron_gradients(lm, image, prep, "block1", [(0, 1, 2), (2, 1, 1)])
+    assert batches[1] == [(2, 1, 1)]
+    assert second[0] is first[1]
+    assert [r.neuron for r in second] == [(0, 1, 2), (2, 1, 1)]
+
+
+def test_labels_override_shares_the_cached_module(demo):
+    lm, _, _ = demo
+    names = tuple(f"name{i}" for i in range(lm.num_classes))
+    renamed = backend.resolve_model(ModelRef(), LabelsOverride("names.txt", names))
+    assert renamed.model is lm.model
+    assert renamed.labels == list(names)
+    assert backend.model_key(renamed) == backend.model_key(lm)
+    # A labels file of the wrong length is ignored here (the page refuses it on upload).
+    assert backend.resolve_model(ModelRef(), LabelsOverride("x.txt", ("a",))).labels == lm.labels
+
+
+def test_model_key_depends_on_architecture(demo):
+    lm, _, _ = demo
+    other = dataclasses.replace(lm, arch="something_else")
+    assert backend.model_key(other) != backend.model_key(lm)
+
+
+def test_target_out_of_range_is_a_readable_error(demo):
+    lm, prep, image = demo
+    with pytest.raises(ValueError, match="out of range"):
+        backend.conductance(lm, image, prep, "block3", AttributionSettings(target=lm.num_classes))
+
+
+def test_the_model_is_left_as_it_was_found(demo):
+    lm, prep, image = demo
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    grads = [p.requires_grad for p in lm.model.parameters()]
+    backend.conductance(lm, image, prep, "block3", AttributionSettings(n_steps=9))
+    backend.neuron_gradients(lm, image, prep, "block3", [(0, 0, 0)])
+    assert not lm.model.training
+    assert [p.requires_grad for p in lm.model.parameters()] == grads
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_default_layer_has_a_spatial_map(demo):
+    lm, _, _ = demo
+    name = backend.default_layer(lm)
+    shape = backend.tree(lm).nodes[name].output_shapes[0]
+    assert len(shape) == 4 and shape[2] * shape[3] > 1

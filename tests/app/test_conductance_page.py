@@ -1,0 +1,203 @@
+"""Layer conductance page: settings, charts, selection, caching and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from apphelpers import (
+    PAGE_CONDUCTANCE,
+    PAGE_NEURON,
+    TIMEOUT,
+    error_text,
+    open_page,
+    plotly_specs,
+    values,
+    widget,
+)
+from streamlit.testing.v1 import AppTest
+
+from explainer import analysis
+from webapp.state import AttributionSettings, GridView
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_default_view_explains_the_predicted_class(app):
+    open_page(app, PAGE_CONDUCTANCE)
+    assert app.title[0].value == "Layer conductance"
+    assert not app.error
+    metrics = _metrics(app)
+    predicted = app.sidebar.caption[-1].value  # "Predicted: **label** (#i) · p"
+    label = predicted.split("**")[1]
+    assert metrics["Target"].startswith(label)
+    # Completeness: the sum of conductance is close to the score difference.
+    diff = float(metrics["F(image) − F(baseline)"])
+    total = float(metrics["Sum of conductance"])
+    assert total == pytest.approx(diff, rel=0.05, abs=1e-3)
+    specs = plotly_specs(app)
+    assert {"cond_bars", "cond_grid", "cond_channel_map", "cond_overlay"} <= set(specs)
+    # The first channel selected is the one with the largest |conductance| (first bar).
+    bars = specs["cond_bars"]["data"][0]
+    assert app.session_state["channel"] == bars["customdata"][0][0]
+    heights = np.abs(values(bars["y"]))
+    assert np.all(np.diff(heights) <= 1e-12)
+    links = {link.proto.page: link.proto.label for link in app.main.get("page_link")}
+    assert links["neuron_gradient"].startswith("Next")
+
+
+def test_grid_is_one_figure_with_one_shared_signed_scale(app):
+    open_page(app, PAGE_CONDUCTANCE)
+    grid = plotly_specs(app)["cond_grid"]
+    heat, click = grid["data"]
+    assert heat["type"] == "heatmap" and click["type"] == "scatter"
+    assert heat["zmid"] == 0 and heat["zmin"] == -heat["zmax"]
+    page_size = app.session_state["grid_view"].page_size
+    assert len(click["customdata"]) == page_size or len(click["customdata"]) < page_size
+
+
+def test_target_change_through_the_form(app):
+    open_page(app, PAGE_CONDUCTANCE)
+    widget(app, "selectbox", "cond_target").set_value(3)
+    app.button(key="FormSubmitter:cond_form-Compute").click()
+    app.run()
+    assert not app.exception
+    assert app.session_state["attr_settings"].target == 3
+    assert _metrics(app)["Target"].endswith("(#3)")
+    assert not app.error
+
+
+def test_target_out_of_range_shows_error_and_keeps_the_choice(app):
+    app.session_state["attr_settings"] = AttributionSettings(target=999)
+    open_page(app, PAGE_CONDUCTANCE)
+    message = error_text(app)
+    assert "999" in message and "out of range" in message
+    assert app.session_state["attr_settings"].target == 999
+    assert "Sum of conductance" not in _metrics(app)
+
+
+def test_settings_errors_are_shown_not_raised(app):
+    app.session_state["attr_settings"] = AttributionSettings(method="simpson")
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.exception
+    assert "simpson" in error_text(app)
+    assert app.session_state["attr_settings"].method == "simpson"
+
+
+def test_injected_neuron_is_shown_and_previewed(app):
+    app.session_state["layer"] = "block3"
+    app.session_state["neuron"] = (5, 3, 4)
+    app.session_state["channel"] = 5
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.error
+    info = " ".join(str(i.value) for i in app.info)
+    assert "neuron **(5, 3, 4)**" in info
+    specs = plotly_specs(app)
+    assert "cond_preview" in specs
+    # The selected cell is outlined on the channel map.
+    shapes = specs["cond_channel_map"]["layout"]["shapes"]
+    assert shapes
+    assert shapes[0]["x0"] == pytest.approx(3.5) and shapes[0]["y0"] == pytest.approx(2.5)
+
+
+def test_selection_and_revisits_never_recompute_conductance(app, monkeypatch):
+    calls = []
+    real = analysis.compute_conductance
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "compute_conductance", counting)
+    # Settings no other test uses, so the shared cache cannot already hold the result.
+    app.session_state["attr_settings"] = AttributionSettings(n_steps=23, baseline="zeros")
+    open_page(app, PAGE_CONDUCTANCE)
+    assert len(calls) == 1
+    # What a click on a map does: change the selection, then rerun.
+    app.session_state["neuron"] = (2, 1, 1)
+    app.session_state["channel"] = 2
+    app.run()
+    app.session_state["grid_view"] = GridView(rank="neg", page_size=16)
+    app.run()
+    open_page(app, PAGE_NEURON)
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.error
+    assert len(calls) == 1
+
+
+def test_channel_filter_and_ranking_drive_bars_and_tiles(app):
+    app.session_state["grid_view"] = GridView(rank="index", filter="4-9", top_k=3, page_size=16)
+    open_page(app, PAGE_CONDUCTANCE)
+    specs = plotly_specs(app)
+    tiles = [c[0] for c in specs["cond_grid"]["data"][1]["customdata"]]
+    assert tiles == [4, 5, 6, 7, 8, 9]
+    bars = [c[0] for c in specs["cond_bars"]["data"][0]["customdata"]]
+    assert bars == [4, 5, 6]
+
+
+def test_bad_channel_filter_warns_and_shows_all_channels(app):
+    app.session_state["grid_view"] = GridView(filter="abc", page_size=16)
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.exception
+    assert any("abc" in str(w.value) for w in app.warning)
+    tiles = plotly_specs(app)["cond_grid"]["data"][1]["customdata"]
+    assert len(tiles) == 16
+
+
+def test_linear_layer_gets_a_clickable_strip(app):
+    app.session_state["layer"] = "classifier"
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.error
+    specs = plotly_specs(app)
+    assert "cond_strip" in specs and "cond_grid" not in specs
+    strip = specs["cond_strip"]["data"][0]
+    assert strip["type"] == "bar"
+    assert [c[0] for c in strip["customdata"]] == sorted(c[0] for c in strip["customdata"])
+
+
+CLICK_SCRIPT = """
+import streamlit as st
+from webapp import widgets as W
+st.session_state.setdefault("channel", 7)
+st.session_state["chart"] = {"selection": {"points": st.session_state["points"]}}
+if st.session_state.get("mode") == "channel":
+    W.on_click_channel("chart")()
+else:
+    W.on_click_neuron("chart")()
+"""
+
+
+@pytest.mark.parametrize(
+    ("points", "expected_neuron"),
+    [
+        ([{"customdata": [3, 2, 5]}], (3, 2, 5)),
+        ([{"customdata": {"0": 3, "1": 2, "2": 5}}], (3, 2, 5)),  # typed-array form
+        ([{"customdata": [-1, 4, 0]}], (7, 4, 0)),  # a cell without channel: keep channel 7
+        ([{"customdata": [12]}], (12,)),  # a unit of a linear layer
+        ([], None),  # an empty selection (the figure was redrawn) changes nothing
+    ],
+)
+def test_click_callbacks_copy_the_clicked_point(points, expected_neuron):
+    at = AppTest.from_string(CLICK_SCRIPT, default_timeout=TIMEOUT)
+    at.session_state["points"] = points
+    at.run()
+    assert not at.exception
+    if expected_neuron is None:
+        assert at.session_state["channel"] == 7
+        assert "neuron" not in at.session_state
+    else:
+        assert at.session_state["neuron"] == expected_neuron
+        assert at.session_state["channel"] == expected_neuron[0]
+
+
+def test_channel_click_moves_the_neuron_to_that_channel():
+    at = AppTest.from_string(CLICK_SCRIPT, default_timeout=TIMEOUT)
+    at.session_state["points"] = [{"customdata": [3, 2, 5]}]
+    at.run()
+    at.session_state["points"] = [{"customdata": [9]}]
+    at.session_state["mode"] = "channel"
+    at.run()
+    assert not at.exception
+    assert at.session_state["channel"] == 9
+    assert at.session_state["neuron"] == (9, 2, 5)

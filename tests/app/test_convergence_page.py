@@ -1,0 +1,60 @@
+"""Convergence page: per-image deltas with pass/warn, and the n_steps sweep."""
+
+from __future__ import annotations
+
+import pytest
+from apphelpers import PAGE_CONVERGENCE, error_text, open_page, plotly_specs, widget
+
+from webapp.state import AttributionSettings, SweepSettings
+
+
+def test_every_image_gets_a_delta_and_a_status(app):
+    open_page(app, PAGE_CONVERGENCE)
+    assert app.title[0].value == "Convergence"
+    assert not app.error
+    table = app.dataframe[0].value
+    assert list(table["image"]) == [e.name for e in app.session_state["images"]]
+    assert set(table["status"]) <= {"✓ pass", "⚠ warn"}
+    for _, row in table.iterrows():
+        relative = abs(row["delta"]) / max(abs(row["F(x) − F(baseline)"]), 1e-8)
+        assert row["|delta| relative"] == pytest.approx(relative, rel=1e-3, abs=1e-6)
+        assert row["sum of conductance"] - row["F(x) − F(baseline)"] == pytest.approx(
+            row["delta"], abs=1e-4
+        )
+        expected = "✓ pass" if row["|delta| relative"] <= 0.05 else "⚠ warn"
+        assert row["status"] == expected
+
+
+def test_a_tiny_tolerance_turns_passes_into_warnings(app):
+    open_page(app, PAGE_CONVERGENCE)
+    widget(app, "number_input", "_w_tolerance").set_value(0.001)
+    app.run()
+    assert app.session_state["tolerance"] == pytest.approx(1e-5)
+    table = app.dataframe[0].value
+    worst = table["|delta| relative"].max()
+    assert worst > 1e-5  # a 50-step integral is not exact to 1e-5 on every image
+    assert "⚠ warn" in set(table["status"])
+
+
+def test_sweep_plots_delta_against_steps(app):
+    app.session_state["sweep_settings"] = SweepSettings(
+        methods=("gausslegendre", "riemann_left"), steps=(4, 16, 64)
+    )
+    open_page(app, PAGE_CONVERGENCE)
+    assert not app.error
+    plot = plotly_specs(app)["conv_plot"]
+    lines = [t for t in plot["data"] if t.get("mode") == "lines+markers"]
+    assert [t["name"] for t in lines] == ["Gauss-Legendre", "Riemann, left"]
+    assert all(list(t["x"]) == [4, 16, 64] for t in lines)
+    assert plot["layout"]["xaxis"]["type"] == "log"
+    verdicts = " ".join(str(m.value) for m in app.markdown)
+    assert "**Gauss-Legendre**" in verdicts and "**Riemann, left**" in verdicts
+
+
+def test_target_out_of_range_is_reported_per_image(app):
+    app.session_state["attr_settings"] = AttributionSettings(target=50)
+    open_page(app, PAGE_CONVERGENCE)
+    assert not app.exception
+    message = error_text(app)
+    assert "50" in message and "out of range" in message
+    assert app.session_state["attr_settings"].target == 50

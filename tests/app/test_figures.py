@@ -1,0 +1,136 @@
+"""The pure figure builders: clickable layers map back to the right indices, scales are shared."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from webapp import figures as F
+
+
+def _click_points(fig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scatter = next(t for t in fig.data if t.type == "scatter")
+    return np.asarray(scatter.x), np.asarray(scatter.y), np.asarray(scatter.customdata)
+
+
+def test_rank_channels_orders():
+    totals = np.array([0.5, -2.0, 1.0, 0.0])
+    assert F.rank_channels(totals, "abs") == [1, 2, 0, 3]
+    assert F.rank_channels(totals, "pos") == [2, 0, 3, 1]
+    assert F.rank_channels(totals, "neg") == [1, 3, 0, 2]
+    assert F.rank_channels(totals, "index") == [0, 1, 2, 3]
+    assert F.rank_channels(totals, "abs", only=[0, 3, 2]) == [2, 0, 3]
+
+
+def test_parse_channel_filter():
+    assert F.parse_channel_filter("", 10) is None
+    assert F.parse_channel_filter("3, 5-7, 3, 40", 10) == [3, 5, 6, 7]
+    assert F.parse_channel_filter("7-5", 10) == [5, 6, 7]
+    with pytest.raises(ValueError, match="not a channel"):
+        F.parse_channel_filter("a-b", 10)
+    with pytest.raises(ValueError, match="0 to 9"):
+        F.parse_channel_filter("50-60", 10)
+
+
+def test_symmetric_limit_never_zero():
+    assert F.symmetric_limit(np.zeros(4)) == 1.0
+    assert F.symmetric_limit(np.array([1e-9, -2e-9])) == 2e-9
+    assert F.symmetric_limit(np.array([np.nan, -3.0, 2.0])) == 3.0
+    assert F.symmetric_limit(np.array([np.nan])) == 1.0
+
+
+def test_channel_grid_tiles_hold_their_channel_and_values():
+    rng = np.random.default_rng(0)
+    attributions = rng.normal(size=(10, 5, 4))
+    channels = [7, 2, 9, 0]
+    fig = F.channel_grid(
+        attributions, channels, attributions.sum(axis=(1, 2)), zmax=3.0, selected=2, ncols=3
+    )
+    heat = fig.data[0]
+    assert heat.zmid == 0 and heat.zmin == -3.0 and heat.zmax == 3.0
+    xs, ys, custom = _click_points(fig)
+    assert custom[:, 0].tolist() == channels
+    mosaic = np.asarray(heat.z)
+    for x, y, (channel,) in zip(xs, ys, custom, strict=True):
+        # The click point sits at the centre of the tile showing that channel's map.
+        x0, y0 = int(round(x - 1.5)), int(round(y - 2.0))
+        np.testing.assert_allclose(
+            mosaic[y0 : y0 + 5, x0 : x0 + 4], attributions[channel], rtol=1e-6
+        )
+    assert len(fig.layout.shapes) == 1  # only the selected channel is outlined
+
+
+def test_channel_grid_pools_large_maps():
+    attributions = np.ones((2, 100, 60))
+    fig = F.channel_grid(attributions, [0, 1], np.ones(2), zmax=1.0)
+    mosaic = np.asarray(fig.data[0].z, dtype=float)
+    assert mosaic.shape[0] < 100 and np.nanmax(mosaic) == pytest.approx(1.0)
+
+
+def test_spatial_map_cells_report_channel_y_x():
+    values = np.arange(12, dtype=float).reshape(3, 4) - 5
+    fig = F.spatial_map(values, channel=6, selected_cell=(1, 2))
+    xs, ys, custom = _click_points(fig)
+    assert custom.shape == (12, 3)
+    for x, y, (c, cy, cx) in zip(xs, ys, custom, strict=True):
+        assert c == 6 and (cx, cy) == (x, y)
+    heat = fig.data[0]
+    assert heat.zmid == 0 and heat.zmax == pytest.approx(6.0)
+    box = fig.layout.shapes[0]
+    assert (box.x0, box.x1, box.y0, box.y1) == (1.5, 2.5, 0.5, 1.5)
+
+
+def test_overlay_cells_are_centred_on_their_image_blocks():
+    image = np.zeros((64, 32, 3), dtype=np.uint8)
+    fig = F.overlay_map(image, np.zeros((64, 32)), (4, 2), channel=None)
+    xs, ys, custom = _click_points(fig)
+    assert custom[0].tolist() == [-1, 0, 0]  # no channel: the page fills in the selected one
+    index = custom[:, 1].tolist().index(3)
+    assert ys[index] == pytest.approx(3.5 * 16 - 0.5)
+    assert xs[custom[:, 2].tolist().index(1)] == pytest.approx(1.5 * 16 - 0.5)
+
+
+def test_feature_strip_keeps_the_selected_unit_when_thinned():
+    values = np.linspace(-1, 1, 1000)
+    fig = F.feature_strip(values, selected=500, max_bars=50)
+    units = [c[0] for c in fig.data[0].customdata]
+    assert 500 in units and len(units) == 51
+    assert units == sorted(units)
+
+
+def test_channel_bars_follow_the_given_order_and_colour_by_sign():
+    totals = np.array([0.2, -0.4, 0.1])
+    fig = F.channel_bars([1, 0, 2], totals, selected=0)
+    bar = fig.data[0]
+    assert [c[0] for c in bar.customdata] == [1, 0, 2]
+    assert np.asarray(bar.y).tolist() == [-0.4, 0.2, 0.1]
+    assert bar.marker.color[0] == F.NEGATIVE_COLOUR and bar.marker.color[1] == F.POSITIVE_COLOUR
+    assert list(bar.marker.line.width) == [0, 3, 0]
+
+
+def test_overlay_scales_make_zero_transparent():
+    zero_signed = F.SIGNED_OVERLAY_SCALE[len(F.SIGNED_OVERLAY_SCALE) // 2][1]
+    assert zero_signed.endswith(",0.000)")
+    assert F.MAGNITUDE_OVERLAY_SCALE[0][1].endswith(",0.000)")
+    assert F.SIGNED_SCALE[0][1] != F.SIGNED_SCALE[-1][1]
+
+
+def test_convergence_plot_uses_log_axes_and_tolerance_line():
+    points = [("gausslegendre", 4, 0.1), ("gausslegendre", 16, 0.001), ("riemann_left", 4, 0.0)]
+    fig = F.convergence_plot(points, tolerance=0.05)
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert [t.name for t in fig.data] == ["gausslegendre", "riemann_left"]
+    assert min(fig.data[1].y) > 0  # an exact zero is drawn at a floor, not dropped by log axes
+    assert any(shape.y0 == 0.05 for shape in fig.layout.shapes)
+
+
+def test_overlay_map_of_any_resolution_covers_the_image():
+    image = np.zeros((224, 224, 3), dtype=np.uint8)
+    assert F.overlay_size((224, 224)) == (128, 128)
+    assert F.overlay_size((64, 48)) == (64, 48)
+    fig = F.overlay_map(image, np.ones((128, 128)), (7, 7), channel=0)
+    picture, heat = fig.data[0], fig.data[1]
+    assert picture.source.startswith("data:image/png;base64,")
+    left = heat.x0 - heat.dx / 2
+    right = heat.x0 + heat.dx * (128 - 0.5)
+    assert left == pytest.approx(-0.5) and right == pytest.approx(223.5)

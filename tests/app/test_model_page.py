@@ -1,0 +1,174 @@
+"""Model & images page: the built-in model and samples, uploads, and every intake error."""
+
+from __future__ import annotations
+
+from apphelpers import (
+    PAGE_CONDUCTANCE,
+    PAGE_LAYER,
+    PAGE_MODEL,
+    error_text,
+    open_page,
+    plotly_specs,
+    png_bytes,
+    resnet18_state_dict_bytes,
+    upload_model,
+    widget,
+)
+
+from explainer.demo import DEMO_LABELS, load_demo_model, sample_image_paths
+
+
+def test_opens_on_builtin_model_with_samples_and_predictions(app):
+    assert app.title[0].value == "Model & images"
+    assert not app.error
+    ref = app.session_state["model_ref"]
+    assert ref.kind == "builtin"
+    images = app.session_state["images"]
+    assert [e.name for e in images] == [p.name for p in sample_image_paths()]
+    assert app.session_state["active_image"] == images[0].digest
+    # One top-5 chart per image, with probabilities of real demo classes.
+    charts = [spec for key, spec in plotly_specs(app).items() if key.startswith("_top_")]
+    assert len(charts) == len(images)
+    bars = charts[0]["data"][0]
+    assert len(bars["y"]) == 5
+    assert all(label.split(" (#")[0] in DEMO_LABELS for label in bars["y"])
+    assert all(0.0 <= p <= 1.0 for p in bars["x"])
+    # The default layer is chosen once the model is loaded.
+    assert app.session_state["layer"]
+    sidebar_text = " ".join(str(m.value) for m in app.sidebar.markdown)
+    assert "Demo CNN" in sidebar_text
+
+
+def test_uploaded_image_is_added_and_becomes_active(app):
+    before = len(app.session_state["images"])
+    widget(app, "file_uploader", "_w_image_files").set_value(
+        [("my_square.png", png_bytes(), "image/png")]
+    )
+    app.run()
+    assert not app.exception
+    images = app.session_state["images"]
+    assert len(images) == before + 1
+    assert images[-1].name == "my_square.png"
+    assert app.session_state["active_image"] == images[-1].digest
+    assert not app.error
+    # The explanation pages now work on the upload.
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.error
+    assert app.session_state["active_image"] == images[-1].digest
+
+
+def test_unreadable_image_shows_error_and_keeps_images(app):
+    before = [e.digest for e in app.session_state["images"]]
+    widget(app, "file_uploader", "_w_image_files").set_value(
+        [("broken.png", b"this is not a png", "image/png")]
+    )
+    app.run()
+    assert not app.exception
+    assert "broken.png" in error_text(app)
+    assert [e.digest for e in app.session_state["images"]] == before
+
+
+def test_state_dict_upload_with_architecture_switches_model(app):
+    upload_model(app, resnet18_state_dict_bytes(), "resnet18_weights.pt", "resnet18")
+    assert not app.error, error_text(app)
+    ref = app.session_state["model_ref"]
+    assert ref.kind == "upload" and ref.arch == "resnet18"
+    assert "resnet18" in " ".join(str(m.value) for m in app.markdown)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Classes"] == "10"
+    assert metrics["Input (C×H×W)"] == "3×224×224"
+    # A new model starts on its own default layer.
+    assert app.session_state["layer"].startswith("layer")
+
+
+def test_labels_file_names_the_classes(app):
+    names = [f"thing{i}" for i in range(10)]
+    upload_model(
+        app,
+        resnet18_state_dict_bytes(),
+        "resnet18_weights.pt",
+        "resnet18",
+        labels="\n".join(names).encode(),
+    )
+    assert not app.error, error_text(app)
+    assert list(app.session_state["labels_override"].labels) == names
+    charts = [spec for key, spec in plotly_specs(app).items() if key.startswith("_top_")]
+    assert charts and all(label.startswith("thing") for label in charts[0]["data"][0]["y"])
+
+
+def test_labels_with_wrong_count_keep_previous_model(app):
+    upload_model(
+        app,
+        resnet18_state_dict_bytes(),
+        "resnet18_weights.pt",
+        "resnet18",
+        labels=b"only\ntwo\n",
+    )
+    assert error_text(app)
+    assert app.session_state["model_ref"].kind == "builtin"
+
+
+def test_bad_model_file_shows_error_and_keeps_previous_model(app):
+    layer = app.session_state["layer"]
+    upload_model(app, b"definitely not a model", "garbage.pt", "resnet18")
+    message = error_text(app)
+    assert "garbage.pt" in message
+    assert app.session_state["model_ref"].kind == "builtin"
+    assert app.session_state["layer"] == layer
+    # The rest of the app still runs on the built-in model.
+    open_page(app, PAGE_LAYER)
+    assert not app.error
+    assert app.session_state["model_ref"].kind == "builtin"
+
+
+def test_wrong_architecture_shows_error_and_keeps_previous_model(app):
+    upload_model(app, resnet18_state_dict_bytes(), "resnet18_weights.pt", "resnet34")
+    message = error_text(app)
+    assert message
+    assert "resnet34" in message
+    assert app.session_state["model_ref"].kind == "builtin"
+
+
+def test_switching_back_to_builtin_model(app):
+    upload_model(app, resnet18_state_dict_bytes(), "resnet18_weights.pt", "resnet18")
+    assert app.session_state["model_ref"].kind == "upload"
+    widget(app, "radio", "_w_model_source").set_value("builtin")
+    app.run()
+    assert not app.exception
+    assert app.session_state["model_ref"].kind == "builtin"
+    demo_modules = {name for name, _ in load_demo_model().model.named_modules()}
+    assert app.session_state["layer"] in demo_modules
+
+
+def test_preprocessing_preset_is_shared(app):
+    widget(app, "radio", "_w_prep_preset").set_value("none")
+    app.run()
+    assert not app.exception
+    assert app.session_state["prep"].preset == "none"
+    open_page(app, PAGE_CONDUCTANCE)
+    assert app.session_state["prep"].preset == "none"
+    assert not app.error
+
+
+def test_custom_mean_std_with_wrong_length_keeps_previous_preset(app):
+    widget(app, "radio", "_w_prep_preset").set_value("custom")
+    app.run()
+    widget(app, "text_input", "_w_prep_mean").set_value("0.5, 0.5")
+    widget(app, "text_input", "_w_prep_std").set_value("0.2, 0.2")
+    app.run()
+    next(b for b in app.button if b.label == "Apply mean / std").click()
+    app.run()
+    assert not app.exception
+    assert error_text(app)
+    assert app.session_state["prep"].preset == "model"
+
+
+def test_removed_image_leaves_the_list(app):
+    images = app.session_state["images"]
+    target = images[1]
+    next(b for b in app.button if b.key == f"_w_remove_{target.digest[:16]}").click()
+    app.run()
+    assert not app.exception
+    assert target.digest not in [e.digest for e in app.session_state["images"]]
+    open_page(app, PAGE_MODEL)
+    assert target.digest not in [e.digest for e in app.session_state["images"]]

@@ -1,0 +1,126 @@
+"""Real-browser fixtures: the app served by ``streamlit run``, Debian's Chromium via Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+START_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Debian's Chromium; missing is a failure in CI and a skip elsewhere."""
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)."
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+
+
+@pytest.fixture(scope="session")
+def app_url() -> Iterator[str]:
+    """Start ``streamlit run app.py`` on a free port, wait until it answers, stop it at the end."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = SCREENSHOTS / "streamlit-server.log"  # gitignored with the screenshots
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(url):
+            if process.poll() is not None:
+                pytest.fail(f"streamlit exited with code {process.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not answer within {START_TIMEOUT_S} s; see {log_path}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path: str):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture
+def page(browser, app_url: str):
+    """A fresh browser context (a new Streamlit session) with a wide, tall viewport.
+
+    Streamlit scrolls inside its own container, so a full-page screenshot shows only the
+    viewport: a tall one lets the screenshots show whole pages.
+    """
+    context = browser.new_context(viewport={"width": 1500, "height": 2400})
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)
+    try:
+        yield tab
+    finally:
+        context.close()

@@ -1,0 +1,428 @@
+"""The cached boundary between the pages and :mod:`explainer`.
+
+Pages ask this module for models, input tensors and results; it answers from process-wide caches
+keyed by content digests (the model's sha256 plus its architecture, the image bytes' sha256, the
+preprocessing, the layer and the settings), never by object identity. So a click that only changes
+what is drawn never recomputes anything, a page visited again is served from the cache, and two
+browser sessions looking at the same model and image share one copy of every result.
+
+- Models live in ``st.cache_resource`` (one shared, eval-mode copy per digest, never mutated: the
+  engine only adds thread-local hooks).
+- Results live in one bounded :class:`explainer.cache.ContentCache` (an LRU by entries and bytes)
+  held in ``st.cache_resource``. ``get_or_compute`` runs each computation once per key even when
+  sessions ask at the same time, and a failed computation leaves no entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+from explainer import analysis
+from explainer.baselines import make_baseline
+from explainer.cache import ContentCache, digest
+from explainer.demo import load_demo_model
+from explainer.errors import AttributionError
+from explainer.images import Preprocessing, deprocess, load_image, preprocess
+from explainer.models import LoadedModel, load_model
+from explainer.tree import ModuleTree, module_tree
+from webapp.state import AttributionSettings, ImageEntry, LabelsOverride, ModelRef, PrepSpec
+
+Progress = Callable[[int, int], None]
+
+RESULT_CACHE_BYTES = 768 * 1024 * 1024
+RESULT_CACHE_ENTRIES = 1024
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+# --- shared resources ---------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def result_cache() -> ContentCache:
+    """The process-wide, bounded cache of computed results."""
+    return ContentCache(max_bytes=RESULT_CACHE_BYTES, max_entries=RESULT_CACHE_ENTRIES)
+
+
+@st.cache_resource(show_spinner="Loading the built-in model...")
+def _builtin_model() -> LoadedModel:
+    return load_demo_model()
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+def _uploaded_model(
+    file_digest: str, filename: str, arch: str | None, num_classes: int | None, _data: bytes
+) -> LoadedModel:
+    # Keyed by the digest of the bytes (not the bytes themselves) plus the loader's options.
+    return load_model(_data, filename=filename, arch=arch, num_classes=num_classes)
+
+
+def resolve_model(ref: ModelRef, labels: LabelsOverride | None = None) -> LoadedModel:
+    """The model a :class:`ModelRef` names, with the user's labels applied.
+
+    Raises
+    ------
+    explainer.errors.ModelLoadError
+        When the file cannot be loaded with the chosen options.
+    """
+    if ref.kind == "upload":
+        lm = _uploaded_model(ref.digest, ref.filename, ref.arch, ref.num_classes, ref.data)
+    else:
+        lm = _builtin_model()
+    if labels is not None and len(labels.labels) == lm.num_classes:
+        # A shallow copy: the module is shared, only the names differ.
+        lm = dataclasses.replace(lm, labels=list(labels.labels))
+    return lm
+
+
+def model_key(lm: LoadedModel) -> str:
+    """Digest naming the computation a model performs (weights, architecture, output size)."""
+    return digest("model", lm.sha256, lm.arch, lm.num_classes, tuple(lm.input_size))
+
+
+def model_device(lm: LoadedModel) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in lm.model.parameters():
+        return tensor.device
+    for tensor in lm.model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+# --- preprocessing and inputs -------------------------------------------------------------------
+def preprocessing(spec: PrepSpec, lm: LoadedModel) -> Preprocessing:
+    """Turn the user's preset into a :class:`~explainer.images.Preprocessing` for this model."""
+    channels, height, width = lm.input_size
+    size = (height, width)
+    if spec.preset == "imagenet":
+        return Preprocessing.imagenet(size)
+    if spec.preset == "none":
+        return Preprocessing.none(size)
+    if spec.preset == "custom":
+        return Preprocessing.custom(spec.mean, spec.std, size, None)
+    return Preprocessing.for_model(lm.input_size, lm.mean, lm.std)
+
+
+def prep_key(prep: Preprocessing) -> str:
+    """Digest of every preprocessing field (a frozen dataclass)."""
+    return digest("prep", repr(dataclasses.astuple(prep)))
+
+
+def input_tensor(image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
+    """The image as a ``(1, C, H, W)`` float32 CPU tensor, ready for the model.
+
+    Raises
+    ------
+    explainer.errors.ImageLoadError
+        When the bytes are not a readable image.
+    """
+    key = digest("input", image.digest, prep_key(prep))
+    return result_cache().get_or_compute(
+        key, lambda: preprocess(load_image(image.data, max_pixels=MAX_IMAGE_PIXELS), prep)
+    )
+
+
+def model_input(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
+    """:func:`input_tensor` on the model's device."""
+    return input_tensor(image, prep).to(model_device(lm))
+
+
+def display_image(image: ImageEntry, prep: Preprocessing) -> np.ndarray:
+    """What the model sees, as an ``(H, W, 3)`` uint8 array (the preprocessed input, undone)."""
+    key = digest("display", image.digest, prep_key(prep))
+    return result_cache().get_or_compute(key, lambda: deprocess(input_tensor(image, prep), prep))
+
+
+def validate_image(data: bytes) -> None:
+    """Raise :class:`~explainer.errors.ImageLoadError` when ``data`` is not a readable image."""
+    load_image(data, max_pixels=MAX_IMAGE_PIXELS)
+
+
+# --- predictions and structure ------------------------------------------------------------------
+def predictions(
+    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, k: int = 5
+) -> list[tuple[str, int, float]]:
+    """Top-``k`` ``(label, index, probability)`` for one image."""
+    key = digest("top", model_key(lm), image.digest, prep_key(prep), k, tuple(lm.labels))
+
+    def compute() -> list[tuple[str, int, float]]:
+        x = model_input(lm, image, prep)
+        return analysis.top_predictions(lm.model, x, list(lm.labels), k=k)[0]
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def predicted_class(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> int:
+    """Index of the most probable class for one image."""
+    return int(predictions(lm, image, prep, k=1)[0][1])
+
+
+def tree(lm: LoadedModel) -> ModuleTree:
+    """The model's module tree, discovered with one forward pass of a zero input."""
+    key = digest("tree", model_key(lm))
+
+    def compute() -> ModuleTree:
+        example = torch.zeros((1, *lm.input_size), device=model_device(lm))
+        return module_tree(lm.model, example)
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def default_layer(lm: LoadedModel) -> str | None:
+    """The layer the app opens on: the deepest suggested layer that still has a spatial map.
+
+    Falls back to the last suggested layer, then to the last usable one.
+    """
+    t = tree(lm)
+    spatial = [
+        name
+        for name in t.suggested
+        if len(t.nodes[name].output_shapes) == 1
+        and len(t.nodes[name].output_shapes[0]) == 4
+        and t.nodes[name].output_shapes[0][2] * t.nodes[name].output_shapes[0][3] > 1
+    ]
+    if spatial:
+        return spatial[-1]
+    if t.suggested:
+        return t.suggested[-1]
+    usable = t.usable_names()
+    return usable[-1] if usable else None
+
+
+def check_layer(lm: LoadedModel, name: str) -> None:
+    """Raise :class:`~explainer.errors.AttributionError` if ``name`` is unknown or unusable."""
+    t = tree(lm)
+    node = t.nodes.get(name)
+    if node is None:
+        close = [n for n in t.usable_names() if name.lower() in n.lower()][:5]
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise AttributionError(
+            f"The model has no layer named {name!r}.{hint} Pick one on the Layer picker page."
+        )
+    if not node.usable:
+        raise AttributionError(
+            f"Layer {name!r} ({node.type}) cannot be explained: {node.reason} "
+            "Pick another layer; suggested layers are marked with a star."
+        )
+
+
+# --- attributions -------------------------------------------------------------------------------
+def resolve_target(
+    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, settings: AttributionSettings
+) -> int:
+    """The class to explain: the user's choice, or the predicted class when none was made."""
+    if settings.target is None:
+        return predicted_class(lm, image, prep)
+    return int(settings.target)
+
+
+PROGRESS_CHUNKS = 8
+
+
+def chunk_size(settings: AttributionSettings) -> int:
+    """Path points per forward pass: the user's choice, else the path in about 8 chunks.
+
+    Chunks bound memory and let the engine report progress as each one finishes; the result
+    is the same for any chunk size.
+    """
+    if settings.internal_batch_size:
+        return int(settings.internal_batch_size)
+    steps = max(1, int(settings.n_steps))
+    return max(1, -(-steps // PROGRESS_CHUNKS))
+
+
+def _baseline_parts(settings: AttributionSettings) -> tuple[Any, ...]:
+    """The settings that change the baseline tensor (and nothing else)."""
+    if settings.baseline == "constant":
+        return ("constant", round(float(settings.constant), 6))
+    if settings.baseline == "blur":
+        return ("blur", round(float(settings.blur_sigma), 6))
+    if settings.baseline == "noise":
+        return ("noise", int(settings.noise_seed))
+    return (settings.baseline,)
+
+
+def baseline_tensor(
+    x: torch.Tensor, prep: Preprocessing, settings: AttributionSettings
+) -> torch.Tensor:
+    """The baseline for ``x`` that ``settings`` describe."""
+    return make_baseline(
+        settings.baseline,
+        x,
+        prep,
+        value=float(settings.constant),
+        seed=int(settings.noise_seed),
+        blur_sigma=float(settings.blur_sigma),
+    )
+
+
+def _conductance_key(
+    lm: LoadedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    target: int,
+    settings: AttributionSettings,
+    method: str,
+    n_steps: int,
+) -> str:
+    # internal_batch_size only trades memory for speed: it is not part of the key.
+    return digest(
+        "conductance",
+        model_key(lm),
+        image.digest,
+        prep_key(prep),
+        layer,
+        int(target),
+        _baseline_parts(settings),
+        method,
+        int(n_steps),
+    )
+
+
+def conductance(
+    lm: LoadedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+    progress: Progress | None = None,
+) -> analysis.ConductanceResult:
+    """Layer conductance of ``layer`` for one image (computed once per content key).
+
+    Raises
+    ------
+    explainer.errors.ExplainerError
+        For an unusable layer, a target out of range, bad settings or an unreadable image.
+    """
+    target = resolve_target(lm, image, prep, settings)
+    if not 0 <= target < lm.num_classes:
+        raise AttributionError(
+            f"Target class {target} is out of range: this model has {lm.num_classes} classes "
+            f"(0 to {lm.num_classes - 1}). Choose a class from the list."
+        )
+    key = _conductance_key(
+        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
+    )
+
+    def compute() -> analysis.ConductanceResult:
+        x = model_input(lm, image, prep)
+        base = baseline_tensor(x, prep, settings)
+        return analysis.compute_conductance(
+            lm.model,
+            layer,
+            x,
+            target,
+            base,
+            method=settings.method,
+            n_steps=settings.n_steps,
+            internal_batch_size=chunk_size(settings),
+            progress=progress,
+        )
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def neuron_gradients(
+    lm: LoadedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    neurons: list[tuple[int, ...]],
+) -> list[analysis.NeuronGradientResult]:
+    """Input gradients of several neurons; the ones not cached yet come from ONE batched call.
+
+    Each neuron is cached on its own, so a neighbour shown as a thumbnail opens instantly.
+    """
+    cache = result_cache()
+    base_parts = (model_key(lm), image.digest, prep_key(prep), layer)
+    keys = [digest("ngrad", *base_parts, tuple(int(i) for i in n)) for n in neurons]
+    found: dict[int, analysis.NeuronGradientResult] = {}
+    missing: list[int] = []
+    for i, key in enumerate(keys):
+        hit = cache.get(key)
+        if hit is None:
+            missing.append(i)
+        else:
+            found[i] = hit
+    if missing:
+        x = model_input(lm, image, prep)
+        computed = analysis.compute_neuron_gradients(
+            lm.model, layer, x, [tuple(neurons[i]) for i in missing]
+        )
+        for i, result in zip(missing, computed, strict=True):
+            cache.put(keys[i], result)
+            found[i] = result
+    return [found[i] for i in range(len(neurons))]
+
+
+def activation(lm: LoadedModel, image: ImageEntry, prep: Preprocessing, layer: str) -> np.ndarray:
+    """The layer's output for one image (batch dimension dropped)."""
+    key = digest("activation", model_key(lm), image.digest, prep_key(prep), layer)
+    return result_cache().get_or_compute(
+        key, lambda: analysis.layer_activation(lm.model, layer, model_input(lm, image, prep))
+    )
+
+
+def _sweep_key(
+    lm: LoadedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    target: int,
+    settings: AttributionSettings,
+    methods: tuple[str, ...],
+    steps: tuple[int, ...],
+) -> str:
+    return digest(
+        "sweep",
+        model_key(lm),
+        image.digest,
+        prep_key(prep),
+        layer,
+        int(target),
+        _baseline_parts(settings),
+        tuple(methods),
+        tuple(int(s) for s in steps),
+    )
+
+
+def sweep(
+    lm: LoadedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+    methods: tuple[str, ...],
+    steps: tuple[int, ...],
+    progress: Progress | None = None,
+) -> list[analysis.ConvergencePoint]:
+    """Convergence delta for each method and step count."""
+    target = resolve_target(lm, image, prep, settings)
+    key = _sweep_key(lm, image, prep, layer, target, settings, methods, steps)
+
+    def compute() -> list[analysis.ConvergencePoint]:
+        x = model_input(lm, image, prep)
+        base = baseline_tensor(x, prep, settings)
+        return analysis.convergence_sweep(
+            lm.model, layer, x, target, base, list(methods), list(steps), progress=progress
+        )
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def sweep_cached(
+    lm: LoadedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+    methods: tuple[str, ...],
+    steps: tuple[int, ...],
+) -> list[analysis.ConvergencePoint] | None:
+    """The sweep if it was computed already, else ``None`` (never computes)."""
+    target = resolve_target(lm, image, prep, settings)
+    return result_cache().get(_sweep_key(lm, image, prep, layer, target, settings, methods, steps))

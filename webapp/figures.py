@@ -1,0 +1,814 @@
+"""Plotly figure builders: pure functions from numpy arrays to figures (no Streamlit, no torch).
+
+Conventions shared by every figure, so a reader learns them once:
+
+- Signed maps use the diverging ``RdBu`` scale reversed, centred at zero: red pushes the output up,
+  blue pushes it down, white is neutral. Magnitudes use a sequential scale (``Inferno``).
+- Maps laid over an image use the same scales with zero made transparent, over a muted grey copy
+  of the image, so only what matters is coloured.
+- Image-like maps keep row 0 at the top and square pixels.
+- Heatmaps are made clickable by laying transparent square markers over them (a plain heatmap
+  reports no point when clicked). Each marker's ``customdata`` holds the indices a click selects.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import plotly.colors as pc
+import plotly.graph_objects as go
+from PIL import Image
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    if colour.startswith("#"):
+        return pc.hex_to_rgb(colour)
+    r, g, b = pc.unlabel_rgb(colour)
+    return int(r), int(g), int(b)
+
+
+def _scale(colours: Sequence[str], alpha: Callable[[float], float] | None = None) -> list:
+    """An explicit plotly colour scale (evenly spaced stops), optionally with an alpha ramp.
+
+    Explicit lists keep the scales exactly as chosen whatever theme draws the chart.
+    """
+    n = len(colours)
+    stops = []
+    for i, colour in enumerate(colours):
+        t = i / (n - 1)
+        r, g, b = _rgb(colour)
+        a = 1.0 if alpha is None else max(0.0, min(1.0, alpha(t)))
+        stops.append([t, f"rgba({r},{g},{b},{a:.3f})"])
+    return stops
+
+
+SIGNED_SCALE = _scale(pc.diverging.RdBu[::-1])
+"""Diverging, centred at 0: blue negative, white zero, red positive."""
+MAGNITUDE_SCALE = _scale(pc.sequential.Inferno)
+"""Sequential for magnitudes: black (zero) to yellow (largest)."""
+SIGNED_OVERLAY_SCALE = _scale(pc.diverging.RdBu[::-1], alpha=lambda t: abs(2 * t - 1) * 1.6)
+"""The signed scale with zero transparent, for maps laid over an image."""
+MAGNITUDE_OVERLAY_SCALE = _scale(pc.sequential.YlOrRd, alpha=lambda t: t * 1.8)
+"""Yellow to red with zero transparent, for magnitudes laid over an image."""
+POSITIVE_COLOUR = "#c0392b"
+NEGATIVE_COLOUR = "#2e6da4"
+SELECTED_COLOUR = "#111111"
+ACCENT_COLOUR = "#f5b700"
+METHOD_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e")
+TILE_MAX = 24
+"""Grid tiles larger than this (per side) are average-pooled for the overview."""
+OVERLAY_MAX = 128
+"""Smooth overlays are drawn at most this many cells per side (they are upsampled anyway)."""
+
+_CONFIG_AXIS = dict(showgrid=False, zeroline=False, showticklabels=False, ticks="")
+
+
+def symmetric_limit(values: np.ndarray | Sequence[float]) -> float:
+    """Largest absolute finite value; 1.0 for an all-zero map (a scale needs a non-zero width)."""
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+    return peak if peak > 0.0 else 1.0
+
+
+def _base_layout(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
+    fig.update_layout(
+        height=height,
+        margin=dict(l=8, r=8, t=36 if title else 8, b=8),
+        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None,
+        dragmode=False,
+        hovermode="closest",
+        hoverdistance=-1,
+        clickmode="event+select",
+        plot_bgcolor="rgba(0,0,0,0)",
+        paper_bgcolor="rgba(0,0,0,0)",
+        showlegend=False,
+    )
+    return fig
+
+
+def _image_axes(fig: go.Figure, width: float, height: float) -> None:
+    """Pin the axes to the image extent, row 0 on top, square pixels."""
+    fig.update_xaxes(range=[-0.5, width - 0.5], constrain="domain", **_CONFIG_AXIS)
+    fig.update_yaxes(
+        range=[height - 0.5, -0.5],
+        scaleanchor="x",
+        scaleratio=1,
+        constrain="domain",
+        **_CONFIG_AXIS,
+    )
+
+
+def _click_layer(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    customdata: np.ndarray,
+    text: Sequence[str],
+    marker_px: float,
+    template: str = "%{text}<br>click to select<extra></extra>",
+) -> go.Scatter:
+    """Invisible square markers that turn clicks on a heatmap into selectable points.
+
+    ``text`` is one short string per point, shown through ``template`` (which may also use
+    ``%{customdata[i]}``): short texts keep figures of large layers small.
+    """
+    return go.Scatter(
+        x=np.asarray(xs, dtype=float),
+        y=np.asarray(ys, dtype=float),
+        mode="markers",
+        marker=dict(
+            symbol="square",
+            size=max(4.0, float(marker_px)),
+            color="rgba(0,0,0,0)",
+            line=dict(width=0),
+        ),
+        customdata=np.asarray(customdata).tolist(),
+        text=list(text),
+        hovertemplate=template,
+        selected=dict(marker=dict(opacity=1.0)),
+        unselected=dict(marker=dict(opacity=1.0)),
+        showlegend=False,
+    )
+
+
+def _cell_box(x: float, y: float, half_w: float = 0.5, half_h: float = 0.5) -> dict:
+    return dict(
+        type="rect",
+        x0=x - half_w,
+        x1=x + half_w,
+        y0=y - half_h,
+        y1=y + half_h,
+        line=dict(color=ACCENT_COLOUR, width=3),
+        fillcolor="rgba(0,0,0,0)",
+        layer="above",
+    )
+
+
+def muted_grey(image: np.ndarray) -> np.ndarray:
+    """A light grey copy of an ``(H, W, 3)`` or ``(H, W)`` uint8 image, for maps drawn on top.
+
+    Colour would mix with the red/blue of a signed map and make it unreadable; a compressed grey
+    keeps the picture recognisable without competing with the map.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    grey = img.mean(axis=2) if img.ndim == 3 else img
+    grey = np.clip(0.55 * grey + 100.0, 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def image_trace(image: np.ndarray) -> go.Image:
+    """An ``(H, W, 3)`` uint8 image as a PNG data URI: a fraction of the size of raw pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return go.Image(source=uri, x0=0, y0=0, dx=1, dy=1, hoverinfo="skip")
+
+
+def overlay_size(image_hw: tuple[int, int], cap: int = OVERLAY_MAX) -> tuple[int, int]:
+    """Resolution for a smooth map laid over an image: the image's, at most ``cap`` per side."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    scale = min(1.0, cap / max(h, w, 1))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _stretched(z: np.ndarray, image_hw: tuple[int, int]) -> dict:
+    """Heatmap placement so that a map of any resolution covers the whole image."""
+    h, w = z.shape
+    dy, dx = image_hw[0] / h, image_hw[1] / w
+    return dict(x0=-0.5 + dx / 2, dx=dx, y0=-0.5 + dy / 2, dy=dy)
+
+
+def _signed_colorbar(title: str) -> dict:
+    return dict(title=dict(text=title, side="right"), thickness=12, len=0.9)
+
+
+# --- predictions --------------------------------------------------------------------------------
+def prediction_bars(preds: Sequence[tuple[str, int, float]], height: int = 170) -> go.Figure:
+    """Horizontal bars of the top predictions, most probable on top."""
+    labels = [f"{name} (#{index})" for name, index, _ in preds][::-1]
+    probs = [float(p) for _, _, p in preds][::-1]
+    fig = go.Figure(
+        go.Bar(
+            x=probs,
+            y=labels,
+            orientation="h",
+            marker_color=["#9aa5b1"] * (len(probs) - 1) + [POSITIVE_COLOUR] if probs else [],
+            text=[f"{p:.1%}" for p in probs],
+            textposition="auto",
+            hovertemplate="%{y}: %{x:.2%}<extra></extra>",
+        )
+    )
+    _base_layout(fig, height)
+    fig.update_layout(hovermode="y", hoverdistance=20, clickmode="none")
+    fig.update_xaxes(range=[0, 1], tickformat=".0%", showgrid=True)
+    return fig
+
+
+# --- conductance --------------------------------------------------------------------------------
+def channel_bars(
+    channels: Sequence[int],
+    totals: np.ndarray,
+    selected: int | None = None,
+    height: int = 320,
+    title: str | None = None,
+) -> go.Figure:
+    """Sorted bar chart of per-channel conductance; clicking a bar selects its channel.
+
+    Parameters
+    ----------
+    channels : sequence of int
+        Channel indices in display order (already ranked).
+    totals : numpy.ndarray
+        Total conductance of EVERY channel (indexed by channel).
+    selected : int, optional
+        The selected channel, drawn with a dark outline.
+    """
+    channels = [int(c) for c in channels]
+    values = np.asarray(totals, dtype=np.float64)[channels] if channels else np.zeros(0)
+    colours = [POSITIVE_COLOUR if v >= 0 else NEGATIVE_COLOUR for v in values]
+    outline = [3 if c == selected else 0 for c in channels]
+    fig = go.Figure(
+        go.Bar(
+            x=[f"#{c}" for c in channels],
+            y=values,
+            marker=dict(color=colours, line=dict(color=SELECTED_COLOUR, width=outline)),
+            customdata=[[c] for c in channels] if channels else None,
+            hovertemplate="channel %{customdata[0]}<br>conductance %{y:.4g}<extra></extra>",
+            selected=dict(marker=dict(opacity=1.0)),
+            unselected=dict(marker=dict(opacity=1.0)),
+        )
+    )
+    _base_layout(fig, height, title)
+    fig.update_layout(hoverdistance=20)
+    fig.update_xaxes(
+        type="category", tickangle=-90 if len(channels) > 10 else 0, tickfont=dict(size=10)
+    )
+    fig.update_yaxes(title="conductance", zeroline=True, zerolinecolor="#888", showgrid=True)
+    return fig
+
+
+def _pool_tile(tile: np.ndarray, max_side: int = TILE_MAX) -> np.ndarray:
+    """Average-pool a 2-D map so that neither side exceeds ``max_side`` (overview only)."""
+    h, w = tile.shape
+    fy, fx = math.ceil(h / max_side), math.ceil(w / max_side)
+    if fy == 1 and fx == 1:
+        return tile
+    hh, ww = math.ceil(h / fy) * fy, math.ceil(w / fx) * fx
+    padded = np.full((hh, ww), np.nan)
+    padded[:h, :w] = tile
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(padded.reshape(hh // fy, fy, ww // fx, fx), axis=(1, 3))
+
+
+def channel_grid(
+    attributions: np.ndarray,
+    channels: Sequence[int],
+    totals: np.ndarray,
+    *,
+    zmax: float,
+    selected: int | None = None,
+    ncols: int = 6,
+    plot_width: int = 560,
+) -> go.Figure:
+    """ONE tiled heatmap of the channels' conductance maps, all on the same colour scale.
+
+    Clicking a tile selects its channel (``customdata = [channel]``).
+
+    Parameters
+    ----------
+    attributions : numpy.ndarray
+        ``(C, H, W)`` conductance of the layer.
+    channels : sequence of int
+        The channels to draw, in order (one page of the ranked list).
+    totals : numpy.ndarray
+        ``(C,)`` total conductance per channel (shown on hover).
+    zmax : float
+        Half-width of the shared colour scale (the layer's largest absolute value).
+    selected : int, optional
+        Channel to outline.
+    ncols : int
+        Tiles per row.
+    plot_width : int
+        Expected width of the plotting area in pixels, used to size the figure.
+    """
+    channels = [int(c) for c in channels]
+    n = len(channels)
+    ncols = max(1, min(ncols, n)) if n else 1
+    nrows = max(1, math.ceil(n / ncols))
+    tiles = [_pool_tile(np.asarray(attributions[c], dtype=np.float64)) for c in channels]
+    th, tw = tiles[0].shape if tiles else (1, 1)
+    gap_x = max(1, round(tw * 0.12))
+    label_h = max(1.0, th * 0.28)
+    row_h = th + label_h
+    col_w = tw + gap_x
+    mosaic = np.full((max(1, round(nrows * row_h)) + 1, ncols * col_w), np.nan)
+    xs, ys, hover, annotations, shapes = [], [], [], [], []
+    for k, (channel, tile) in enumerate(zip(channels, tiles, strict=True)):
+        r, c = divmod(k, ncols)
+        y0 = round(r * row_h + label_h)
+        x0 = c * col_w
+        mosaic[y0 : y0 + th, x0 : x0 + tw] = tile
+        xs.append(x0 + (tw - 1) / 2)
+        ys.append(y0 + (th - 1) / 2)
+        hover.append(f"channel {channel}<br>total {float(totals[channel]):.4g}")
+        annotations.append(
+            dict(
+                x=x0 - 0.5,
+                y=y0 - 0.5,
+                text=f"#{channel}",
+                showarrow=False,
+                xanchor="left",
+                yanchor="bottom",
+                font=dict(size=11, color=SELECTED_COLOUR if channel == selected else "#555"),
+            )
+        )
+        if channel == selected:
+            shapes.append(
+                dict(
+                    type="rect",
+                    x0=x0 - 0.5,
+                    x1=x0 + tw - 0.5,
+                    y0=y0 - 0.5,
+                    y1=y0 + th - 0.5,
+                    line=dict(color=ACCENT_COLOUR, width=3),
+                    layer="above",
+                )
+            )
+    # Height that keeps tiles square at the expected on-screen width (the axes keep the aspect
+    # ratio; a good guess only avoids blank bands above and below).
+    mosaic_h, mosaic_w = mosaic.shape
+    height = int(plot_width * mosaic_h / mosaic_w) + 16
+    fig = go.Figure(
+        go.Heatmap(
+            z=mosaic.astype(np.float32),
+            colorscale=SIGNED_SCALE,
+            zmid=0.0,
+            zmin=-zmax,
+            zmax=zmax,
+            hoverinfo="skip",
+            colorbar=_signed_colorbar("conductance"),
+        )
+    )
+    marker_px = 0.9 * plot_width / ncols
+    fig.add_trace(
+        _click_layer(
+            np.array(xs), np.array(ys), np.array(channels).reshape(-1, 1), hover, marker_px
+        )
+    )
+    _base_layout(fig, height)
+    fig.update_layout(annotations=annotations, shapes=shapes)
+    _image_axes(fig, mosaic.shape[1], mosaic.shape[0])
+    return fig
+
+
+def spatial_map(
+    map2d: np.ndarray,
+    *,
+    channel: int | None,
+    selected_cell: tuple[int, int] | None = None,
+    title: str | None = None,
+    colorbar_title: str = "conductance",
+    height: int = 360,
+    signed: bool = True,
+    zmax: float | None = None,
+) -> go.Figure:
+    """A layer-resolution heatmap whose cells are clickable (``customdata = [channel, y, x]``).
+
+    Parameters
+    ----------
+    map2d : numpy.ndarray
+        ``(H, W)`` values.
+    channel : int or None
+        Channel the cells belong to (``-1`` is stored when ``None``).
+    selected_cell : (y, x), optional
+        Cell to outline.
+    signed : bool
+        Diverging scale centred at 0 (True) or a sequential magnitude scale.
+    zmax : float, optional
+        Half-width of the colour scale; defaults to the map's largest absolute value.
+    """
+    arr = np.asarray(map2d, dtype=np.float64)
+    h, w = arr.shape
+    limit = zmax if zmax is not None else symmetric_limit(arr)
+    heat = go.Heatmap(
+        z=arr,
+        colorscale=SIGNED_SCALE if signed else MAGNITUDE_SCALE,
+        zmid=0.0 if signed else None,
+        zmin=-limit if signed else 0.0,
+        zmax=limit,
+        hoverinfo="skip",
+        colorbar=_signed_colorbar(colorbar_title),
+    )
+    fig = go.Figure(heat)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ch = -1 if channel is None else int(channel)
+    custom = np.stack([np.full(h * w, ch), yy.ravel(), xx.ravel()], axis=1)
+    text = [f"{v:.4g}" for v in arr.ravel()]
+    template = (
+        f"(y=%{{y}}, x=%{{x}})<br>{colorbar_title} %{{text}}<br>click to select<extra></extra>"
+    )
+    fig.add_trace(
+        _click_layer(xx.ravel(), yy.ravel(), custom, text, (height - 40) / max(h, 1), template)
+    )
+    _base_layout(fig, height, title)
+    if selected_cell is not None:
+        fig.update_layout(shapes=[_cell_box(selected_cell[1], selected_cell[0])])
+    _image_axes(fig, w, h)
+    return fig
+
+
+def overlay_map(
+    image: np.ndarray,
+    upsampled: np.ndarray,
+    layer_hw: tuple[int, int],
+    *,
+    channel: int | None,
+    selected_cell: tuple[int, int] | None = None,
+    opacity: float = 0.9,
+    signed: bool = True,
+    title: str | None = None,
+    colorbar_title: str = "conductance",
+    height: int = 360,
+    layer_values: np.ndarray | None = None,
+) -> go.Figure:
+    """A map upsampled to the image, laid over it; clicks select a layer cell (``[channel, y, x]``).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(H, W, 3)`` uint8 image the model sees.
+    upsampled : numpy.ndarray
+        The map, upsampled to the image or to :func:`overlay_size` of it; it is stretched to
+        cover the image.
+    layer_hw : (h, w)
+        Resolution of the layer; clicks report the layer cell under the pointer.
+    layer_values : numpy.ndarray, optional
+        ``(h, w)`` values at layer resolution, shown on hover.
+    """
+    img = muted_grey(image)
+    height_px, width_px = img.shape[:2]
+    arr = np.asarray(upsampled, dtype=np.float32)
+    limit = symmetric_limit(arr)
+    fig = go.Figure(image_trace(img))
+    fig.add_trace(
+        go.Heatmap(
+            z=arr,
+            **_stretched(arr, (height_px, width_px)),
+            colorscale=SIGNED_OVERLAY_SCALE if signed else MAGNITUDE_OVERLAY_SCALE,
+            zmid=0.0 if signed else None,
+            zmin=-limit if signed else 0.0,
+            zmax=limit,
+            opacity=float(opacity),
+            hoverinfo="skip",
+            colorbar=_signed_colorbar(colorbar_title),
+        )
+    )
+    h, w = layer_hw
+    sy, sx = height_px / h, width_px / w
+    yy, xx = np.mgrid[0:h, 0:w]
+    cx = (xx.ravel() + 0.5) * sx - 0.5
+    cy = (yy.ravel() + 0.5) * sy - 0.5
+    ch = -1 if channel is None else int(channel)
+    custom = np.stack([np.full(h * w, ch), yy.ravel(), xx.ravel()], axis=1)
+    cell = "layer cell (y=%{customdata[1]}, x=%{customdata[2]})"
+    if layer_values is not None:
+        text = [f"{v:.4g}" for v in np.asarray(layer_values, dtype=np.float64).ravel()]
+        template = f"{cell}<br>{colorbar_title} %{{text}}<br>click to select<extra></extra>"
+    else:
+        text = [""] * (h * w)
+        template = f"{cell}<br>click to select<extra></extra>"
+    fig.add_trace(_click_layer(cx, cy, custom, text, (height - 40) / max(h, 1), template))
+    _base_layout(fig, height, title)
+    if selected_cell is not None:
+        y, x = selected_cell
+        fig.update_layout(
+            shapes=[
+                _cell_box((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5, sx / 2, sy / 2),
+            ]
+        )
+    _image_axes(fig, width_px, height_px)
+    return fig
+
+
+def feature_strip(
+    values: np.ndarray,
+    *,
+    selected: int | None = None,
+    title: str | None = None,
+    yaxis_title: str = "value",
+    height: int = 260,
+    max_bars: int = 512,
+) -> go.Figure:
+    """Bars over the features of a 2-D layer (one bar per unit); clicking one selects ``(i,)``."""
+    vals = np.asarray(values, dtype=np.float64).ravel()
+    idx = np.arange(vals.size)
+    if vals.size > max_bars:
+        keep = np.sort(np.argsort(-np.abs(vals))[:max_bars])
+        if selected is not None and selected not in keep and 0 <= selected < vals.size:
+            keep = np.sort(np.append(keep, selected))
+        idx = keep
+    colours = [POSITIVE_COLOUR if vals[i] >= 0 else NEGATIVE_COLOUR for i in idx]
+    outline = [3 if i == selected else 0 for i in idx]
+    fig = go.Figure(
+        go.Bar(
+            x=idx,
+            y=vals[idx],
+            marker=dict(color=colours, line=dict(color=SELECTED_COLOUR, width=outline)),
+            customdata=[[int(i)] for i in idx],
+            hovertemplate="unit %{customdata[0]}<br>%{y:.4g}<extra></extra>",
+            selected=dict(marker=dict(opacity=1.0)),
+            unselected=dict(marker=dict(opacity=1.0)),
+        )
+    )
+    _base_layout(fig, height, title)
+    fig.update_layout(hoverdistance=20, bargap=0.05)
+    fig.update_xaxes(title="unit", showgrid=False)
+    fig.update_yaxes(title=yaxis_title, zeroline=True, zerolinecolor="#888", showgrid=True)
+    return fig
+
+
+# --- neuron gradients ---------------------------------------------------------------------------
+def gradient_overlay(
+    image: np.ndarray,
+    grad2d: np.ndarray,
+    *,
+    signed: bool,
+    opacity: float = 0.9,
+    title: str | None = None,
+    height: int = 360,
+    zmax: float | None = None,
+) -> go.Figure:
+    """A gradient map over a grey copy of the image (grey keeps the colours of the map readable)."""
+    grey = muted_grey(image)
+    arr = np.asarray(grad2d, dtype=np.float32)
+    limit = zmax if zmax is not None else symmetric_limit(arr)
+    fig = go.Figure(image_trace(grey))
+    fig.add_trace(
+        go.Heatmap(
+            z=arr,
+            colorscale=SIGNED_OVERLAY_SCALE if signed else MAGNITUDE_OVERLAY_SCALE,
+            zmid=0.0 if signed else None,
+            zmin=-limit if signed else 0.0,
+            zmax=limit,
+            opacity=float(opacity),
+            hovertemplate="(y=%{y}, x=%{x})<br>%{z:.3g}<extra></extra>",
+            colorbar=_signed_colorbar("gradient" if signed else "|gradient|"),
+        )
+    )
+    _base_layout(fig, height, title)
+    fig.update_layout(clickmode="none", hoverdistance=0)
+    _image_axes(fig, arr.shape[1], arr.shape[0])
+    return fig
+
+
+def gradient_channels(
+    grad: np.ndarray, names: Sequence[str] = ("red", "green", "blue"), height: int = 300
+) -> go.Figure:
+    """The signed gradient of each colour channel side by side, one shared scale."""
+    from plotly.subplots import make_subplots
+
+    arr = np.asarray(grad, dtype=np.float64)
+    c = arr.shape[0]
+    labels = list(names) if c == len(names) else [f"channel {i}" for i in range(c)]
+    limit = symmetric_limit(arr)
+    fig = make_subplots(rows=1, cols=c, subplot_titles=labels, horizontal_spacing=0.03)
+    for i in range(c):
+        fig.add_trace(
+            go.Heatmap(
+                z=arr[i],
+                colorscale=SIGNED_SCALE,
+                zmid=0.0,
+                zmin=-limit,
+                zmax=limit,
+                showscale=i == c - 1,
+                colorbar=_signed_colorbar("gradient"),
+                hovertemplate=f"{labels[i]} (y=%{{y}}, x=%{{x}})<br>%{{z:.3g}}<extra></extra>",
+            ),
+            row=1,
+            col=i + 1,
+        )
+    _base_layout(fig, height)
+    fig.update_layout(clickmode="none", hoverdistance=0, margin=dict(l=8, r=8, t=30, b=8))
+    h, w = arr.shape[1:]
+    for i in range(c):
+        axis = "x" if i == 0 else f"x{i + 1}"
+        fig.update_xaxes(
+            range=[-0.5, w - 0.5], constrain="domain", row=1, col=i + 1, **_CONFIG_AXIS
+        )
+        fig.update_yaxes(
+            range=[h - 0.5, -0.5],
+            scaleanchor=axis,
+            constrain="domain",
+            row=1,
+            col=i + 1,
+            **_CONFIG_AXIS,
+        )
+    return fig
+
+
+def neighbour_tiles(
+    maps: Sequence[np.ndarray],
+    neurons: Sequence[tuple[int, ...]],
+    activations: Sequence[float],
+    *,
+    current: tuple[int, ...] | None = None,
+    ncols: int = 5,
+    tile_px: int = 110,
+) -> go.Figure:
+    """|gradient| thumbnails of neighbouring neurons in one figure; clicking one selects it.
+
+    ``customdata`` of a tile is the neuron's index tuple.
+    """
+    n = len(maps)
+    ncols = max(1, min(ncols, n)) if n else 1
+    nrows = max(1, math.ceil(n / ncols))
+    tiles = [_pool_tile(np.asarray(m, dtype=np.float64), max_side=48) for m in maps]
+    th, tw = tiles[0].shape if tiles else (1, 1)
+    gap_x = max(1, round(tw * 0.08))
+    label_h = max(1.0, th * 0.22)
+    row_h = th + label_h
+    col_w = tw + gap_x
+    mosaic = np.full((max(1, round(nrows * row_h)) + 1, ncols * col_w), np.nan)
+    xs, ys, hover, annotations, shapes = [], [], [], [], []
+    width = len(neurons[0]) if neurons else 1
+    for k, (neuron, tile) in enumerate(zip(neurons, tiles, strict=True)):
+        r, c = divmod(k, ncols)
+        y0 = round(r * row_h + label_h)
+        x0 = c * col_w
+        peak = symmetric_limit(tile)
+        mosaic[y0 : y0 + th, x0 : x0 + tw] = tile / peak  # each tile on its own 0..1 scale
+        xs.append(x0 + (tw - 1) / 2)
+        ys.append(y0 + (th - 1) / 2)
+        name = ", ".join(str(i) for i in neuron)
+        hover.append(f"neuron ({name})<br>activation {activations[k]:.4g}")
+        annotations.append(
+            dict(
+                x=x0 - 0.5,
+                y=y0 - 0.5,
+                text=f"({name})",
+                showarrow=False,
+                xanchor="left",
+                yanchor="bottom",
+                font=dict(size=10, color="#555"),
+            )
+        )
+        if current is not None and tuple(neuron) == tuple(current):
+            shapes.append(
+                dict(
+                    type="rect",
+                    x0=x0 - 0.5,
+                    x1=x0 + tw - 0.5,
+                    y0=y0 - 0.5,
+                    y1=y0 + th - 0.5,
+                    line=dict(color=ACCENT_COLOUR, width=3),
+                    layer="above",
+                )
+            )
+    fig = go.Figure(
+        go.Heatmap(
+            z=mosaic.astype(np.float32),
+            colorscale=MAGNITUDE_SCALE,
+            zmin=0.0,
+            zmax=1.0,
+            hoverinfo="skip",
+            showscale=False,
+        )
+    )
+    custom = np.array([list(nr) for nr in neurons]).reshape(-1, width)
+    fig.add_trace(_click_layer(np.array(xs), np.array(ys), custom, hover, tile_px * 0.9))
+    _base_layout(fig, int(nrows * tile_px * row_h / th) + 16)
+    fig.update_layout(annotations=annotations, shapes=shapes)
+    _image_axes(fig, mosaic.shape[1], mosaic.shape[0])
+    return fig
+
+
+# --- convergence --------------------------------------------------------------------------------
+def convergence_plot(
+    points: Sequence[tuple[str, int, float]],
+    *,
+    method_names: dict[str, str] | None = None,
+    tolerance: float | None = None,
+    relative: bool = False,
+    height: int = 380,
+) -> go.Figure:
+    """|delta| against n_steps (log-log), one line per method, with the tolerance as a dashed line.
+
+    Parameters
+    ----------
+    points : sequence of (method, n_steps, value)
+        ``value`` is |delta| (or the relative |delta| when ``relative``).
+    tolerance : float, optional
+        Drawn as a horizontal line in the same units.
+    """
+    names = method_names or {}
+    methods = list(dict.fromkeys(p[0] for p in points))
+    fig = go.Figure()
+    floor = 1e-12
+    for i, method in enumerate(methods):
+        rows = sorted((s, v) for m, s, v in points if m == method)
+        fig.add_trace(
+            go.Scatter(
+                x=[s for s, _ in rows],
+                y=[max(abs(v), floor) for _, v in rows],
+                mode="lines+markers",
+                name=names.get(method, method),
+                line=dict(color=METHOD_COLOURS[i % len(METHOD_COLOURS)], width=2),
+                hovertemplate=f"%{{x}} steps: %{{y:.3g}}<extra>{names.get(method, method)}</extra>",
+            )
+        )
+    _base_layout(fig, height)
+    fig.update_layout(
+        showlegend=True,
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0),
+        margin=dict(l=8, r=8, t=40, b=8),
+        hovermode="x unified",
+        clickmode="none",
+        hoverdistance=20,
+    )
+    if tolerance is not None and tolerance > 0:
+        fig.add_hline(
+            y=tolerance,
+            line=dict(color="#555", dash="dash"),
+            annotation_text="tolerance",
+            annotation_position="top left",
+        )
+    steps = sorted({int(p[1]) for p in points})
+    fig.update_xaxes(
+        type="log", title="n_steps", showgrid=True, tickvals=steps, ticktext=[str(s) for s in steps]
+    )
+    fig.update_yaxes(
+        type="log",
+        title="|delta| / |F(x) − F(baseline)|" if relative else "|delta|",
+        showgrid=True,
+        exponentformat="power",
+    )
+    return fig
+
+
+# --- channel ordering (pure helpers for the conductance page) -----------------------------------
+RANKINGS: dict[str, str] = {
+    "abs": "largest |conductance|",
+    "pos": "most positive",
+    "neg": "most negative",
+    "index": "channel number",
+}
+
+
+def parse_channel_filter(text: str, num_channels: int) -> list[int] | None:
+    """Channels named by ``"3, 10-20, 40"``; ``None`` for an empty filter.
+
+    Raises
+    ------
+    ValueError
+        With a readable message when the text is not a list of numbers and ranges.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    picked: list[int] = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo_text, hi_text = part.split("-", 1)
+                lo, hi = int(lo_text), int(hi_text)
+                if lo > hi:
+                    lo, hi = hi, lo
+                picked.extend(range(lo, hi + 1))
+            else:
+                picked.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not a channel number or range; write e.g. 3, 10-20, 40."
+            ) from None
+    inside = [c for c in dict.fromkeys(picked) if 0 <= c < num_channels]
+    if not inside:
+        raise ValueError(
+            f"No channel in {text!r} exists: this layer has channels 0 to {num_channels - 1}."
+        )
+    return inside
+
+
+def rank_channels(
+    totals: np.ndarray, rank: str = "abs", only: Sequence[int] | None = None
+) -> list[int]:
+    """Channel indices ordered by ``rank`` (see :data:`RANKINGS`), optionally only ``only``."""
+    values = np.asarray(totals, dtype=np.float64)
+    pool = np.arange(values.size) if only is None else np.asarray(list(only), dtype=int)
+    if pool.size == 0:
+        return []
+    if rank == "pos":
+        order = np.argsort(-values[pool], kind="stable")
+    elif rank == "neg":
+        order = np.argsort(values[pool], kind="stable")
+    elif rank == "index":
+        order = np.argsort(pool, kind="stable")
+    else:
+        order = np.argsort(-np.abs(values[pool]), kind="stable")
+    return [int(c) for c in pool[order]]

@@ -1,0 +1,272 @@
+"""Session-state keys and the small value types the pages share.
+
+Every key the app keeps in ``st.session_state`` is named here, so pages never invent their own.
+The values are plain, immutable dataclasses (or ints, strings and tuples): cheap to keep per browser
+session and safe to compare. Heavy objects (models, tensors, results) never live in session state;
+they are looked up in the process-wide caches of :mod:`webapp.backend` by content digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+
+# --- keys ---------------------------------------------------------------------------------------
+MODEL = "model_ref"
+"""The :class:`ModelRef` of the model in use."""
+LABELS = "labels_override"
+"""A :class:`LabelsOverride` from the user's labels file, or ``None``."""
+IMAGES = "images"
+"""``list[ImageEntry]``: the images the user is working with, in display order."""
+ACTIVE_IMAGE = "active_image"
+"""Digest of the image the explanation pages show."""
+PREP = "prep"
+"""The :class:`PrepSpec` (preprocessing preset)."""
+LAYER = "layer"
+"""Name of the chosen layer (``str``) or ``None`` before the first pick."""
+SETTINGS = "attr_settings"
+"""The :class:`AttributionSettings` for conductance and convergence."""
+CHANNEL = "channel"
+"""Selected channel (``int``) of the chosen layer, or ``None``."""
+NEURON = "neuron"
+"""Selected neuron of the chosen layer, e.g. ``(channel, y, x)`` or ``(feature,)``, or ``None``."""
+TOLERANCE = "tolerance"
+"""Relative tolerance (``float``) for the convergence badge."""
+SWEEP = "sweep_settings"
+"""The :class:`SweepSettings` of the convergence page."""
+GRID = "grid_view"
+"""The :class:`GridView` of the conductance page (ranking, paging, filter)."""
+FLASH = "flash"
+"""``list[tuple[str, str]]`` of (kind, text) messages to show once at the top of the next page."""
+UPLOAD_ERRORS = "upload_errors"
+"""``list[str]``: readable messages about image files that could not be read."""
+LAYER_ERROR = "layer_error"
+"""A readable message about the last layer that could not be chosen, or ``None``."""
+
+METHODS: tuple[str, ...] = (
+    "gausslegendre",
+    "riemann_trapezoid",
+    "riemann_middle",
+    "riemann_left",
+    "riemann_right",
+)
+"""Integration rules the engine accepts (captum's names)."""
+
+METHOD_NAMES: dict[str, str] = {
+    "gausslegendre": "Gauss-Legendre",
+    "riemann_trapezoid": "Riemann, trapezoid",
+    "riemann_middle": "Riemann, midpoint",
+    "riemann_left": "Riemann, left",
+    "riemann_right": "Riemann, right",
+}
+
+BASELINE_NAMES: dict[str, str] = {
+    "black": "Black image",
+    "zeros": "Zeros (the mean colour)",
+    "blur": "Blurred input",
+    "noise": "Uniform noise",
+    "constant": "Constant grey level",
+}
+
+PREP_PRESETS: dict[str, str] = {
+    "model": "Model default",
+    "imagenet": "ImageNet",
+    "none": "None (pixels in [0, 1])",
+    "custom": "Custom mean / std",
+}
+
+
+# --- value types --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    """Where the model in use comes from; enough to load it again after a cache eviction.
+
+    Attributes
+    ----------
+    kind : str
+        ``"builtin"`` or ``"upload"``.
+    digest : str
+        sha256 of the uploaded bytes (empty for the built-in model).
+    filename : str
+        Name of the uploaded file.
+    arch : str or None
+        Architecture picked for weights-only files, ``None`` to let the loader decide.
+    num_classes : int or None
+        Number of classes asked for, ``None`` to let the loader decide.
+    data : bytes
+        The uploaded bytes (kept so the model can be rebuilt if the shared cache dropped it).
+    """
+
+    kind: str = "builtin"
+    digest: str = ""
+    filename: str = ""
+    arch: str | None = None
+    num_classes: int | None = None
+    data: bytes = field(default=b"", repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LabelsOverride:
+    """Class names read from the user's labels file."""
+
+    filename: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image the user works with.
+
+    Attributes
+    ----------
+    name : str
+        File name shown in the app.
+    digest : str
+        sha256 of ``data``; the key of every cached result about this image.
+    data : bytes
+        The encoded file (PNG, JPEG, ...).
+    source : str
+        ``"sample"`` or ``"upload"``.
+    """
+
+    name: str
+    digest: str
+    data: bytes = field(repr=False)
+    source: str = "upload"
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes, source: str = "upload") -> ImageEntry:
+        return cls(name=name, digest=hashlib.sha256(data).hexdigest(), data=data, source=source)
+
+
+@dataclass(frozen=True)
+class PrepSpec:
+    """The preprocessing preset, resolved against a model by :func:`webapp.backend.preprocessing`.
+
+    ``mean`` and ``std`` are only used by the ``"custom"`` preset.
+    """
+
+    preset: str = "model"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """What conductance is computed for.
+
+    Attributes
+    ----------
+    target : int or None
+        Output class; ``None`` means "the class the model predicts for the image".
+    baseline : str
+        One of :data:`explainer.baselines.BASELINE_KINDS`.
+    constant : float
+        Grey level in [0, 1] for the ``"constant"`` baseline.
+    blur_sigma : float
+        Gaussian sigma in pixels for the ``"blur"`` baseline.
+    noise_seed : int
+        Seed of the ``"noise"`` baseline.
+    method : str
+        Integration rule, one of :data:`METHODS`.
+    n_steps : int
+        Number of integration steps.
+    internal_batch_size : int or None
+        Path points per forward pass; ``None`` to let :func:`webapp.backend.chunk_size` choose.
+        Does not change the result.
+    """
+
+    target: int | None = None
+    baseline: str = "black"
+    constant: float = 0.5
+    blur_sigma: float = 5.0
+    noise_seed: int = 0
+    method: str = "gausslegendre"
+    n_steps: int = 50
+    internal_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The step counts and methods of the convergence sweep."""
+
+    methods: tuple[str, ...] = ("gausslegendre", "riemann_trapezoid")
+    steps: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class GridView:
+    """How the conductance page orders, filters and pages the channels."""
+
+    rank: str = "abs"
+    top_k: int = 20
+    page: int = 1
+    page_size: int = 36
+    filter: str = ""
+
+
+DEFAULTS: dict[str, Any] = {
+    MODEL: ModelRef(),
+    LABELS: None,
+    PREP: PrepSpec(),
+    LAYER: None,
+    SETTINGS: AttributionSettings(),
+    CHANNEL: None,
+    NEURON: None,
+    TOLERANCE: 0.05,
+    SWEEP: SweepSettings(),
+    GRID: GridView(),
+    FLASH: [],
+    UPLOAD_ERRORS: [],
+    LAYER_ERROR: None,
+}
+
+
+def init_defaults() -> None:
+    """Put a default value under every key that is not set yet (idempotent)."""
+    for key, value in DEFAULTS.items():
+        if key not in st.session_state:
+            # Lists are copied so sessions never share a mutable default.
+            st.session_state[key] = list(value) if isinstance(value, list) else value
+
+
+def get(key: str) -> Any:
+    """Read one key, falling back to its default."""
+    return st.session_state.get(key, DEFAULTS.get(key))
+
+
+def set_layer(name: str | None) -> None:
+    """Choose a layer; the channel and neuron selections belong to the old layer and are cleared."""
+    if st.session_state.get(LAYER) != name:
+        st.session_state[LAYER] = name
+        st.session_state[CHANNEL] = None
+        st.session_state[NEURON] = None
+        grid = get(GRID)
+        st.session_state[GRID] = GridView(
+            rank=grid.rank, top_k=grid.top_k, page=1, page_size=grid.page_size, filter=""
+        )
+
+
+def select_channel(channel: int) -> None:
+    """Select a channel; a neuron in another channel moves to the same position in this one."""
+    st.session_state[CHANNEL] = int(channel)
+    neuron = st.session_state.get(NEURON)
+    if neuron is not None and len(neuron) == 3 and neuron[0] != channel:
+        st.session_state[NEURON] = (int(channel), int(neuron[1]), int(neuron[2]))
+
+
+def select_neuron(neuron: tuple[int, ...]) -> None:
+    """Select a neuron; its channel (the first index) becomes the selected channel."""
+    neuron = tuple(int(i) for i in neuron)
+    st.session_state[NEURON] = neuron
+    st.session_state[CHANNEL] = neuron[0]
+
+
+def flash(kind: str, text: str) -> None:
+    """Queue a message for the next page draw (``kind``: ``"success"``, ``"info"``, ...)."""
+    messages = list(st.session_state.get(FLASH, []))
+    messages.append((kind, text))
+    st.session_state[FLASH] = messages

@@ -1,0 +1,490 @@
+"""Widgets and page scaffolding shared by every page.
+
+Each page starts with :func:`setup`, which is idempotent across reruns and works whether the page
+runs under ``app.py``'s navigation or on its own (as ``AppTest.switch_page`` runs it): it fills in
+default session state, loads the model and the sample images, and draws the shared sidebar.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import streamlit as st
+
+from explainer.baselines import BASELINE_KINDS
+from explainer.demo import sample_image_paths
+from explainer.errors import ExplainerError
+from explainer.images import Preprocessing
+from explainer.models import LoadedModel
+from webapp import backend
+from webapp import state as S
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PAGE_MODEL = "pages/1_model_and_images.py"
+PAGE_LAYER = "pages/2_layer_picker.py"
+PAGE_CONDUCTANCE = "pages/3_layer_conductance.py"
+PAGE_NEURON = "pages/4_neuron_gradient.py"
+PAGE_CONVERGENCE = "pages/5_convergence.py"
+
+PAGES: list[tuple[str, str, str]] = [
+    (PAGE_MODEL, "Model & images", ":material/image:"),
+    (PAGE_LAYER, "Layer picker", ":material/account_tree:"),
+    (PAGE_CONDUCTANCE, "Layer conductance", ":material/grid_on:"),
+    (PAGE_NEURON, "Neuron gradient", ":material/my_location:"),
+    (PAGE_CONVERGENCE, "Convergence", ":material/trending_down:"),
+]
+"""(path, title, icon) of every page, in the order of the journey."""
+
+
+@dataclass
+class Context:
+    """What every page needs, resolved once per run by :func:`setup`.
+
+    ``lm`` is ``None`` only when no model could be loaded (the page shows why).
+    """
+
+    lm: LoadedModel | None
+    prep: Preprocessing | None
+    images: list[S.ImageEntry]
+    image: S.ImageEntry | None
+    layer: str | None
+
+    @property
+    def ready(self) -> bool:
+        """A model, preprocessing and an image are all available."""
+        return self.lm is not None and self.prep is not None and self.image is not None
+
+
+# --- errors -------------------------------------------------------------------------------------
+def show_error(exc: BaseException, action: str) -> None:
+    """Show a failure as a readable message in the page (never a traceback).
+
+    Project errors carry a sentence the user can act on; anything else is logged on the server
+    and summarised in one line.
+    """
+    if isinstance(exc, ExplainerError):
+        st.error(f"**{action} failed.** {exc}", icon=":material/error:")
+        return
+    LOG.exception("Unexpected error while %s", action.lower())
+    text = " ".join(str(exc).split())
+    if len(text) > 240:
+        text = text[:237] + "..."
+    st.error(
+        f"**{action} failed** because of an unexpected {type(exc).__name__}"
+        f"{': ' + text if text else ''}. Check that the model accepts images of the chosen size "
+        "and preprocessing, or try other settings.",
+        icon=":material/error:",
+    )
+
+
+def attempt(action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
+    """Call ``fn``; on failure show :func:`show_error` and return ``(False, None)``."""
+    try:
+        return True, fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure is shown to the user, none is hidden
+        show_error(exc, action)
+        return False, None
+
+
+@contextmanager
+def progress_bar(label: str, unit: str = "steps") -> Iterator[Callable[[int, int], None]]:
+    """A progress callback for the engine, drawn as ``st.progress`` (removed when done).
+
+    Nothing is drawn when the result comes from the cache (the callback is never called).
+    """
+    slot = st.empty()
+
+    def report(done: int, total: int) -> None:
+        fraction = min(1.0, done / total) if total else 0.0
+        slot.progress(fraction, text=f"{label}: {done} / {total} {unit}")
+
+    try:
+        yield report
+    finally:
+        slot.empty()
+
+
+# --- page scaffolding ---------------------------------------------------------------------------
+def page_header(title: str, explanation: str) -> None:
+    """Title plus the one or two sentences that say what the page shows and how to read it."""
+    st.title(title)
+    st.markdown(explanation)
+
+
+def next_step(page: str, label: str, previous: tuple[str, str] | None = None) -> None:
+    """Links to the next step of the journey (and optionally back)."""
+    st.divider()
+    cols = st.columns(2)
+    if previous is not None:
+        with cols[0]:
+            st.page_link(previous[0], label=previous[1], icon=":material/arrow_back:")
+    with cols[1]:
+        st.page_link(page, label=label, icon=":material/arrow_forward:")
+
+
+def _show_flash() -> None:
+    messages = st.session_state.get(S.FLASH) or []
+    st.session_state[S.FLASH] = []
+    for kind, text in messages:
+        getattr(st, kind, st.info)(text)
+
+
+def load_samples() -> list[S.ImageEntry]:
+    """The shipped sample images as :class:`~webapp.state.ImageEntry` (unreadable ones warned)."""
+    entries = []
+    for path in sample_image_paths():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            LOG.warning("Sample image %s could not be read: %s", path, exc)
+            st.warning(f"The sample image {path.name} could not be read ({exc}).")
+            continue
+        entries.append(S.ImageEntry.from_bytes(path.name, data, source="sample"))
+    return entries
+
+
+def page_config() -> None:
+    """Wide layout and the app's title; also applied when a page runs without ``app.py``.
+
+    A deep link opened before the server ran ``app.py`` once (and ``AppTest.switch_page``) runs
+    the page file on its own; calling this from :func:`setup` keeps the layout the same then.
+    """
+    st.set_page_config(
+        page_title="Layer explainer",
+        page_icon=":material/biotech:",
+        layout="wide",
+        initial_sidebar_state="expanded",
+    )
+
+
+def setup() -> Context:
+    """Initialise state, load the model and images, draw the sidebar; call once at a page's top."""
+    page_config()
+    S.init_defaults()
+    if S.IMAGES not in st.session_state:
+        samples = load_samples()
+        st.session_state[S.IMAGES] = samples
+        if samples:
+            st.session_state[S.ACTIVE_IMAGE] = samples[0].digest
+    _show_flash()
+
+    ok, lm = attempt("Loading the model", backend.resolve_model, S.get(S.MODEL), S.get(S.LABELS))
+    if not ok:
+        if S.get(S.MODEL).kind != "builtin":
+            st.info("Choose the built-in model or upload another file on the Model & images page.")
+        lm = None
+    prep = None
+    if lm is not None:
+        ok, prep = attempt("Setting up the preprocessing", backend.preprocessing, S.get(S.PREP), lm)
+        if S.get(S.LAYER) is None:
+            ok_layer, layer = attempt("Discovering the layers", backend.default_layer, lm)
+            if ok_layer and layer is not None:
+                S.set_layer(layer)
+
+    images: list[S.ImageEntry] = list(S.get(S.IMAGES) or [])
+    active = st.session_state.get(S.ACTIVE_IMAGE)
+    image = next((e for e in images if e.digest == active), images[0] if images else None)
+    if image is not None:
+        st.session_state[S.ACTIVE_IMAGE] = image.digest
+    ctx = Context(lm=lm, prep=prep, images=images, image=image, layer=S.get(S.LAYER))
+    _sidebar(ctx)
+    return ctx
+
+
+def bind(widget_key: str, value: Any) -> None:
+    """Make a keyed widget show ``value`` (call before drawing it, and pass it no default).
+
+    The app keeps its own copy of every choice; widgets only display it. Binding before each
+    draw keeps the two in step when the value was changed elsewhere (another page, a button).
+    The value is assigned even when unchanged: only an assigned value is sent to the browser,
+    which otherwise shows the widget's default when it draws the widget on another page.
+    """
+    st.session_state[widget_key] = value
+
+
+def _on_active_image() -> None:
+    value = st.session_state.get("_w_active_image")
+    if value:
+        st.session_state[S.ACTIVE_IMAGE] = value
+
+
+def _sidebar(ctx: Context) -> None:
+    with st.sidebar:
+        st.markdown("### :material/biotech: Layer explainer")
+        for path, title, icon in PAGES:
+            st.page_link(path, label=title, icon=icon)
+        st.divider()
+        if ctx.lm is not None:
+            lm = ctx.lm
+            c, h, w = lm.input_size
+            st.markdown(f"**Model** · {lm.name}")
+            st.caption(f"`{lm.arch}` · {lm.num_params:,} parameters · input {c}×{h}×{w}")
+        else:
+            st.markdown("**Model** · none loaded")
+        if ctx.images:
+            digests = [e.digest for e in ctx.images]
+            names = {e.digest: e.name for e in ctx.images}
+            bind("_w_active_image", ctx.image.digest if ctx.image else digests[0])
+            st.selectbox(
+                "Image",
+                digests,
+                format_func=lambda d: names.get(d, d[:8]),
+                key="_w_active_image",
+                on_change=_on_active_image,
+                help="The image the explanation pages show. Add images on the Model & images page.",
+            )
+            if ctx.ready:
+                ok, pixels = attempt(
+                    "Reading the image", backend.display_image, ctx.image, ctx.prep
+                )
+                if ok:
+                    st.image(pixels, width=160, clamp=True)
+                    ok, preds = attempt(
+                        "Predicting", backend.predictions, ctx.lm, ctx.image, ctx.prep, 5
+                    )
+                    if ok and preds:
+                        label, index, prob = preds[0]
+                        st.caption(f"Predicted: **{label}** (#{index}) · {prob:.1%}")
+        else:
+            st.caption("No image yet: add one on the Model & images page.")
+        layer = S.get(S.LAYER)
+        st.markdown(f"**Layer** · `{layer}`" if layer else "**Layer** · none chosen")
+
+
+def require_ready(ctx: Context) -> bool:
+    """Say what is missing (with a link to fix it) when a model, image or layer is absent."""
+    if ctx.lm is None:
+        st.warning("No model is ready. Load one on the Model & images page.")
+        st.page_link(PAGE_MODEL, label="Model & images", icon=":material/arrow_forward:")
+        return False
+    if ctx.prep is None:
+        st.warning(
+            "The preprocessing does not fit this model: pick another preset on the "
+            "Model & images page."
+        )
+        st.page_link(PAGE_MODEL, label="Model & images", icon=":material/arrow_forward:")
+        return False
+    if ctx.image is None:
+        st.warning("No image is selected. Add or pick one on the Model & images page.")
+        st.page_link(PAGE_MODEL, label="Model & images", icon=":material/arrow_forward:")
+        return False
+    if not ctx.layer:
+        st.warning("No layer is chosen. Pick one on the Layer picker page.")
+        st.page_link(PAGE_LAYER, label="Layer picker", icon=":material/arrow_forward:")
+        return False
+    return True
+
+
+# --- chart clicks -------------------------------------------------------------------------------
+def _first_point(chart_key: str) -> dict | None:
+    event = st.session_state.get(chart_key)
+    if event is None:
+        return None
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    return points[0] if points else None
+
+
+def _customdata(point: dict) -> list[int] | None:
+    """The integer indices stored in a clicked point's ``customdata``.
+
+    Plotly sends a list, or (for data that went through a typed array) an object keyed
+    ``"0"``, ``"1"``, ...; both are accepted.
+    """
+    data = point.get("customdata")
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        try:
+            data = [data[k] for k in sorted(data, key=int)]
+        except (TypeError, ValueError):
+            return None
+    if not isinstance(data, (list, tuple)):
+        data = [data]
+    try:
+        return [int(round(float(v))) for v in data]
+    except (TypeError, ValueError):
+        return None
+
+
+def on_click_channel(chart_key: str) -> Callable[[], None]:
+    """``on_select`` callback: a clicked bar or grid tile selects its channel."""
+
+    def callback() -> None:
+        point = _first_point(chart_key)
+        data = _customdata(point) if point else None
+        if data:
+            S.select_channel(data[0])
+
+    return callback
+
+
+def on_click_neuron(chart_key: str) -> Callable[[], None]:
+    """``on_select`` callback: a clicked cell selects the neuron in its ``customdata``.
+
+    Cells drawn without a channel carry ``-1``; the selected channel (or 0) is used then.
+    """
+
+    def callback() -> None:
+        point = _first_point(chart_key)
+        data = _customdata(point) if point else None
+        if not data:
+            return
+        if len(data) == 3 and data[0] < 0:
+            channel = st.session_state.get(S.CHANNEL)
+            data[0] = int(channel) if channel is not None else 0
+        S.select_neuron(tuple(data))
+
+    return callback
+
+
+def plotly_click(fig: Any, key: str, callback: Callable[[], None]) -> None:
+    """Draw a clickable figure: point selection only, no mode bar, callback copies the click."""
+    st.plotly_chart(
+        fig,
+        key=key,
+        on_select=callback,
+        selection_mode="points",
+        config={"displayModeBar": False, "scrollZoom": False, "doubleClick": False},
+        width="stretch",
+    )
+
+
+def plotly_static(fig: Any, key: str | None = None) -> None:
+    """Draw a figure that only shows information (hover, no selection)."""
+    st.plotly_chart(fig, key=key, config={"displayModeBar": False}, width="stretch")
+
+
+# --- attribution settings (shared by the conductance and convergence pages) ---------------------
+def _apply_settings(prefix: str) -> None:
+    ss = st.session_state
+    old: S.AttributionSettings = S.get(S.SETTINGS)
+    batch = int(ss.get(f"{prefix}_batch", 0) or 0)
+    st.session_state[S.SETTINGS] = replace(
+        old,
+        target=ss.get(f"{prefix}_target", old.target),
+        baseline=ss.get(f"{prefix}_baseline", old.baseline),
+        constant=float(ss.get(f"{prefix}_constant", old.constant)),
+        blur_sigma=float(ss.get(f"{prefix}_sigma", old.blur_sigma)),
+        noise_seed=int(ss.get(f"{prefix}_seed", old.noise_seed)),
+        method=ss.get(f"{prefix}_method", old.method),
+        n_steps=int(ss.get(f"{prefix}_steps", old.n_steps)),
+        internal_batch_size=batch if batch > 0 else None,
+    )
+
+
+def target_label(lm: LoadedModel, index: int) -> str:
+    """``"name (#index)"`` for a class index (or just the index when out of range)."""
+    if 0 <= index < lm.num_classes:
+        return f"{lm.labels[index]} (#{index})"
+    return f"#{index}"
+
+
+def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.AttributionSettings:
+    """The target / baseline / integration form; returns the settings in force.
+
+    Values are applied only when the form is submitted, so changing several at once costs one
+    computation.
+    """
+    lm = ctx.lm
+    assert lm is not None and ctx.image is not None and ctx.prep is not None
+    settings: S.AttributionSettings = S.get(S.SETTINGS)
+    ok, predicted = attempt("Predicting", backend.predicted_class, lm, ctx.image, ctx.prep)
+    options: list[int | None] = [None, *range(lm.num_classes)]
+
+    def fmt(value: int | None) -> str:
+        if value is None:
+            return (
+                f"Predicted class: {target_label(lm, predicted)}"
+                if ok and predicted is not None
+                else "Predicted class"
+            )
+        return target_label(lm, value)
+
+    target_index = options.index(settings.target) if settings.target in options else 0
+    with st.form(f"{prefix}_form", border=True):
+        c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 1.2, 1.2])
+        c1.selectbox(
+            "Target class",
+            options,
+            index=target_index,
+            format_func=fmt,
+            key=f"{prefix}_target",
+            help="The output whose score is explained. Type to search by label name.",
+        )
+        c2.selectbox(
+            "Baseline",
+            list(BASELINE_KINDS),
+            index=list(BASELINE_KINDS).index(settings.baseline)
+            if settings.baseline in BASELINE_KINDS
+            else 0,
+            format_func=lambda k: S.BASELINE_NAMES.get(k, k),
+            key=f"{prefix}_baseline",
+            help="The reference input: conductance explains F(image) − F(baseline).",
+        )
+        if show_method:
+            c3.selectbox(
+                "Integration method",
+                list(S.METHODS),
+                index=list(S.METHODS).index(settings.method) if settings.method in S.METHODS else 0,
+                format_func=lambda m: S.METHOD_NAMES.get(m, m),
+                key=f"{prefix}_method",
+                help="How the path integral is approximated. Gauss-Legendre converges fastest.",
+            )
+        c4.number_input(
+            "n_steps",
+            min_value=1,
+            max_value=2000,
+            value=int(settings.n_steps),
+            step=10,
+            key=f"{prefix}_steps",
+            help="Points on the path from baseline to image. More steps, smaller delta, slower.",
+        )
+        c5.number_input(
+            "Batch size",
+            min_value=0,
+            max_value=4096,
+            value=int(settings.internal_batch_size or 0),
+            step=8,
+            key=f"{prefix}_batch",
+            help="Path points per forward pass (0 = automatic, about n_steps / 8). Lower it if "
+            "memory runs out; the result does not change.",
+        )
+        with st.expander("Baseline options"):
+            b1, b2, b3 = st.columns(3)
+            b1.slider(
+                "Constant grey level",
+                0.0,
+                1.0,
+                float(settings.constant),
+                0.05,
+                key=f"{prefix}_constant",
+                help="Pixel value of the 'Constant grey level' baseline.",
+            )
+            b2.slider(
+                "Blur sigma (pixels)",
+                0.5,
+                20.0,
+                float(settings.blur_sigma),
+                0.5,
+                key=f"{prefix}_sigma",
+                help="Width of the gaussian for the 'Blurred input' baseline.",
+            )
+            b3.number_input(
+                "Noise seed",
+                min_value=0,
+                max_value=2**31 - 1,
+                value=int(settings.noise_seed),
+                key=f"{prefix}_seed",
+                help="Seed of the 'Uniform noise' baseline (same seed, same noise).",
+            )
+        st.form_submit_button("Compute", type="primary", on_click=_apply_settings, args=(prefix,))
+    return S.get(S.SETTINGS)
