@@ -17,12 +17,6 @@ from dataclasses import replace
 import torch
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> int:
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     from explainer.analysis import neighbours
@@ -33,7 +27,9 @@ def main() -> int:
     torch.set_num_threads(2)
     lm = backend.resolve_model(ModelRef())
     prep = backend.preprocessing(PrepSpec(), lm)
-    images = [ImageEntry.from_bytes(p.name, p.read_bytes(), source="sample") for p in sample_image_paths()]
+    images = [
+        ImageEntry.from_bytes(p.name, p.read_bytes(), source="sample") for p in sample_image_paths()
+    ]
     layers = ["conv1", "block1", "block2", "block3"]
     settings = AttributionSettings()
 
@@ -44,33 +40,36 @@ def main() -> int:
     fresh, click, click_nb, cached = [], [], [], []
     for image in images:
         for layer in layers:
-            result_holder = {}
+            start = time.perf_counter()
+            result = backend.conductance(lm, image, prep, layer, settings)
+            fresh.append(time.perf_counter() - start)
 
-            def new_map():
-                result_holder["r"] = backend.conductance(lm, image, prep, layer, settings)
+            c, y, x = strongest_neuron(result.attributions)
+            start = time.perf_counter()
+            backend.neuron_gradients(lm, image, prep, layer, [(c, y, x)])
+            click.append(time.perf_counter() - start)
 
-            fresh.append(_timed(new_map))
-            result = result_holder["r"]
-            c, y, x = (int(i) for i in strongest_neuron(result.attributions))
-            click.append(_timed(lambda: backend.neuron_gradients(lm, image, prep, layer, [(c, y, x)])))
             shape = result.attributions.shape
-            nb = neighbours((c, (y + 1) % shape[1], x), shape)
-            click_nb.append(
-                _timed(
-                    lambda: backend.neuron_gradients(
-                        lm, image, prep, layer, [(c, (y + 1) % shape[1], x), *nb]
-                    )
-                )
-            )
-            cached.append(_timed(lambda: backend.conductance(lm, image, prep, layer, settings)))
+            other = (c, (y + 1) % shape[1], x)
+            start = time.perf_counter()
+            backend.neuron_gradients(lm, image, prep, layer, [other, *neighbours(other, shape)])
+            click_nb.append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            backend.conductance(lm, image, prep, layer, settings)
+            cached.append(time.perf_counter() - start)
 
     def row(name: str, values: list[float], budget: float) -> None:
         med, worst = statistics.median(values), max(values)
-        print(f"{name:<44} median {med * 1000:8.1f} ms   max {worst * 1000:8.1f} ms   budget {budget * 1000:6.0f} ms")
+        print(
+            f"{name:<44} median {med * 1000:8.1f} ms   max {worst * 1000:8.1f} ms   "
+            f"budget {budget * 1000:6.0f} ms"
+        )
 
     print(
-        f"built-in model ({lm.num_params:,} parameters), {len(images)} images x {len(layers)} layers, "
-        f"n_steps={settings.n_steps}, {settings.method}, torch {torch.__version__}, 2 threads"
+        f"built-in model ({lm.num_params:,} parameters), {len(images)} images x "
+        f"{len(layers)} layers, n_steps={settings.n_steps}, {settings.method}, "
+        f"torch {torch.__version__}, 2 threads"
     )
     row("new conductance map (nothing cached)", fresh, 1.0)
     row("neuron click -> gradient map", click, 0.3)
@@ -83,7 +82,9 @@ def strongest_neuron(attributions) -> tuple[int, ...]:
     """Index of the largest |conductance| in a (C, H, W) map."""
     import numpy as np
 
-    return tuple(int(i) for i in np.unravel_index(np.abs(attributions).argmax(), attributions.shape))
+    return tuple(
+        int(i) for i in np.unravel_index(np.abs(attributions).argmax(), attributions.shape)
+    )
 
 
 if __name__ == "__main__":

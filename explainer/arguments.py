@@ -8,7 +8,7 @@ work with a sentence the user can act on, before any expensive pass starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,8 +28,8 @@ __all__ = [
     "dense_baselines",
 ]
 
-TargetType = Union[None, int, tuple, Tensor, list]
-BaselineType = Union[None, int, float, Tensor, tuple]
+TargetType = None | int | tuple | Tensor | list
+BaselineType = None | int | float | Tensor | tuple
 
 
 def as_input_tuple(inputs: Tensor | tuple[Tensor, ...], what: str = "inputs") -> tuple[Tensor, ...]:
@@ -69,7 +69,7 @@ def format_baselines(
             f"Got {len(items)} baseline(s) for {len(inputs)} input tensor(s); give one baseline "
             "(a scalar or a tensor) per input tensor."
         )
-    for i, (inp, base) in enumerate(zip(inputs, items)):
+    for i, (inp, base) in enumerate(zip(inputs, items, strict=True)):
         if isinstance(base, bool) or not isinstance(base, (int, float, Tensor)):
             raise AttributionTypeError(
                 f"Baseline {i} is a {type(base).__name__}; use a number or a tensor."
@@ -78,7 +78,9 @@ def format_baselines(
             if base.dim() == 0:
                 continue
             full = tuple(base.shape) == tuple(inp.shape)
-            single = base.dim() == inp.dim() and base.shape[0] == 1 and base.shape[1:] == inp.shape[1:]
+            single = (
+                base.dim() == inp.dim() and base.shape[0] == 1 and base.shape[1:] == inp.shape[1:]
+            )
             if not (full or single):
                 raise AttributionError(
                     f"Baseline {i} has shape {tuple(base.shape)} but its input has shape "
@@ -93,7 +95,7 @@ def dense_baselines(
 ) -> tuple[Tensor, ...]:
     """Baselines as full tensors with the inputs' shape, dtype and device."""
     out = []
-    for inp, base in zip(inputs, baselines):
+    for inp, base in zip(inputs, baselines, strict=True):
         if isinstance(base, Tensor):
             out.append(base.to(device=inp.device, dtype=inp.dtype).expand_as(inp))
         else:
@@ -150,7 +152,9 @@ def check_target(target: TargetType, output_shape: Sequence[int], num_examples: 
             )
         return
     if isinstance(target, bool):
-        raise AttributionTypeError("target must be an int, a tuple, a list or a tensor, not a bool.")
+        raise AttributionTypeError(
+            "target must be an int, a tuple, a list or a tensor, not a bool."
+        )
     if isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise AttributionTypeError(
@@ -180,7 +184,7 @@ def check_target(target: TargetType, output_shape: Sequence[int], num_examples: 
                 f"target {target} has {len(target)} index(es) but {scores} needs exactly "
                 f"{len(rest)} per example."
             )
-        for dim, (t, size) in enumerate(zip(target, rest), start=1):
+        for dim, (t, size) in enumerate(zip(target, rest, strict=True), start=1):
             if not isinstance(t, int) or isinstance(t, bool):
                 raise AttributionTypeError(f"target {target} must contain only ints.")
             _check_int(t, size, f"output dimension {dim}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,7 +40,6 @@ from explainer.hooks import (
     LayerTap,
     NeedsFullGraph,
     StopForward,
-    affine_entry,
     layer_label,
     tap_layers,
 )
@@ -51,7 +50,11 @@ from explainer.limits import rows_per_pass
 __all__ = ["LayerConductance", "NeuronGradient"]
 
 ProgressFn = Callable[[int, int], None]
-Selector = Union[int, tuple, Callable[..., Tensor]]
+
+# Input bytes per pass of stacked copies for many neuron gradients (about 8 images of 224x224):
+# larger passes measured slower on the CPU, the activations no longer fitting in its caches.
+_COPY_PASS_BYTES = 5 * 2**20
+Selector = int | tuple | Callable[..., Tensor]
 
 
 def _unwrap(forward_func: Callable) -> Callable:
@@ -259,18 +262,32 @@ class LayerConductance(_LayerMethod):
         alphas = integration_alphas(method, points)
 
         totals, tuple_layers = self._integrate(
-            inputs_t, baselines_t, target, args, alphas, per_pass, attribute_to_layer_input, progress
+            inputs_t,
+            baselines_t,
+            target,
+            args,
+            alphas,
+            per_pass,
+            attribute_to_layer_input,
+            progress,
         )
         results = [
-            tuple(total) if is_tuple else total[0] for total, is_tuple in zip(totals, tuple_layers)
+            tuple(total) if is_tuple else total[0]
+            for total, is_tuple in zip(totals, tuple_layers, strict=True)
         ]
         attributions = results if self._is_list else results[0]
         if not return_convergence_delta:
             return attributions
-        deltas = [
-            self.compute_convergence_delta(r, baselines_t, inputs_t, target, additional_forward_args)
-            for r in results
-        ] if len(results) == 1 else self._deltas(results, baselines_t, inputs_t, target, args)
+        deltas = (
+            [
+                self.compute_convergence_delta(
+                    r, baselines_t, inputs_t, target, additional_forward_args
+                )
+                for r in results
+            ]
+            if len(results) == 1
+            else self._deltas(results, baselines_t, inputs_t, target, args)
+        )
         return attributions, (deltas if self._is_list else deltas[0])
 
     def _deltas(self, results, baselines_t, inputs_t, target, args) -> list[Tensor]:
@@ -319,13 +336,10 @@ class LayerConductance(_LayerMethod):
         # Lean passes record the graph from the layer on; a layer input (or a tensor passed
         # straight through) may have been used before the layer ran, so it needs the full graph.
         lean = not use_input
-        # End points for the first affine module on the path (see hooks.AffineEntry).
-        ends = tuple(
-            _path_points(inp, base, [0.0, 1.0]) for inp, base in zip(inputs, baselines)
-        )
-        with torch.inference_mode(False), affine_entry(forward) as entry, tap_layers(
-            self._layers, self._labels, use_input=use_input, mode="root"
-        ) as tap:
+        with (
+            torch.inference_mode(False),
+            tap_layers(self._layers, self._labels, use_input=use_input, mode="root") as tap,
+        ):
             for start in range(0, total_points, per_pass):
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
@@ -333,13 +347,8 @@ class LayerConductance(_LayerMethod):
                     tap.lean = lean
                     scaled = tuple(
                         _path_points(inp, base, chunk, requires_grad=not lean)
-                        for inp, base in zip(inputs, baselines)
+                        for inp, base in zip(inputs, baselines, strict=True)
                     )
-                    entry.disarm()
-                    if lean:
-                        coef = torch.tensor(chunk, dtype=torch.float64)
-                        for path, end_points in zip(scaled, ends):
-                            entry.arm(path, end_points, coef)
                     try:
                         with torch.set_grad_enabled(not lean):
                             output = _run_fast(
@@ -347,7 +356,9 @@ class LayerConductance(_LayerMethod):
                             )
                             output = _check_output(output)
                             if not checked:
-                                check_target(target, (num_examples, *output.shape[1:]), num_examples)
+                                check_target(
+                                    target, (num_examples, *output.shape[1:]), num_examples
+                                )
                                 checked = True
                             picked = select_target(output, repeat_target(target, k)).sum()
                         break
@@ -360,7 +371,10 @@ class LayerConductance(_LayerMethod):
                     grads = torch.autograd.grad(picked, flat, allow_unused=True)
                 else:  # the output does not depend on any tapped layer
                     grads = (None,) * len(flat)
-                grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, flat)]
+                grads = [
+                    torch.zeros_like(t) if g is None else g
+                    for g, t in zip(grads, flat, strict=True)
+                ]
 
                 pos = 0
                 new_carry: list[list[tuple[Tensor, Tensor]]] = []
@@ -373,7 +387,9 @@ class LayerConductance(_LayerMethod):
                         pos += 1
                         v = value.detach().reshape(k, num_examples, *value.shape[1:])
                         g = grad.reshape(k, num_examples, *value.shape[1:])
-                        part = (g[:-1] * (v[1:] - v[:-1])).sum(0) if k > 1 else torch.zeros_like(v[0])
+                        part = (
+                            (g[:-1] * (v[1:] - v[:-1])).sum(0) if k > 1 else torch.zeros_like(v[0])
+                        )
                         if carry is not None:
                             g_prev, v_prev = carry[li][ti]
                             part = part + g_prev * (v[0] - v_prev)
@@ -444,7 +460,10 @@ class NeuronGradient(_LayerMethod):
                     f"inputs[{i}] has dtype {t.dtype}; gradients need floating-point inputs "
                     "(pass integer arguments such as token ids through additional_forward_args)."
                 )
-        per_pass = max(1, rows_per_pass(inputs_t) // num_examples)
+        # Stacked copies run best in passes that stay small enough for the CPU caches.
+        row_bytes = sum(t[0].numel() * t.element_size() for t in inputs_t)
+        rows = min(rows_per_pass(inputs_t), max(1, _COPY_PASS_BYTES // max(row_bytes, 1)))
+        per_pass = max(1, rows // num_examples)
 
         parts: list[list[Tensor]] = [[] for _ in inputs_t]
         layout: dict[str, bool] = {}
@@ -475,7 +494,9 @@ class NeuronGradient(_LayerMethod):
         forward = _unwrap(self.forward_func)
         with torch.inference_mode(False), torch.enable_grad():
             leaves = tuple(
-                (torch.cat([t.detach()] * copies) if copies > 1 else t.detach()).requires_grad_(True)
+                (torch.cat([t.detach()] * copies) if copies > 1 else t.detach()).requires_grad_(
+                    True
+                )
                 for t in inputs
             )
             with tap_layers(self._layers, self._labels, use_input=use_input, mode="stop") as tap:
@@ -510,12 +531,18 @@ class NeuronGradient(_LayerMethod):
             if not out.requires_grad:  # the layer does not depend on the inputs
                 return tuple(torch.zeros_like(t) for t in leaves)
             grads = torch.autograd.grad(out, leaves, grad_outputs=seed, allow_unused=True)
-        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))
+        return tuple(
+            torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True)
+        )
 
     @staticmethod
     def _index(layer_out: Tensor, selector: Any, label: str) -> tuple:
         """Check an index selector against the layer's shape; return it as a tuple."""
-        sel = (selector,) if isinstance(selector, int) and not isinstance(selector, bool) else selector
+        sel = (
+            (selector,)
+            if isinstance(selector, int) and not isinstance(selector, bool)
+            else selector
+        )
         if not isinstance(sel, tuple) or not all(
             (isinstance(s, int) and not isinstance(s, bool)) or isinstance(s, slice) for s in sel
         ):
@@ -531,9 +558,11 @@ class NeuronGradient(_LayerMethod):
                 f"{label} are addressed by {len(dims)} (its output per example has shape {dims}); "
                 f"give a tuple of {len(dims)} indices."
             )
-        for s, size in zip(sel, dims):
-            if isinstance(s, slice) and s.step is not None and (
-                not isinstance(s.step, int) or s.step < 1
+        for s, size in zip(sel, dims, strict=False):
+            if (
+                isinstance(s, slice)
+                and s.step is not None
+                and (not isinstance(s.step, int) or s.step < 1)
             ):
                 raise AttributionError(
                     f"neuron_selector {selector!r} has a slice with step {s.step!r}; slice steps "

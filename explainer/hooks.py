@@ -14,17 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import Module
 
 from explainer.errors import AttributionError, AttributionTypeError
 
 __all__ = [
-    "AffineEntry",
     "LayerTap",
     "NeedsFullGraph",
     "StopForward",
-    "affine_entry",
     "layer_label",
     "tap_layers",
 ]
@@ -48,7 +46,11 @@ def layer_label(layer: Module, root: Any = None) -> str:
     if isinstance(root, Module):
         for name, module in root.named_modules():
             if module is layer:
-                return f"'{name}' ({type(layer).__name__})" if name else f"the root module ({type(layer).__name__})"
+                return (
+                    f"'{name}' ({type(layer).__name__})"
+                    if name
+                    else f"the root module ({type(layer).__name__})"
+                )
     return f"a {type(layer).__name__} layer"
 
 
@@ -87,7 +89,7 @@ class LayerTap:
 
     def check_reached(self) -> None:
         """Raise when a tapped layer never ran during the forward pass."""
-        for label, value in zip(self.labels, self.values):
+        for label, value in zip(self.labels, self.values, strict=True):
             if value is None:
                 raise AttributionError(
                     f"Layer {label} is not reached by the forward pass, so nothing flows through "
@@ -169,7 +171,7 @@ def tap_layers(
         handed = tuple(t.clone() for t in tensors)
         if use_input:
             return handed
-        return (type(value)(handed) if is_tuple else handed[0])
+        return type(value)(handed) if is_tuple else handed[0]
 
     def make_hooks(index: int):
         def forward_hook(module: Module, args: Any, output: Any) -> Any:
@@ -197,91 +199,3 @@ def tap_layers(
             handle.remove()
         for t in flipped:
             t.requires_grad_(False)
-
-
-# Modules whose output is an affine function of their single input. Exact types only: a subclass
-# may override ``forward`` with anything.
-_AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class AffineEntry:
-    """Evaluates the first affine module on the path at the two end points only.
-
-    Along the straight path from baseline ``b`` to input ``x`` an affine module ``A`` gives
-    ``A(b + a (x - b)) = A(b) + a (A(x) - A(b))``. When such a module receives the whole batch of
-    path points as its input, it is run on the two end points instead and its output for every
-    point is filled in from them: the same values for a fraction of the work.
-    """
-
-    def __init__(self) -> None:
-        self.routes: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.pending: list[tuple[Module, int]] = []
-
-    def arm(self, path: Tensor, ends: Tensor, coef: Tensor) -> None:
-        """Recognise ``path`` (k*N rows); ``ends`` stacks baseline and input (2N rows) and
-        ``coef`` holds the k interpolation coefficients."""
-        self.routes[id(path)] = (path, ends, coef)
-
-    def disarm(self) -> None:
-        self.routes.clear()
-        self.pending.clear()
-
-
-@contextmanager
-def affine_entry(root: Any) -> Iterator[AffineEntry]:
-    """Hook every plain affine module of ``root`` for the calling thread (see :class:`AffineEntry`).
-
-    Modules that already carry hooks are left alone; enter this before :func:`tap_layers` so
-    that a tapped affine layer still benefits (its tap then sees the filled-in output).
-    """
-    entry = AffineEntry()
-    if not isinstance(root, Module):
-        yield entry
-        return
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        yield entry
-        return
-    owner = threading.get_ident()
-    handles = []
-
-    def pre_hook(module: Module, args: Any) -> Any:
-        if threading.get_ident() != owner or len(args) != 1:
-            return None
-        route = entry.routes.get(id(args[0]))
-        if route is None or route[0] is not args[0]:
-            return None
-        entry.pending.append((module, id(args[0])))
-        return (route[1],)
-
-    def forward_hook(module: Module, args: Any, output: Any) -> Any:
-        if threading.get_ident() != owner or not entry.pending or entry.pending[-1][0] is not module:
-            return None
-        _, key = entry.pending.pop()
-        path, _, coef = entry.routes[key]
-        n = output.shape[0] // 2
-        start, end = output[:n], output[n:]
-        k = coef.shape[0]
-        coef = coef.to(device=output.device, dtype=output.dtype).reshape(k, *([1] * output.dim()))
-        if output.requires_grad:  # recorded by autograd (a root ran earlier): no out= here
-            return torch.addcmul(start, coef, end - start).reshape(k * n, *output.shape[1:])
-        filled = torch.empty((k * n, *output.shape[1:]), dtype=output.dtype, device=output.device)
-        if output.dim() == 4 and output.is_contiguous(memory_format=torch.channels_last):
-            filled = filled.contiguous(memory_format=torch.channels_last)
-        torch.addcmul(start, coef, end - start, out=filled.view(k, *start.shape))
-        return filled
-
-    try:
-        for module in root.modules():
-            if type(module) not in _AFFINE_TYPES:
-                continue
-            if module._forward_hooks or module._forward_pre_hooks:
-                continue
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(forward_hook))
-        yield entry
-    finally:
-        for handle in handles:
-            handle.remove()
-        entry.disarm()

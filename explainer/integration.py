@@ -69,4 +69,3 @@ def alphas(method: str, n: int) -> list[float]:
     check_method(method)
     _check_points(n)
     return _ALPHAS[method](int(n)).tolist()
-

@@ -33,7 +33,9 @@ def _env_number(name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ExplainerError(f"The setting {name}={raw!r} is not a number; fix it or unset it.") from None
+        raise ExplainerError(
+            f"The setting {name}={raw!r} is not a number; fix it or unset it."
+        ) from None
     if value <= 0:
         raise ExplainerError(f"The setting {name}={raw!r} must be positive; fix it or unset it.")
     return value

@@ -12,7 +12,6 @@ from explainer import AttributionError, AttributionTypeError, LayerConductance, 
 from explainer.integration import METHODS, alphas
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """Exact golden values need float64; restore the default for the other test modules."""
@@ -161,7 +160,9 @@ def test_chunked_equals_unchunked(cnn, ibs):
     x = torch.rand(2, 3, 6, 6)
     lc = LayerConductance(cnn, cnn.act1)
     full = lc.attribute(x, target=[0, 3], n_steps=9, method="riemann_middle")
-    chunked = lc.attribute(x, target=[0, 3], n_steps=9, method="riemann_middle", internal_batch_size=ibs)
+    chunked = lc.attribute(
+        x, target=[0, 3], n_steps=9, method="riemann_middle", internal_batch_size=ibs
+    )
     torch.testing.assert_close(chunked, full, rtol=1e-10, atol=1e-12)
 
 
@@ -194,7 +195,7 @@ def test_layer_list_equals_single_layer_calls(cnn):
         x, target=1, n_steps=5, return_convergence_delta=True
     )
     assert isinstance(together, list) and len(together) == 3
-    for layer, attr, delta in zip(layers, together, deltas):
+    for layer, attr, delta in zip(layers, together, deltas, strict=False):
         alone, alone_delta = LayerConductance(cnn, layer).attribute(
             x, target=1, n_steps=5, return_convergence_delta=True
         )
@@ -208,7 +209,7 @@ def test_neuron_selector_list_equals_single_calls(cnn):
     selectors = [(0, 1, 1), (5, 0, 5), (slice(0, 3), 2, slice(1, 4)), lambda out: out[:, 1, 2, 2]]
     many = ng.attribute(x, selectors)
     assert many.shape == (4, 2, 3, 6, 6)
-    for got, sel in zip(many, selectors):
+    for got, sel in zip(many, selectors, strict=False):
         torch.testing.assert_close(got, ng.attribute(x, sel), rtol=1e-12, atol=1e-14)
 
 
@@ -307,13 +308,21 @@ def test_cuda_matches_cpu(cnn):
 MISUSE = {
     "unknown method": (dict(method="simpson"), AttributionError, "Unknown integration method"),
     "zero steps": (dict(n_steps=0), AttributionError, "n_steps must be a positive integer"),
-    "baseline shape": (dict(baselines=torch.zeros(2, 3, 4, 4)), AttributionError, "Baseline 0 has shape"),
+    "baseline shape": (
+        dict(baselines=torch.zeros(2, 3, 4, 4)),
+        AttributionError,
+        "Baseline 0 has shape",
+    ),
     "baseline count": (dict(baselines=(0, 0)), AttributionError, "baseline(s) for 1 input"),
     "target range": (dict(target=7), AttributionError, "out of range"),
     "target arity": (dict(target=(1, 2)), AttributionError, "needs exactly 1"),
     "target missing": (dict(target=None), AttributionError, "No target given"),
     "target list length": (dict(target=[0]), AttributionError, "one target per example"),
-    "small internal batch": (dict(internal_batch_size=1), AttributionError, "smaller than the number of examples"),
+    "small internal batch": (
+        dict(internal_batch_size=1),
+        AttributionError,
+        "smaller than the number of examples",
+    ),
 }
 
 
@@ -429,42 +438,3 @@ def test_wrong_argument_kinds_are_refused(cnn):
         LayerConductance(cnn, cnn.conv1).attribute([torch.rand(1, 3, 4, 4)], target=0)
     with pytest.raises(AttributionTypeError):
         NeuronGradient(cnn, [cnn.conv1, cnn.conv2])
-
-
-def test_first_affine_module_shortcut_matches_direct_evaluation(cnn):
-    """conv1 sees the whole path batch, so it runs on the two end points only; a subclass with
-    its own forward is never taken for affine."""
-
-    class SquaredConv(nn.Conv2d):
-        def forward(self, x):
-            return super().forward(x) ** 2
-
-    class Net(nn.Module):
-        def __init__(self, first: nn.Module) -> None:
-            super().__init__()
-            self.first = first
-            self.act = nn.Tanh()
-            self.fc = nn.Linear(4 * 5 * 5, 3)
-
-        def forward(self, x):
-            return self.fc(self.act(self.first(x)).flatten(1))
-
-    x = torch.rand(2, 3, 5, 5)
-    for first in (nn.Conv2d(3, 4, 3, padding=1), SquaredConv(3, 4, 3, padding=1)):
-        model = Net(first).eval()
-        seen: list[int] = []
-        got = LayerConductance(model, model.act).attribute(x, target=1, n_steps=6)
-        # Reference: the same sum computed point by point with plain autograd.
-        a = alphas("gausslegendre", 7)
-        values, grads = [], []
-        for alpha in a:
-            h = model.act(model.first(alpha * x)).detach().requires_grad_()
-            out = model.fc(h.flatten(1))[:, 1].sum()
-            values.append(h.detach())
-            grads.append(torch.autograd.grad(out, h)[0])
-        expected = sum(g * (v2 - v1) for g, v1, v2 in zip(grads[:-1], values[:-1], values[1:]))
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-        model.first.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
-        LayerConductance(model, model.act).attribute(x, target=1, n_steps=6)
-        assert seen == [14]  # a module with a hook of its own is left alone
-        assert len(model.first._forward_pre_hooks) == 1
