@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 samples[impl].append(_spawn(case, impl, args.threads))
         med = {
             impl: {
-                k: statistics.median(s[k] for s in samples[impl]) for k in ("seconds", "peak_mib")
+                k: statistics.median(s[k] for s in samples[impl])
+                for k in ("seconds", "first_seconds", "peak_mib")
             }
             for impl in impls
         }

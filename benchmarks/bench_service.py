@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 
 def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # webapp/ beside app.py
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     from explainer.analysis import neighbours
     from explainer.demo import sample_image_paths

@@ -37,7 +37,6 @@ Progress = Callable[[int, int], None]
 
 RESULT_CACHE_BYTES = 768 * 1024 * 1024
 RESULT_CACHE_ENTRIES = 1024
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 # --- shared resources ---------------------------------------------------------------------------
@@ -121,7 +120,7 @@ def input_tensor(image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
     """
     key = digest("input", image.digest, prep_key(prep))
     return result_cache().get_or_compute(
-        key, lambda: preprocess(load_image(image.data, max_pixels=MAX_IMAGE_PIXELS), prep)
+        key, lambda: preprocess(load_image(image.data), prep)
     )
 
 
@@ -138,7 +137,7 @@ def display_image(image: ImageEntry, prep: Preprocessing) -> np.ndarray:
 
 def validate_image(data: bytes) -> None:
     """Raise :class:`~explainer.errors.ImageLoadError` when ``data`` is not a readable image."""
-    load_image(data, max_pixels=MAX_IMAGE_PIXELS)
+    load_image(data)  # pixel limit: EXPLAINER_MAX_IMAGE_PIXELS (explainer.images)
 
 
 # --- predictions and structure ------------------------------------------------------------------
