@@ -206,30 +206,20 @@ def compute_conductance(
     -------
     ConductanceResult
     """
-    _check_model(model)
-    layer = _resolve_layer(model, layer_name)
-    _check_settings(method, n_steps)
-    x = _prepare_input(model, x, "image")
-    baseline = _prepare_baseline(model, baseline, x)
-    logits, outputs = _probe(model, [layer], [layer_name], torch.cat([x, baseline]))
-    _check_target(target, logits.shape[1])
-    output_diff = float(logits[0, target] - logits[1, target])
-
-    engine = LayerConductance(model, layer)
-    with torch.enable_grad():
-        attributions, delta = engine.attribute(
-            x,
-            baselines=baseline,
-            target=int(target),
-            n_steps=int(n_steps),
-            method=method,
-            internal_batch_size=internal_batch_size,
-            return_convergence_delta=True,
-            progress=progress,
-        )
-    return _conductance_result(
-        layer_name, int(target), attributions, delta, output_diff, method, int(n_steps)
+    if not isinstance(layer_name, str):
+        raise AttributionTypeError(f"layer_name must be a layer's dotted name, not {layer_name!r}.")
+    overview = compute_layer_overview(
+        model,
+        [layer_name],
+        x,
+        target,
+        baseline,
+        method=method,
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        progress=progress,
     )
+    return overview[layer_name]
 
 
 def compute_layer_overview(

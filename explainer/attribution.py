@@ -16,7 +16,8 @@ engine differs where the reference does work it does not need:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -140,6 +141,26 @@ def _path_points(
     return out.requires_grad_(requires_grad)
 
 
+@contextmanager
+def _out_of_memory_explained(what: str, rows: int) -> Iterator[None]:
+    """Turn an allocation failure into an error that says how to make the work fit."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
+        text = str(exc)
+        if not (
+            isinstance(exc, torch.OutOfMemoryError)
+            or "out of memory" in text.lower()
+            or "can't allocate memory" in text
+        ):
+            raise
+        raise AttributionError(
+            f"Ran out of memory computing {what} with {rows} example rows per pass. Pass a "
+            "smaller internal_batch_size, use fewer steps or a smaller image, or lower "
+            "EXPLAINER_MEMORY_BUDGET_MB so that the work is split into smaller passes."
+        ) from exc
+
+
 def _sum_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
 
@@ -261,16 +282,17 @@ class LayerConductance(_LayerMethod):
         args = format_additional_args(additional_forward_args)
         alphas = integration_alphas(method, points)
 
-        totals, tuple_layers = self._integrate(
-            inputs_t,
-            baselines_t,
-            target,
-            args,
-            alphas,
-            per_pass,
-            attribute_to_layer_input,
-            progress,
-        )
+        with _out_of_memory_explained("layer conductance", per_pass * num_examples):
+            totals, tuple_layers = self._integrate(
+                inputs_t,
+                baselines_t,
+                target,
+                args,
+                alphas,
+                per_pass,
+                attribute_to_layer_input,
+                progress,
+            )
         results = [
             tuple(total) if is_tuple else total[0]
             for total, is_tuple in zip(totals, tuple_layers, strict=True)
@@ -469,7 +491,10 @@ class NeuronGradient(_LayerMethod):
         layout: dict[str, bool] = {}
         for start in range(0, len(selectors), per_pass):
             group = selectors[start : start + per_pass]
-            grads = self._group_gradients(inputs_t, group, args, attribute_to_neuron_input, layout)
+            with _out_of_memory_explained("neuron gradients", len(group) * num_examples):
+                grads = self._group_gradients(
+                    inputs_t, group, args, attribute_to_neuron_input, layout
+                )
             for i, g in enumerate(grads):
                 parts[i].append(g.reshape(len(group), *inputs_t[i].shape))
         results = tuple(torch.cat(p).contiguous() if many else p[0][0].contiguous() for p in parts)

@@ -25,15 +25,7 @@ W.page_header(
     "down, and all of them together add up to the score difference. Click a bar or a tile to "
     "select a channel, and a cell of a map to select a neuron.",
 )
-if not W.require_ready(ctx):
-    st.stop()
-lm, image, prep, layer = ctx.lm, ctx.image, ctx.prep, ctx.layer
-assert lm is not None and image is not None and prep is not None and layer is not None
-
-ok, _ = W.attempt("Checking the layer", backend.check_layer, lm, layer)
-if not ok:
-    st.page_link(W.PAGE_LAYER, label="Choose another layer", icon=":material/arrow_forward:")
-    st.stop()
+lm, image, prep, layer = W.require_usable_layer(ctx)
 
 settings = W.settings_form(ctx, "cond")
 with W.progress_bar("Integrating along the path") as report:

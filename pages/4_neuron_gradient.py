@@ -22,15 +22,7 @@ W.page_header(
     "|gradient| map is its effective receptive field. Step to a neighbouring neuron to see how "
     "the view shifts.",
 )
-if not W.require_ready(ctx):
-    st.stop()
-lm, image, prep, layer = ctx.lm, ctx.image, ctx.prep, ctx.layer
-assert lm is not None and image is not None and prep is not None and layer is not None
-
-ok, _ = W.attempt("Checking the layer", backend.check_layer, lm, layer)
-if not ok:
-    st.page_link(W.PAGE_LAYER, label="Choose another layer", icon=":material/arrow_forward:")
-    st.stop()
+lm, image, prep, layer = W.require_usable_layer(ctx)
 ok, act = W.attempt("Reading the layer's output", backend.activation, lm, image, prep, layer)
 if not ok or act is None:
     st.stop()

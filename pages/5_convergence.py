@@ -23,15 +23,7 @@ W.page_header(
     "sum misses it. A delta that is small relative to the score difference means the maps can "
     "be trusted; a large one means: use more steps or a better integration method.",
 )
-if not W.require_ready(ctx):
-    st.stop()
-lm, image, prep, layer = ctx.lm, ctx.image, ctx.prep, ctx.layer
-assert lm is not None and image is not None and prep is not None and layer is not None
-
-ok, _ = W.attempt("Checking the layer", backend.check_layer, lm, layer)
-if not ok:
-    st.page_link(W.PAGE_LAYER, label="Choose another layer", icon=":material/arrow_forward:")
-    st.stop()
+lm, image, prep, layer = W.require_usable_layer(ctx)
 
 settings = W.settings_form(ctx, "conv")
 

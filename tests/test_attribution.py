@@ -438,3 +438,45 @@ def test_wrong_argument_kinds_are_refused(cnn):
         LayerConductance(cnn, cnn.conv1).attribute([torch.rand(1, 3, 4, 4)], target=0)
     with pytest.raises(AttributionTypeError):
         NeuronGradient(cnn, [cnn.conv1, cnn.conv2])
+
+
+def test_running_out_of_memory_is_explained(cnn):
+    class Hungry(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            if x.shape[0] > 2:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")
+            return self.inner(x)
+
+    model = Hungry(cnn)
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(AttributionError, match="Ran out of memory.*internal_batch_size"):
+        LayerConductance(model, cnn.conv1).attribute(x, target=0, n_steps=4)
+    # Small passes fit: the same call succeeds when the work is split.
+    attr = LayerConductance(model, cnn.conv1).attribute(
+        x, target=0, n_steps=4, internal_batch_size=2
+    )
+    assert attr.shape == (1, 4, 4, 4)
+    with pytest.raises(AttributionError, match="Ran out of memory"):
+        NeuronGradient(model, cnn.conv1).attribute(x, [(0, 0, 0)] * 3)
+    assert _hooks_left(model) == 0
+
+
+def test_interrupted_computation_leaves_no_hooks(cnn):
+    class Interrupted(BaseException):
+        """Stands in for a rerun or a closed browser tab stopping the script."""
+
+    def stop(done: int, total: int) -> None:
+        raise Interrupted()
+
+    flags = _flags(cnn)
+    with pytest.raises(Interrupted):
+        LayerConductance(cnn, [cnn.conv1, cnn.conv2]).attribute(
+            torch.rand(2, 3, 6, 6), target=1, n_steps=8, internal_batch_size=4, progress=stop
+        )
+    assert _hooks_left(cnn) == 0
+    assert _flags(cnn) == flags
+    assert torch.is_grad_enabled()

@@ -260,3 +260,28 @@ def test_waiters_retry_after_the_computation_they_waited_for_fails():
     # Whenever the waiters arrived, exactly one of them recomputed after the failure.
     assert len(attempts) == 2
     assert cache.get("k") == "ok"
+
+
+def test_interrupted_computation_leaves_no_entry_and_is_recomputed():
+    cache = ContentCache(max_bytes=10_000, max_entries=10)
+
+    class Interrupted(BaseException):
+        """Stands in for Streamlit stopping a script midway (a rerun, a closed tab)."""
+
+    def interrupted():
+        raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        cache.get_or_compute("k", interrupted)
+    assert "k" not in cache
+    assert cache.get_or_compute("k", lambda: 42) == 42
+
+
+def test_soak_of_hundreds_of_requests_stays_within_bounds():
+    cache = ContentCache(max_bytes=64 * 1024, max_entries=50)
+    for i in range(400):
+        value = cache.get_or_compute(f"request-{i}", lambda i=i: np.full(256 + i % 7, i, np.float32))
+        assert value[0] == i
+        stats = cache.stats()
+        assert stats["bytes"] <= 64 * 1024 and stats["entries"] <= 50
+    assert cache.get("request-399") is not None and cache.get("request-0") is None

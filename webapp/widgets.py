@@ -281,6 +281,19 @@ def require_ready(ctx: Context) -> bool:
     return True
 
 
+def require_usable_layer(ctx: Context) -> tuple[Any, Any, Any, str]:
+    """``(lm, image, prep, layer)`` when all are ready and the layer can be explained; otherwise
+    say what is missing, link to the page that fixes it, and stop the page."""
+    if not require_ready(ctx):
+        st.stop()
+    assert ctx.lm is not None and ctx.image is not None and ctx.prep is not None and ctx.layer
+    ok, _ = attempt("Checking the layer", backend.check_layer, ctx.lm, ctx.layer)
+    if not ok:
+        st.page_link(PAGE_LAYER, label="Choose another layer", icon=":material/arrow_forward:")
+        st.stop()
+    return ctx.lm, ctx.image, ctx.prep, ctx.layer
+
+
 # --- chart clicks -------------------------------------------------------------------------------
 def _first_point(chart_key: str) -> dict | None:
     event = st.session_state.get(chart_key)
