@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from explainer.attribution import LayerConductance, NeuronGradient
 from explainer.errors import AttributionError, AttributionTypeError
 from explainer.integration import check_method
+from explainer.limits import max_steps
 
 __all__ = [
     "ConductanceResult",
@@ -584,6 +585,11 @@ def _check_settings(method: Any, n_steps: Any) -> None:
     check_method(method)
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
         raise AttributionError(f"n_steps must be a whole number of 1 or more; got {n_steps!r}.")
+    if n_steps > max_steps():
+        raise AttributionError(
+            f"n_steps={int(n_steps)} is above this server's limit of {max_steps()} steps; use "
+            "fewer steps (the convergence page shows how many are enough)."
+        )
 
 
 def _check_target(target: Any, num_classes: int) -> None:

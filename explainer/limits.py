@@ -3,12 +3,17 @@
 Each limit comes from an environment variable so that the operator of a server sets it, never
 a browser user. Values are read at call time, so tests and long-running servers see changes.
 
-=============================  =========  ==================================================
-variable                       default    what it bounds
-=============================  =========  ==================================================
-EXPLAINER_MEMORY_BUDGET_MB     2048       working memory of one attribution pass (the engine
-                                          splits the work into passes that fit)
-=============================  =========  ==================================================
+=============================  ==========  =================================================
+variable                       default     what it bounds
+=============================  ==========  =================================================
+EXPLAINER_MEMORY_BUDGET_MB     2048        working memory of one attribution pass (the
+                                           engine splits the work into passes that fit)
+EXPLAINER_MAX_STEPS            1024        n_steps of one conductance request in the app
+EXPLAINER_MAX_IMAGES           32          images held by one browser session
+EXPLAINER_MAX_UPLOAD_MB        500         size of a model file (explainer.models)
+EXPLAINER_MAX_IMAGE_PIXELS     40000000    width x height of an image (explainer.images)
+EXPLAINER_ALLOW_PICKLE         off         "1" lets trusted pickled modules load
+=============================  ==========  =================================================
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ from torch import Tensor
 
 from explainer.errors import ExplainerError
 
-__all__ = ["memory_budget_bytes", "rows_per_pass", "ACTIVATION_FACTOR"]
+__all__ = [
+    "ACTIVATION_FACTOR",
+    "max_images",
+    "max_steps",
+    "memory_budget_bytes",
+    "rows_per_pass",
+]
 
 # Autograd keeps several activations per layer for the backward pass; for common CNNs the
 # total per example is a few dozen times the size of the input image.
@@ -50,3 +61,13 @@ def rows_per_pass(inputs: tuple[Tensor, ...]) -> int:
     """How many example rows (path points or copies times examples) one pass may hold."""
     per_row = sum(t[0].numel() * t.element_size() for t in inputs) * ACTIVATION_FACTOR
     return max(1, memory_budget_bytes() // max(per_row, 1))
+
+
+def max_steps() -> int:
+    """The most integration steps one request may ask for."""
+    return int(_env_number("EXPLAINER_MAX_STEPS", 1024))
+
+
+def max_images() -> int:
+    """The most images one browser session may hold."""
+    return int(_env_number("EXPLAINER_MAX_IMAGES", 32))

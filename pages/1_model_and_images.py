@@ -11,6 +11,7 @@ import streamlit as st
 import webapp
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
+from explainer.limits import max_images
 from explainer.models import describe_model, list_architectures, load_labels, pickle_allowed
 from webapp import backend
 from webapp import figures as F
@@ -234,6 +235,12 @@ def _on_upload_images() -> None:
         data = file.getvalue()
         entry = S.ImageEntry.from_bytes(file.name, data, source="upload")
         if entry.digest in known:
+            continue
+        if len(images) >= max_images():
+            errors.append(
+                f"**{file.name}** was not added: this server keeps at most {max_images()} images "
+                "per session. Remove some images first."
+            )
             continue
         try:
             backend.validate_image(data)

@@ -226,9 +226,7 @@ def test_completeness_on_a_smooth_model(method, layer):
     model = gentle_cnn()
     x = 0.2 * positive_image()
     baseline = torch.zeros_like(x)
-    result = checked(
-        compute_conductance, model, layer, x, 3, baseline, method=method, n_steps=100
-    )
+    result = checked(compute_conductance, model, layer, x, 3, baseline, method=method, n_steps=100)
     with torch.no_grad():
         expected_diff = float(model(x)[0, 3] - model(baseline)[0, 3])
     assert result.output_diff == pytest.approx(expected_diff, rel=1e-9)
@@ -273,9 +271,7 @@ def test_conductance_matches_captum(method):
     model = relu_cnn()
     x = image(seed=3)
     baseline = torch.full_like(x, -0.5)
-    result = checked(
-        compute_conductance, model, "relu1", x, 2, baseline, method=method, n_steps=16
-    )
+    result = checked(compute_conductance, model, "relu1", x, 2, baseline, method=method, n_steps=16)
     reference, delta = CaptumLayerConductance(model, model.relu1).attribute(
         x, baselines=baseline, target=2, n_steps=16, method=method, return_convergence_delta=True
     )
@@ -289,9 +285,7 @@ def test_float32_input_runs_on_a_float64_model_and_the_input_is_left_alone():
     model = smooth_cnn()
     x = image(dtype=torch.float32)
     original = x.clone()
-    result = checked(
-        compute_conductance, model, "conv2", x, 0, torch.zeros_like(x), n_steps=8
-    )
+    result = checked(compute_conductance, model, "conv2", x, 0, torch.zeros_like(x), n_steps=8)
     assert result.attributions.dtype == np.float32
     assert torch.equal(x, original) and not x.requires_grad
 
@@ -467,7 +461,13 @@ def test_bad_settings_are_refused_before_any_work(smooth_setup):
     calls = []
     with pytest.raises(AttributionError, match="gausslegendre"):
         checked(
-            compute_conductance, model, "conv1", x, 0, baseline, method="simpson",
+            compute_conductance,
+            model,
+            "conv1",
+            x,
+            0,
+            baseline,
+            method="simpson",
             progress=lambda *a: calls.append(a),
         )
     with pytest.raises(AttributionError, match="n_steps"):
@@ -670,10 +670,16 @@ def test_top_predictions_clips_k_and_names_unlabelled_classes():
 def test_neighbours_in_the_middle_of_a_feature_map():
     result = neighbours((1, 2, 2), (3, 5, 5))
     assert result == [
-        (1, 1, 1), (1, 1, 2), (1, 1, 3),
-        (1, 2, 1), (1, 2, 3),
-        (1, 3, 1), (1, 3, 2), (1, 3, 3),
-        (0, 2, 2), (2, 2, 2),
+        (1, 1, 1),
+        (1, 1, 2),
+        (1, 1, 3),
+        (1, 2, 1),
+        (1, 2, 3),
+        (1, 3, 1),
+        (1, 3, 2),
+        (1, 3, 3),
+        (0, 2, 2),
+        (2, 2, 2),
     ]
 
 
@@ -726,8 +732,10 @@ def test_convergence_sweep_orders_points_and_reports_progress():
     )
     assert all(isinstance(p, ConvergencePoint) for p in points)
     assert [(p.method, p.n_steps) for p in points] == [
-        ("riemann_right", 2), ("riemann_right", 64),
-        ("riemann_trapezoid", 2), ("riemann_trapezoid", 64),
+        ("riemann_right", 2),
+        ("riemann_right", 64),
+        ("riemann_trapezoid", 2),
+        ("riemann_trapezoid", 64),
     ]
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
     for point in points:
@@ -751,12 +759,42 @@ def test_convergence_sweep_checks_everything_before_running():
         checked(convergence_sweep, model, "conv1", x, 0, baseline, [], [10])
     with pytest.raises(AttributionError, match="n_steps"):
         checked(
-            convergence_sweep, model, "conv1", x, 0, baseline, ["gausslegendre"], [10, 0],
+            convergence_sweep,
+            model,
+            "conv1",
+            x,
+            0,
+            baseline,
+            ["gausslegendre"],
+            [10, 0],
             progress=lambda *a: calls.append(a),
         )
     with pytest.raises(AttributionError, match="between 0 and 4"):
         checked(
-            convergence_sweep, model, "conv1", x, 9, baseline, ["gausslegendre"], [10],
+            convergence_sweep,
+            model,
+            "conv1",
+            x,
+            9,
+            baseline,
+            ["gausslegendre"],
+            [10],
             progress=lambda *a: calls.append(a),
         )
     assert calls == []
+
+
+def test_step_limit_is_enforced(monkeypatch):
+    """n_steps above the operator's EXPLAINER_MAX_STEPS is refused with the limit named."""
+    from explainer.analysis import compute_conductance
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3)
+    )
+    x = torch.rand(1, 3, 6, 6)
+    monkeypatch.setenv("EXPLAINER_MAX_STEPS", "16")
+    with pytest.raises(AttributionError, match="limit of 16 steps"):
+        compute_conductance(model.eval(), "0", x, 1, torch.zeros_like(x), n_steps=17)
+    result = compute_conductance(model.eval(), "0", x, 1, torch.zeros_like(x), n_steps=16)
+    assert result.attributions.shape == (2, 4, 4)

@@ -280,7 +280,9 @@ def test_interrupted_computation_leaves_no_entry_and_is_recomputed():
 def test_soak_of_hundreds_of_requests_stays_within_bounds():
     cache = ContentCache(max_bytes=64 * 1024, max_entries=50)
     for i in range(400):
-        value = cache.get_or_compute(f"request-{i}", lambda i=i: np.full(256 + i % 7, i, np.float32))
+        value = cache.get_or_compute(
+            f"request-{i}", lambda i=i: np.full(256 + i % 7, i, np.float32)
+        )
         assert value[0] == i
         stats = cache.stats()
         assert stats["bytes"] <= 64 * 1024 and stats["entries"] <= 50

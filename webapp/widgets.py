@@ -19,6 +19,7 @@ from explainer.baselines import BASELINE_KINDS
 from explainer.demo import sample_image_paths
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
+from explainer.limits import max_steps
 from explainer.models import LoadedModel
 from webapp import backend
 from webapp import state as S
@@ -455,7 +456,7 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
         c4.number_input(
             "n_steps",
             min_value=1,
-            max_value=2000,
+            max_value=max_steps(),
             value=int(settings.n_steps),
             step=10,
             key=f"{prefix}_steps",
