@@ -705,6 +705,12 @@ def _probe(
                 "entry per image; pick another layer."
             )
         outputs.append(output)
+    if not bool(torch.isfinite(logits).all()):
+        raise AttributionError(
+            "The model's scores contain NaN or infinite values for this image (or its baseline), "
+            "so attributions would be meaningless; check the model's weights and the "
+            "preprocessing (normalisation) of the image."
+        )
     return logits, outputs
 
 

@@ -798,3 +798,19 @@ def test_step_limit_is_enforced(monkeypatch):
         compute_conductance(model.eval(), "0", x, 1, torch.zeros_like(x), n_steps=17)
     result = compute_conductance(model.eval(), "0", x, 1, torch.zeros_like(x), n_steps=16)
     assert result.attributions.shape == (2, 4, 4)
+
+
+def test_non_finite_scores_are_refused_plainly():
+    from explainer.analysis import compute_conductance
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1)) * float("nan")
+
+    x = torch.rand(1, 1, 2, 2)
+    with pytest.raises(AttributionError, match="NaN or infinite"):
+        compute_conductance(Broken().eval(), "lin", x, 0, torch.zeros_like(x))
