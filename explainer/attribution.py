@@ -419,7 +419,7 @@ class LayerConductance(_LayerMethod):
                             sums[li].append(part)
                         else:
                             sums[li][ti] = sums[li][ti] + part
-                        layer_carry.append((g[-1], v[-1]))
+                        layer_carry.append((g[-1].clone(), v[-1].clone()))  # frees the pass
                     new_carry.append(layer_carry)
                 carry = new_carry
                 del flat, grads, output, picked

@@ -81,8 +81,13 @@ class LayerTap:
     values: list[tuple[Tensor, ...] | None] = field(default_factory=list)
     is_tuple: list[bool] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    flipped: list[Tensor] = field(default_factory=list)
 
     def reset(self) -> None:
+        """Forget the last pass; tensors made to require grad by it get their flag back."""
+        for t in self.flipped:
+            t.requires_grad_(False)
+        self.flipped = []
         self.values = [None] * len(self.layers)
         self.is_tuple = [False] * len(self.layers)
         self.calls = [0] * len(self.layers)
@@ -129,7 +134,6 @@ def tap_layers(
     tap = LayerTap(layers=layers, labels=list(labels), use_input=use_input)
     tap.reset()
     handles = []
-    flipped: list[Tensor] = []
 
     def capture(index: int, value: Any, args: tuple = ()) -> Any:
         tap.calls[index] += 1
@@ -159,7 +163,7 @@ def tap_layers(
                     # use of it counts, not only the use by this layer. Flipped back on exit.
                     try:
                         t.requires_grad_(True)
-                        flipped.append(t)
+                        tap.flipped.append(t)
                     except RuntimeError:
                         t = t.detach().requires_grad_(True)
                 rooted.append(t)
@@ -197,5 +201,4 @@ def tap_layers(
     finally:
         for handle in handles:
             handle.remove()
-        for t in flipped:
-            t.requires_grad_(False)
+        tap.reset()
