@@ -52,6 +52,12 @@ m4.metric(
     help="Sum of conductance minus the score difference. Small is good; the Convergence page "
     "shows how it shrinks with more steps.",
 )
+if not np.any(result.attributions):
+    st.info(
+        "Every unit of this layer has zero conductance: the target score does not change through "
+        "this layer (no gradient reaches it from the score, or its output does not move between "
+        "baseline and image). Try a layer closer to the output, or another baseline."
+    )
 
 
 # --- interactive views (one fragment: a click reruns only this part) ----------------------------

@@ -854,3 +854,17 @@ def test_demo_architecture(image):
     built = build_model("demo_cnn", num_classes=3)
     assert built.source_format == "builtin"
     assert built.labels == ["class 0", "class 1", "class 2"]
+
+
+def test_zip_bomb_is_refused_before_unpacking(monkeypatch):
+    """An archive whose members unpack far beyond the upload limit is refused from its
+    directory alone."""
+    monkeypatch.setenv("EXPLAINER_MAX_UPLOAD_MB", "1")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("model/data/0", bytes(8 * 2**20))  # 8 MiB of zeros, a few KiB packed
+    data = buffer.getvalue()
+    assert len(data) < 64 * 1024
+    with pytest.raises(ModelLoadError, match="unpacks to more than"):
+        load_model(data, filename="bomb.pt", arch="resnet18")

@@ -121,3 +121,29 @@ def test_default_layer_has_a_spatial_map(demo):
     name = backend.default_layer(lm)
     shape = backend.tree(lm).nodes[name].output_shapes[0]
     assert len(shape) == 4 and shape[2] * shape[3] > 1
+
+
+def test_sessions_computing_at_once_get_their_solo_results(demo):
+    """Several sessions computing on the one cached model at the same time (different layers,
+    targets, images) get exactly what each would get alone, and leave no hooks behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    lm, prep, _ = demo
+    paths = sample_image_paths()[:4]
+    images = [ImageEntry.from_bytes(p.name, p.read_bytes(), source="sample") for p in paths]
+    jobs = [
+        (images[i % 4], layer, AttributionSettings(target=i % 8, n_steps=12))
+        for i, layer in enumerate(["conv1", "block1", "block2", "block3", "block1.conv", "block3"])
+    ]
+    backend.result_cache().clear()
+    solo = [backend.conductance(lm, image, prep, layer, s).attributions for image, layer, s in jobs]
+    backend.result_cache().clear()
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        together = list(
+            pool.map(lambda job: backend.conductance(lm, job[0], prep, job[1], job[2]), jobs)
+        )
+    for alone, shared in zip(solo, together, strict=True):
+        np.testing.assert_allclose(shared.attributions, alone, rtol=1e-6, atol=1e-7)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
