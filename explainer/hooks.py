@@ -108,14 +108,12 @@ def tap_layers(
     labels: Sequence[str],
     *,
     use_input: bool = False,
-    mode: str = "read",
+    mode: str,
 ) -> Iterator[LayerTap]:
     """Hook ``layers`` for the calling thread.
 
     Modes
     -----
-    ``"read"``
-        Record the tensors only (the graph is whatever the caller's grad mode records).
     ``"root"``
         For conductance. In a lean pass (``tap.lean = True``) the caller runs the forward under
         ``torch.no_grad()``; the first tapped layer to run becomes the root of the autograd
@@ -130,6 +128,8 @@ def tap_layers(
     Values handed on to the rest of the network are clones, so in-place operations downstream
     (``ReLU(inplace=True)``) cannot overwrite what was recorded.
     """
+    if mode not in ("root", "stop"):
+        raise ValueError(f"unknown tap mode {mode!r}")
     owner = threading.get_ident()
     tap = LayerTap(layers=layers, labels=list(labels), use_input=use_input)
     tap.reset()
