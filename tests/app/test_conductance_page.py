@@ -201,3 +201,21 @@ def test_channel_click_moves_the_neuron_to_that_channel():
     assert not at.exception
     assert at.session_state["channel"] == 9
     assert at.session_state["neuron"] == (9, 2, 5)
+
+
+def test_zero_conductance_is_said_plainly(app):
+    """A black image against the black baseline: nothing moves along the path."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(buffer, format="PNG")
+    widget(app, "file_uploader", "_w_image_files").set_value(
+        [("black.png", buffer.getvalue(), "image/png")]
+    )
+    app.run()
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.exception and not app.error
+    assert any("zero conductance" in info.value for info in app.info)
+    assert float(_metrics(app)["Sum of conductance"]) == 0.0

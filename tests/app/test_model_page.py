@@ -172,3 +172,15 @@ def test_removed_image_leaves_the_list(app):
     assert target.digest not in [e.digest for e in app.session_state["images"]]
     open_page(app, PAGE_MODEL)
     assert target.digest not in [e.digest for e in app.session_state["images"]]
+
+
+def test_images_per_session_limit_is_enforced(app, monkeypatch):
+    count = len(app.session_state["images"])
+    monkeypatch.setenv("EXPLAINER_MAX_IMAGES", str(count))
+    widget(app, "file_uploader", "_w_image_files").set_value(
+        [("one_too_many.png", png_bytes((10, 200, 10)), "image/png")]
+    )
+    app.run()
+    assert not app.exception
+    assert len(app.session_state["images"]) == count
+    assert f"at most {count} images" in error_text(app)
