@@ -182,9 +182,10 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
                 result = _to_rgb(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(
-            f"{label} declares an enormous size and was refused as a possible decompression "
-            f"bomb ({exc}). Resize the image to at most {limit:,} pixels and try again."
-        ) from None
+            f"{label} declares more than {Image.MAX_IMAGE_PIXELS:,} pixels and was refused "
+            "without being decoded (a possible decompression bomb). Resize the image to at most "
+            f"{limit:,} pixels and try again."
+        ) from exc
     except ImageLoadError:
         raise
     except _DECODE_ERRORS as exc:

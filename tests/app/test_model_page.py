@@ -184,3 +184,26 @@ def test_images_per_session_limit_is_enforced(app, monkeypatch):
     assert not app.exception
     assert len(app.session_state["images"]) == count
     assert f"at most {count} images" in error_text(app)
+
+
+def test_hundred_megapixel_upload_is_refused_and_nothing_is_lost(app):
+    """The header of a 10000 x 10000 PNG is enough to refuse it; no pixel is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+    before = [e.digest for e in app.session_state["images"]]
+    active = app.session_state["active_image"]
+    widget(app, "file_uploader", "_w_image_files").set_value([("huge.png", png, "image/png")])
+    app.run()
+    assert not app.exception
+    message = error_text(app)
+    assert "huge.png" in message and "Resize the image to at most 40,000,000 pixels" in message
+    assert [e.digest for e in app.session_state["images"]] == before
+    assert app.session_state["active_image"] == active
