@@ -207,3 +207,34 @@ def test_hundred_megapixel_upload_is_refused_and_nothing_is_lost(app):
     assert "huge.png" in message and "Resize the image to at most 40,000,000 pixels" in message
     assert [e.digest for e in app.session_state["images"]] == before
     assert app.session_state["active_image"] == active
+
+
+def test_model_without_class_scores_is_explained_on_every_page(app):
+    """A segmentation-style model (scores per pixel) loads, and each page says plainly that it
+    needs one score per class instead of failing."""
+    import io
+
+    import torch
+    from torch import nn
+
+    class PixelScores(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)))
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        PixelScores().eval(), (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}}
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    upload_model(app, buffer.getvalue(), "pixels.pt2", arch="resnet18")
+    assert "shaped (N, classes)" in error_text(app)
+    for page in (PAGE_LAYER, PAGE_CONDUCTANCE):
+        open_page(app, page)
+        assert not app.exception
+        assert "class scores shaped (N, classes)" in error_text(app)
