@@ -238,3 +238,37 @@ def test_model_without_class_scores_is_explained_on_every_page(app):
         open_page(app, page)
         assert not app.exception
         assert "class scores shaped (N, classes)" in error_text(app)
+
+
+def test_model_whose_forward_raises_is_refused_and_the_previous_one_kept(app):
+    """An exported model that loads but raises on every ordinary image."""
+    import io
+
+    import torch
+    from torch import nn
+
+    class Picky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            torch._check(x.max().item() > 100.0, lambda: "needs raw pixel values above 100")
+            return self.fc(h)
+
+    program = torch.export.export(
+        Picky().eval(),
+        (torch.full((2, 3, 32, 32), 200.0),),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    upload_model(app, buffer.getvalue(), "picky.pt2", arch="resnet18")
+    assert "forward pass failed" in error_text(app)
+    assert any("previous model is still in use" in info.value for info in app.info)
+    assert app.session_state["model_ref"].kind == "builtin"
+    for page in (PAGE_LAYER, PAGE_CONDUCTANCE):
+        open_page(app, page)
+        assert not app.exception and not app.error
