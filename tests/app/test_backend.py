@@ -147,3 +147,35 @@ def test_sessions_computing_at_once_get_their_solo_results(demo):
     for alone, shared in zip(solo, together, strict=True):
         np.testing.assert_allclose(shared.attributions, alone, rtol=1e-6, atol=1e-7)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+
+def test_soak_of_hundreds_of_requests_keeps_memory_bounded(demo, monkeypatch):
+    """Three hundred different conductance and gradient requests through the service: the cache
+    stays within its bounds and the process does not keep growing (no leak per request)."""
+    from explainer.cache import ContentCache
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as fh:
+            line = next(row for row in fh if row.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    lm, prep, _ = demo
+    cache = ContentCache(max_bytes=16 * 2**20, max_entries=64)
+    monkeypatch.setattr(backend, "result_cache", lambda: cache)
+    images = [
+        ImageEntry.from_bytes(p.name, p.read_bytes(), source="sample") for p in sample_image_paths()
+    ]
+    layers = ["conv1", "block1", "block2", "block3"]
+    levels = []
+    for i in range(300):
+        image, layer = images[i % len(images)], layers[(i // len(images)) % len(layers)]
+        settings = AttributionSettings(target=i % 8, n_steps=4 + i % 5)
+        result = backend.conductance(lm, image, prep, layer, settings)
+        backend.neuron_gradients(lm, image, prep, layer, [(0, 0, 0), (1, 1, 1)])
+        assert result.attributions.shape[0] == result.channel_totals.shape[0]
+        stats = cache.stats()
+        assert stats["bytes"] <= 16 * 2**20 and stats["entries"] <= 64
+        if i in (50, 299):
+            levels.append(rss_mib())
+    assert levels[1] - levels[0] < 150, levels
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
