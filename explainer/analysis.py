@@ -275,22 +275,22 @@ def compute_layer_overview(
 
     engine = LayerConductance(model, modules)
     with torch.enable_grad():
-        attributions, deltas = engine.attribute(
+        attributions = engine.attribute(
             x,
             baselines=baseline,
             target=int(target),
             n_steps=int(n_steps),
             method=method,
             internal_batch_size=internal_batch_size,
-            return_convergence_delta=True,
             progress=progress,
         )
+    # The probe already gave F(x) - F(baseline): the deltas need no further forward passes.
     return {
         name: _conductance_result(
             name,
             int(target),
             attributions[slot],
-            deltas[slot],
+            _delta(attributions[slot], output_diff),
             output_diff,
             method,
             int(n_steps),
@@ -475,15 +475,10 @@ def convergence_sweep(
     for method in methods:
         for n in steps:
             with torch.enable_grad():
-                _, delta = engine.attribute(
-                    x,
-                    baselines=baseline,
-                    target=int(target),
-                    n_steps=int(n),
-                    method=method,
-                    return_convergence_delta=True,
+                attributions = engine.attribute(
+                    x, baselines=baseline, target=int(target), n_steps=int(n), method=method
                 )
-            value = _delta_value(delta)
+            value = _delta(attributions, output_diff)
             points.append(
                 ConvergencePoint(
                     method=method,
@@ -554,9 +549,7 @@ def _prepare_input(model: nn.Module, x: Any, what: str, *, single: bool = True) 
         )
     if x.dim() != 4 or (single and x.shape[0] != 1):
         wanted = "(1, C, H, W): one image" if single else "(N, C, H, W)"
-        raise AttributionError(
-            f"The {what} must be shaped {wanted}; got shape {tuple(x.shape)}."
-        )
+        raise AttributionError(f"The {what} must be shaped {wanted}; got shape {tuple(x.shape)}.")
     device, dtype = _model_device_dtype(model, x)
     return x.detach().to(device=device, dtype=dtype)
 
@@ -714,17 +707,17 @@ def _probe(
     return logits, outputs
 
 
-def _delta_value(delta: Any) -> float:
-    if isinstance(delta, Tensor):
-        return float(delta.detach().reshape(-1)[0])
-    return float(delta)
+def _delta(attributions: Any, output_diff: float) -> float:
+    """Signed convergence delta of one image: sum of the attributions minus F(x) - F(b)."""
+    parts = attributions if isinstance(attributions, tuple) else (attributions,)
+    return float(sum(float(p.detach()[0].sum()) for p in parts)) - output_diff
 
 
 def _conductance_result(
     layer_name: str,
     target: int,
     attributions: Any,
-    delta: Any,
+    delta: float,
     output_diff: float,
     method: str,
     n_steps: int,
@@ -742,16 +735,15 @@ def _conductance_result(
         channel_totals = values.reshape(values.shape[0], -1).sum(axis=1)
     is_spatial = values.ndim == 3
     spatial = values.sum(axis=0).astype(np.float32) if is_spatial else None
-    delta_value = _delta_value(delta)
     return ConductanceResult(
         layer=layer_name,
         target=target,
         attributions=values.astype(np.float32),
         channel_totals=channel_totals.astype(np.float32),
         spatial=spatial,
-        delta=delta_value,
+        delta=delta,
         output_diff=output_diff,
-        relative_delta=abs(delta_value) / max(abs(output_diff), _EPS),
+        relative_delta=abs(delta) / max(abs(output_diff), _EPS),
         method=method,
         n_steps=n_steps,
         is_spatial=is_spatial,

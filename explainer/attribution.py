@@ -161,8 +161,11 @@ def _out_of_memory_explained(what: str, rows: int) -> Iterator[None]:
         ) from exc
 
 
-def _sum_rows(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).sum(1)
+def _attribution_total(attributions: Tensor | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """Sum of all attribution values of each example."""
+    attrs = attributions if isinstance(attributions, tuple) else (attributions,)
+    with torch.no_grad():
+        return torch.stack([a.reshape(a.shape[0], -1).sum(1) for a in attrs]).sum(0).to(dtype)
 
 
 class _LayerMethod:
@@ -206,15 +209,26 @@ class _LayerMethod:
                 raise AttributionError(
                     f"Each attribution tensor must have {n} rows, one per example of end_point."
                 )
-        args = format_additional_args(additional_forward_args)
+        change = self._output_change(
+            ends, starts, target, format_additional_args(additional_forward_args)
+        )
+        return _attribution_total(attributions, change.dtype) - change
+
+    def _output_change(
+        self,
+        ends: tuple[Tensor, ...],
+        starts: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple | None,
+    ) -> Tensor:
+        """``F(end) - F(start)`` of the target output, one value per example."""
         forward = _unwrap(self.forward_func)
         with torch.no_grad():
             end_out = _check_output(_run(forward, ends, args))
-            check_target(target, end_out.shape, n)
+            check_target(target, end_out.shape, ends[0].shape[0])
             end_sum = select_target(end_out, target)
             start_sum = select_target(_check_output(_run(forward, starts, args)), target)
-            total = torch.stack([_sum_rows(a) for a in attrs]).sum(0)
-            return total.to(end_sum.dtype) - (end_sum - start_sum)
+        return end_sum - start_sum
 
 
 class LayerConductance(_LayerMethod):
@@ -300,35 +314,10 @@ class LayerConductance(_LayerMethod):
         attributions = results if self._is_list else results[0]
         if not return_convergence_delta:
             return attributions
-        deltas = (
-            [
-                self.compute_convergence_delta(
-                    r, baselines_t, inputs_t, target, additional_forward_args
-                )
-                for r in results
-            ]
-            if len(results) == 1
-            else self._deltas(results, baselines_t, inputs_t, target, args)
-        )
+        # One pair of forward passes serves every listed layer.
+        change = self._output_change(inputs_t, dense_baselines(baselines_t, inputs_t), target, args)
+        deltas = [_attribution_total(r, change.dtype) - change for r in results]
         return attributions, (deltas if self._is_list else deltas[0])
-
-    def _deltas(self, results, baselines_t, inputs_t, target, args) -> list[Tensor]:
-        """Convergence deltas of several layers from one pair of forward passes."""
-        forward = _unwrap(self.forward_func)
-        n = inputs_t[0].shape[0]
-        with torch.no_grad():
-            end_out = _check_output(_run(forward, inputs_t, args))
-            check_target(target, end_out.shape, n)
-            end_sum = select_target(end_out, target)
-            starts = dense_baselines(baselines_t, inputs_t)
-            start_sum = select_target(_check_output(_run(forward, starts, args)), target)
-            diff = end_sum - start_sum
-            deltas = []
-            for r in results:
-                attrs = r if isinstance(r, tuple) else (r,)
-                total = torch.stack([_sum_rows(a) for a in attrs]).sum(0)
-                deltas.append(total.to(diff.dtype) - diff)
-        return deltas
 
     def _integrate(
         self,
