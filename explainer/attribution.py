@@ -11,6 +11,10 @@ engine differs where the reference does work it does not need:
   Many neurons of one layer share that forward pass and run one batched backward pass.
 * The model is never modified (no ``requires_grad`` or ``training`` changes) and hooks act only
   for the calling thread, so threads may explain one shared model at the same time.
+* Memory is bounded: the first pass is as small as it can be (one path point, or one neuron
+  copy, per example) and is metered (:mod:`explainer.memory`); the later passes hold as many
+  rows as the operator's memory budget allows. When even the smallest pass exceeds the budget,
+  the engine stops with a message instead of exhausting the server.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +51,8 @@ from explainer.hooks import (
 )
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
-from explainer.limits import rows_per_pass
+from explainer.limits import memory_budget_bytes
+from explainer.memory import PassMeter, format_mib
 
 __all__ = ["LayerConductance", "NeuronGradient"]
 
@@ -141,8 +147,16 @@ def _path_points(
     return out.requires_grad_(requires_grad)
 
 
+@dataclass
+class _Plan:
+    """Example rows of the pass being run (for messages) and the measured cost of one row."""
+
+    rows: int
+    row_bytes: int | None = None
+
+
 @contextmanager
-def _out_of_memory_explained(what: str, rows: int) -> Iterator[None]:
+def _out_of_memory_explained(what: str, plan: _Plan) -> Iterator[None]:
     """Turn an allocation failure into an error that says how to make the work fit."""
     try:
         yield
@@ -154,11 +168,50 @@ def _out_of_memory_explained(what: str, rows: int) -> Iterator[None]:
             or "can't allocate memory" in text
         ):
             raise
+        cost = (
+            f" (about {format_mib(plan.rows * plan.row_bytes)} measured)"
+            if plan.row_bytes is not None
+            else ""
+        )
         raise AttributionError(
-            f"Ran out of memory computing {what} with {rows} example rows per pass. Pass a "
-            "smaller internal_batch_size, use fewer steps or a smaller image, or lower "
+            f"Ran out of memory computing {what} with {plan.rows} example rows per pass{cost}. "
+            "Pass a smaller internal_batch_size, use fewer steps or a smaller image, or lower "
             "EXPLAINER_MEMORY_BUDGET_MB so that the work is split into smaller passes."
         ) from exc
+
+
+@contextmanager
+def _metering(meter: PassMeter | None) -> Iterator[None]:
+    """Count saved tensors into ``meter`` (when given) while the block runs."""
+    if meter is None:
+        yield
+        return
+    with meter.saving():
+        yield
+
+
+def _rows_within_budget(
+    plan: _Plan, meter: PassMeter, rows_done: int, group_rows: int, what: str, remaining: int
+) -> int:
+    """How many example rows later passes may hold, from the metered first pass.
+
+    ``group_rows`` is the smallest step a pass can grow by (one path point or one neuron copy
+    for every example). Raises when even one such step does not fit the budget and work is left.
+    """
+    budget = memory_budget_bytes()
+    plan.row_bytes = meter.bytes_per_row(rows_done)
+    step = plan.row_bytes * group_rows
+    if step > budget and remaining > 0:
+        nearer = "output" if what == "layer conductance" else "input"
+        rows = f"{group_rows} example row{'s' if group_rows > 1 else ''}"
+        raise AttributionError(
+            f"Computing {what} needs about {format_mib(step)} per pass even when split as "
+            f"finely as possible ({rows} per pass), more than the memory budget of "
+            f"{format_mib(budget)} (EXPLAINER_MEMORY_BUDGET_MB). Use fewer images at once, "
+            f"smaller images or a layer nearer the {nearer}, or ask the operator to raise the "
+            "budget."
+        )
+    return max(group_rows, budget // plan.row_bytes // group_rows * group_rows)
 
 
 def _attribution_total(attributions: Tensor | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
@@ -257,7 +310,9 @@ class LayerConductance(_LayerMethod):
         """Compute the conductance of the layer's output (or input) neurons.
 
         Parameters follow the reference. ``internal_batch_size`` bounds how many path points
-        times examples run in one pass; it must be at least the number of examples. ``progress``,
+        times examples run in one pass; it must be at least the number of examples. Passes are
+        also kept within the memory budget (``EXPLAINER_MEMORY_BUDGET_MB``), so they may hold
+        fewer rows than asked for; the results do not depend on the split. ``progress``,
         when given, is called as ``progress(done, total)`` in path points after every pass.
 
         Returns
@@ -277,10 +332,8 @@ class LayerConductance(_LayerMethod):
         if num_examples == 0:
             raise AttributionError("inputs hold no examples (dimension 0 is empty).")
         points = n_steps + 1
-        if internal_batch_size is None:
-            # Results do not depend on the split; passes only keep memory within the budget.
-            per_pass = max(1, rows_per_pass(inputs_t) // num_examples)
-        else:
+        cap = points
+        if internal_batch_size is not None:
             if isinstance(internal_batch_size, bool) or not isinstance(
                 internal_batch_size, numbers.Integral
             ):
@@ -292,18 +345,20 @@ class LayerConductance(_LayerMethod):
                     f"examples ({num_examples}); use at least {num_examples}, or None to run "
                     "all path points in one pass."
                 )
-            per_pass = max(1, internal_batch_size // num_examples)
+            cap = max(1, internal_batch_size // num_examples)
         args = format_additional_args(additional_forward_args)
         alphas = integration_alphas(method, points)
 
-        with _out_of_memory_explained("layer conductance", per_pass * num_examples):
+        plan = _Plan(rows=num_examples)
+        with _out_of_memory_explained("layer conductance", plan):
             totals, tuple_layers = self._integrate(
                 inputs_t,
                 baselines_t,
                 target,
                 args,
                 alphas,
-                per_pass,
+                cap,
+                plan,
                 attribute_to_layer_input,
                 progress,
             )
@@ -326,14 +381,17 @@ class LayerConductance(_LayerMethod):
         target: TargetType,
         args: tuple | None,
         alphas: list[float],
-        per_pass: int,
+        cap: int,
+        plan: _Plan,
         use_input: bool,
         progress: ProgressFn | None,
     ) -> tuple[list[list[Tensor]], list[bool]]:
         """Sum over path points i of grad(F)(layer_i) * (layer_{i+1} - layer_i), pass by pass.
 
         Passes hold consecutive path points; the gradient at the last point of a pass is kept
-        until the next pass supplies the layer value that follows it.
+        until the next pass supplies the layer value that follows it. The first pass holds one
+        point and is metered; later passes hold as many points as the memory budget allows,
+        at most ``cap``.
         """
         forward = _unwrap(self.forward_func)
         num_examples = inputs[0].shape[0]
@@ -347,21 +405,26 @@ class LayerConductance(_LayerMethod):
         # Lean passes record the graph from the layer on; a layer input (or a tensor passed
         # straight through) may have been used before the layer ran, so it needs the full graph.
         lean = not use_input
+        meter: PassMeter | None = PassMeter.for_model(forward)
+        per_pass, start = 1, 0
         with (
             torch.inference_mode(False),
             tap_layers(self._layers, self._labels, use_input=use_input, mode="root") as tap,
         ):
-            for start in range(0, total_points, per_pass):
+            while start < total_points:
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
+                plan.rows = k * num_examples
                 while True:
                     tap.lean = lean
                     scaled = tuple(
                         _path_points(inp, base, chunk, requires_grad=not lean)
                         for inp, base in zip(inputs, baselines, strict=True)
                     )
+                    if meter is not None:
+                        meter = PassMeter.for_model(forward)  # a retried pass starts afresh
                     try:
-                        with torch.set_grad_enabled(not lean):
+                        with torch.set_grad_enabled(not lean), _metering(meter):
                             output = _run_fast(
                                 forward, scaled, repeat_additional_args(args, k), layout, tap
                             )
@@ -386,6 +449,10 @@ class LayerConductance(_LayerMethod):
                     torch.zeros_like(t) if g is None else g
                     for g, t in zip(grads, flat, strict=True)
                 ]
+                if meter is not None:
+                    meter.add((*scaled, *flat, output))
+                    # Gradients of the layer, and the clones handed on to the network.
+                    meter.add_transient(2 * sum(t.nelement() * t.element_size() for t in flat))
 
                 pos = 0
                 new_carry: list[list[tuple[Tensor, Tensor]]] = []
@@ -412,8 +479,20 @@ class LayerConductance(_LayerMethod):
                     new_carry.append(layer_carry)
                 carry = new_carry
                 del flat, grads, output, picked
+                start += k
                 if progress is not None:
-                    progress(min(start + k, total_points), total_points)
+                    progress(start, total_points)
+                if meter is not None:
+                    rows = _rows_within_budget(
+                        plan,
+                        meter,
+                        k * num_examples,
+                        num_examples,
+                        "layer conductance",
+                        total_points - start,
+                    )
+                    per_pass = min(cap, rows // num_examples)
+                    meter = None
         assert sums is not None
         return [[t.contiguous() for t in layer] for layer in sums], tuple_layers
 
@@ -471,21 +550,36 @@ class NeuronGradient(_LayerMethod):
                     f"inputs[{i}] has dtype {t.dtype}; gradients need floating-point inputs "
                     "(pass integer arguments such as token ids through additional_forward_args)."
                 )
-        # Stacked copies run best in passes that stay small enough for the CPU caches.
+        # Stacked copies run best in passes that stay small enough for the CPU caches; the first
+        # pass (one copy) is metered, and later ones also stay within the memory budget.
         row_bytes = sum(t[0].numel() * t.element_size() for t in inputs_t)
-        rows = min(rows_per_pass(inputs_t), max(1, _COPY_PASS_BYTES // max(row_bytes, 1)))
-        per_pass = max(1, rows // num_examples)
-
+        cache_rows = max(1, _COPY_PASS_BYTES // max(row_bytes, 1))
+        plan = _Plan(rows=num_examples)
+        meter: PassMeter | None = PassMeter.for_model(_unwrap(self.forward_func))
         parts: list[list[Tensor]] = [[] for _ in inputs_t]
         layout: dict[str, bool] = {}
-        for start in range(0, len(selectors), per_pass):
+        per_pass, start = 1, 0
+        while start < len(selectors):
             group = selectors[start : start + per_pass]
-            with _out_of_memory_explained("neuron gradients", len(group) * num_examples):
+            plan.rows = len(group) * num_examples
+            with _out_of_memory_explained("neuron gradients", plan):
                 grads = self._group_gradients(
-                    inputs_t, group, args, attribute_to_neuron_input, layout
+                    inputs_t, group, args, attribute_to_neuron_input, layout, meter
                 )
             for i, g in enumerate(grads):
                 parts[i].append(g.reshape(len(group), *inputs_t[i].shape))
+            start += len(group)
+            if meter is not None:
+                rows = _rows_within_budget(
+                    plan,
+                    meter,
+                    num_examples,
+                    num_examples,
+                    "neuron gradients",
+                    len(selectors) - start,
+                )
+                per_pass = max(1, min(rows, cache_rows) // num_examples)
+                meter = None
         results = tuple(torch.cat(p).contiguous() if many else p[0][0].contiguous() for p in parts)
         return results if is_tuple else results[0]
 
@@ -496,11 +590,13 @@ class NeuronGradient(_LayerMethod):
         args: tuple | None,
         use_input: bool,
         layout: dict[str, bool],
+        meter: PassMeter | None = None,
     ) -> tuple[Tensor, ...]:
         """Gradients for several selectors in one pass over stacked copies of the inputs.
 
         Copy ``j`` of every example carries selector ``j``; the forward stops at the layer and
-        one backward pass, seeded per copy, yields all gradients.
+        one backward pass, seeded per copy, yields all gradients. ``meter``, when given, counts
+        what the pass holds.
         """
         copies = len(group)
         num_examples = inputs[0].shape[0]
@@ -515,7 +611,10 @@ class NeuronGradient(_LayerMethod):
             )
             with tap_layers(self._layers, self._labels, use_input=use_input, mode="stop") as tap:
                 try:
-                    _run_fast(forward, leaves, repeat_additional_args(args, copies), layout, tap)
+                    with _metering(meter):
+                        _run_fast(
+                            forward, leaves, repeat_additional_args(args, copies), layout, tap
+                        )
                 except StopForward:
                     pass
                 tap.check_reached()
@@ -542,6 +641,11 @@ class NeuronGradient(_LayerMethod):
                     copy = tuple(v[rows(j)] for v in values)
                     picked.append(self._pick(copy if layer_is_tuple else copy[0], selector, label))
                 out, seed = torch.stack([p.sum() for p in picked]).sum(), None
+            if meter is not None:
+                meter.add((*leaves, *values))
+                # The seed and the layer's gradient, then the gradients of the inputs.
+                meter.add_transient(2 * sum(v.nelement() * v.element_size() for v in values))
+                meter.add_transient(sum(t.nelement() * t.element_size() for t in leaves))
             if not out.requires_grad:  # the layer does not depend on the inputs
                 return tuple(torch.zeros_like(t) for t in leaves)
             grads = torch.autograd.grad(out, leaves, grad_outputs=seed, allow_unused=True)

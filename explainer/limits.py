@@ -7,7 +7,8 @@ a browser user. Values are read at call time, so tests and long-running servers 
 variable                       default     what it bounds
 =============================  ==========  =================================================
 EXPLAINER_MEMORY_BUDGET_MB     2048        working memory of one attribution pass (the
-                                           engine splits the work into passes that fit)
+                                           engine meters its first pass, from the layer's
+                                           activations, and splits the rest to fit)
 EXPLAINER_MAX_STEPS            1024        n_steps of one conductance request in the app
 EXPLAINER_MAX_IMAGES           32          images held by one browser session
 EXPLAINER_MAX_UPLOAD_MB        500         size of a model file (explainer.models)
@@ -20,21 +21,13 @@ from __future__ import annotations
 
 import os
 
-from torch import Tensor
-
 from explainer.errors import ExplainerError
 
 __all__ = [
-    "ACTIVATION_FACTOR",
     "max_images",
     "max_steps",
     "memory_budget_bytes",
-    "rows_per_pass",
 ]
-
-# Autograd keeps several activations per layer for the backward pass; for common CNNs the
-# total per example is a few dozen times the size of the input image.
-ACTIVATION_FACTOR = 64
 
 
 def _env_number(name: str, default: float) -> float:
@@ -55,12 +48,6 @@ def _env_number(name: str, default: float) -> float:
 def memory_budget_bytes() -> int:
     """Working memory allowed for one attribution pass, in bytes."""
     return int(_env_number("EXPLAINER_MEMORY_BUDGET_MB", 2048) * 2**20)
-
-
-def rows_per_pass(inputs: tuple[Tensor, ...]) -> int:
-    """How many example rows (path points or copies times examples) one pass may hold."""
-    per_row = sum(t[0].numel() * t.element_size() for t in inputs) * ACTIVATION_FACTOR
-    return max(1, memory_budget_bytes() // max(per_row, 1))
 
 
 def max_steps() -> int:
