@@ -145,5 +145,9 @@ class PassMeter:
 
 
 def format_mib(nbytes: int) -> str:
-    """``"12.3 MiB"`` for a byte count."""
-    return f"{nbytes / 2**20:,.1f} MiB"
+    """A byte count for people: ``"12.3 MiB"``, or KiB / GiB where MiB reads badly."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:,.1f} GiB"
+    if nbytes >= 2**20 // 10:
+        return f"{nbytes / 2**20:,.1f} MiB"
+    return f"{nbytes / 2**10:,.1f} KiB"

@@ -311,7 +311,7 @@ def conductance_cases(draw):
         target=draw(targets(n, 4, broken != "target")),
         args={"none": None, "number": 0.5, "tensor": draw(tensors((n, 1, 1, 1)))}[extra],
         to_input=draw(st.booleans()), delta=draw(st.booleans()),
-        tuple_input=draw(st.booleans()), budget=draw(st.sampled_from([None, "0.05"])),
+        tuple_input=draw(st.booleans()), budget=draw(st.sampled_from([None, "0.15"])),
         training=draw(st.booleans()), frozen=draw(st.booleans()),
         ctx=draw(st.sampled_from(["default", "default", "no_grad", "inference_mode"])),
         broken=broken, valid=broken is None,
@@ -593,7 +593,7 @@ def neuron_cases(draw):
     return dict(
         x=x, name=name, to_input=to_input, selector=selector, many=many,
         args={"none": None, "number": 0.5, "tensor": draw(tensors((n, 1, 1, 1)))}[extra],
-        tuple_input=draw(st.booleans()), budget=draw(st.sampled_from([None, "0.05"])),
+        tuple_input=draw(st.booleans()), budget=draw(st.sampled_from([None, "0.15"])),
         training=draw(st.booleans()), frozen=draw(st.booleans()),
         ctx=draw(st.sampled_from(["default", "default", "no_grad", "inference_mode"])),
         broken=broken, valid=broken is None,
