@@ -1,0 +1,65 @@
+"""Operator limits and broken models as the app's users meet them: a message, nothing lost."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from apphelpers import (
+    PAGE_CONDUCTANCE,
+    PAGE_MODEL,
+    PAGE_CONVERGENCE,
+    PAGE_NEURON,
+    error_text,
+    export_bytes,
+    open_page,
+    upload_model,
+    widget,
+)
+from torch import nn
+
+
+def test_a_memory_budget_too_small_for_one_pass_is_said_and_nothing_is_lost(app, monkeypatch):
+    open_page(app, PAGE_CONDUCTANCE)
+    image, layer = app.session_state["active_image"], app.session_state["layer"]
+    # Settings not computed before, so that nothing comes from the cache.
+    app.session_state["attr_settings"] = replace(app.session_state["attr_settings"], n_steps=37)
+    monkeypatch.setenv("EXPLAINER_MEMORY_BUDGET_MB", "0.01")
+    app.run()
+    assert not app.exception
+    message = error_text(app)
+    assert "memory budget of 10.2 KiB (EXPLAINER_MEMORY_BUDGET_MB)" in message, message
+    assert "ask the operator to raise the budget" in message
+    assert app.session_state["active_image"] == image and app.session_state["layer"] == layer
+    # The operator raises the budget: the same view computes, nothing was cached from the failure.
+    monkeypatch.delenv("EXPLAINER_MEMORY_BUDGET_MB")
+    app.run()
+    assert not app.exception and not app.error, error_text(app)
+    assert app.metric, "no conductance metrics after the budget was raised"
+
+
+class NaNScores(nn.Module):
+    """Loads and runs, but every score is NaN (as after a diverged training run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3))) * float("nan")
+
+
+def test_a_model_with_nan_scores_is_explained_in_words_on_every_page(app):
+    upload_model(app, export_bytes(NaNScores()), "diverged.pt2", "resnet18")
+    assert app.session_state["model_ref"].kind == "upload"
+    for page in (PAGE_CONDUCTANCE, PAGE_NEURON, PAGE_CONVERGENCE):
+        open_page(app, page)
+        assert "scores contain NaN or infinite values" in error_text(app), page
+    # Back to the built-in model: everything works again.
+    open_page(app, PAGE_MODEL)
+    widget(app, "radio", "_w_model_source").set_value("builtin")
+    app.run()
+    assert app.session_state["model_ref"].kind == "builtin"
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.error, error_text(app)
