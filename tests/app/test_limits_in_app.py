@@ -7,8 +7,8 @@ from dataclasses import replace
 import torch
 from apphelpers import (
     PAGE_CONDUCTANCE,
-    PAGE_MODEL,
     PAGE_CONVERGENCE,
+    PAGE_MODEL,
     PAGE_NEURON,
     error_text,
     export_bytes,
