@@ -250,3 +250,32 @@ def test_without_saved_tensor_hooks_the_module_outputs_stand_in():
     finally:
         torch._C._autograd._saved_tensors_hooks_enable()
     torch.testing.assert_close(got, expected)
+
+
+def test_a_pass_interrupted_while_metered_leaves_no_hooks_behind():
+    class Interrupted(BaseException):
+        """Stands in for a rerun or a closed browser tab stopping the script."""
+
+    class StopsAfterTheLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(x))
+            if h.requires_grad:  # inside the metered pass, with the graph recording
+                raise Interrupted()
+            return self.head(h.mean((2, 3)))
+
+    model = StopsAfterTheLayer()
+    global_hooks = dict(torch.nn.modules.module._global_forward_hooks)
+    for call in (
+        lambda: LayerConductance(model, model.conv).attribute(torch.rand(1, 3, 8, 8), target=0),
+        lambda: NeuronGradient(model, model.head).attribute(torch.rand(1, 3, 8, 8), [0, 1]),
+    ):
+        with pytest.raises(Interrupted):
+            call()
+        assert dict(torch.nn.modules.module._global_forward_hooks) == global_hooks
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
