@@ -4,6 +4,13 @@ Every function takes an eval-mode model, the layer's dotted name and one normali
 the attribution engine, and returns plain dataclasses of numpy arrays and floats that are cheap
 to cache and to draw. Tensor work happens on the model's device; results come back on the CPU.
 
+Scores: the model returns class scores shaped ``(N, classes)`` (a classifier) or
+``(N, classes, *positions)`` (a score per class at every output position, e.g. a segmentation
+model's ``(N, classes, H, W)``); dimension 1 is always the class dimension. A model returning a
+dict is read through its ``"out"`` (torchvision segmentation models) or ``"logits"`` entry. The
+target to explain is a class index for class scores and Captum's tuple target
+``(class, *position)``, e.g. ``(class, row, column)``, for per-position scores.
+
 Nothing here mutates the model: the only hooks are short-lived forward hooks that record a
 layer's output for the calling thread, removed in ``finally`` blocks.
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,20 +35,36 @@ from explainer.integration import check_method
 from explainer.limits import max_steps
 
 __all__ = [
+    "SCORE_KEYS",
     "ConductanceResult",
     "ConvergencePoint",
     "NeuronGradientResult",
+    "Target",
+    "class_scores",
     "compute_conductance",
     "compute_layer_overview",
     "compute_neuron_gradient",
     "compute_neuron_gradients",
     "convergence_sweep",
+    "default_target",
     "layer_activation",
     "neighbours",
+    "position_names",
+    "rank_classes",
+    "score_shape",
     "top_predictions",
+    "validate_target",
 ]
 
 Progress = Callable[[int, int], None]
+
+Target = int | tuple[int, ...]
+"""A class index for scores shaped ``(N, classes)``; ``(class, *position)`` for per-position
+scores shaped ``(N, classes, *positions)``."""
+
+SCORE_KEYS: tuple[str, ...] = ("out", "logits")
+"""Entries of a dict output that hold the scores, tried in this order: ``"out"`` (torchvision
+segmentation models, whose ``"aux"`` entry is ignored) and ``"logits"`` (Hugging Face models)."""
 
 # Guards the relative delta against division by a vanishing output difference.
 _EPS = 1e-8
@@ -49,14 +72,15 @@ _EPS = 1e-8
 
 @dataclass(frozen=True, eq=False)
 class ConductanceResult:
-    """Layer conductance of one layer for one image and one target class.
+    """Layer conductance of one layer for one image and one target output.
 
     Attributes
     ----------
     layer : str
         Dotted module name.
-    target : int
-        Output class whose score is explained.
+    target : int or tuple of int
+        The explained output: a class index for class scores, ``(class, *position)`` for
+        per-position scores (see :attr:`target_class` and :attr:`target_position`).
     attributions : np.ndarray
         Conductance per layer unit for the image, shaped like the layer output without the
         batch dimension, e.g. ``(C, H, W)`` or ``(F,)``.
@@ -68,7 +92,7 @@ class ConductanceResult:
     delta : float
         Signed convergence delta: ``sum(attributions) - (F(x) - F(baseline))``.
     output_diff : float
-        ``F(x) - F(baseline)`` for the target class.
+        ``F(x) - F(baseline)`` for the target output.
     relative_delta : float
         ``|delta| / max(|output_diff|, eps)``.
     method : str
@@ -80,7 +104,7 @@ class ConductanceResult:
     """
 
     layer: str
-    target: int
+    target: Target
     attributions: np.ndarray
     channel_totals: np.ndarray
     spatial: np.ndarray | None
@@ -90,6 +114,16 @@ class ConductanceResult:
     method: str
     n_steps: int
     is_spatial: bool
+
+    @property
+    def target_class(self) -> int:
+        """The class of the explained output."""
+        return self.target[0] if isinstance(self.target, tuple) else self.target
+
+    @property
+    def target_position(self) -> tuple[int, ...]:
+        """The output position of the explained score; ``()`` for class scores."""
+        return self.target[1:] if isinstance(self.target, tuple) else ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,15 +164,100 @@ class ConvergencePoint:
 # --------------------------------------------------------------------------- public functions
 
 
-def top_predictions(
-    model: nn.Module, x: Tensor, labels: Sequence[str], k: int = 5
-) -> list[list[tuple[str, int, float]]]:
-    """Return the ``k`` most probable classes of each image.
+def score_shape(model: nn.Module, x: Tensor) -> tuple[int, ...]:
+    """Shape of the model's scores for one image, without the batch dimension.
 
     Parameters
     ----------
     model : nn.Module
-        An eval-mode classifier returning scores shaped ``(N, classes)``.
+        An eval-mode model.
+    x : Tensor
+        Normalised images ``(N, C, H, W)``; one zero image of the input size will do.
+
+    Returns
+    -------
+    tuple of int
+        ``(classes,)`` for a classifier, ``(classes, *positions)`` for per-position scores.
+
+    Raises
+    ------
+    AttributionError
+        When the output is not class scores (a tuple, a dict without scores, one number per
+        image...), with what to do about it.
+    """
+    _check_model(model)
+    x = _prepare_input(model, x, "image batch", single=False)
+    scores, _ = _forward(model, x)
+    return tuple(int(s) for s in scores.shape[1:])
+
+
+def class_scores(model: nn.Module, x: Tensor) -> np.ndarray:
+    """The model's scores for one image ``(1, C, H, W)``, on the CPU.
+
+    Returns
+    -------
+    np.ndarray
+        ``(classes,)`` or ``(classes, *positions)``; float64 for a float64 model, else float32.
+    """
+    _check_model(model)
+    x = _prepare_input(model, x, "image")
+    scores, _ = _forward(model, x)
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return scores[0].to(device="cpu", dtype=dtype).numpy()
+
+
+def rank_classes(
+    scores: np.ndarray | Tensor, labels: Sequence[str], k: int = 5
+) -> list[tuple[str, int, float]]:
+    """The ``k`` leading classes of one image's scores, as ``(label, index, value)``.
+
+    For class scores ``(classes,)`` the value is the softmax probability and classes come by
+    decreasing probability. For per-position scores ``(classes, *positions)`` the value is the
+    share of output positions where the class has the highest score (the share of a
+    segmentation map it covers); classes come by decreasing share, ties (e.g. the many classes
+    that cover nothing) broken by decreasing mean softmax probability over the positions, then
+    by index.
+
+    Parameters
+    ----------
+    scores : np.ndarray or Tensor
+        One image's scores, e.g. from :func:`class_scores`.
+    labels : sequence of str
+        Class names by index; classes without a name are shown as ``"class <i>"``.
+    k : int, optional
+        How many classes to return (fewer if the model has fewer classes).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise AttributionError(f"k must be a positive whole number of classes; got {k!r}.")
+    if isinstance(scores, Tensor):
+        scores = scores.detach().to(device="cpu", dtype=torch.float64).numpy()
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim == 0 or values.shape[0] == 0:
+        raise AttributionError(
+            f"Scores of one image are shaped (classes,) or (classes, ...); got {values.shape}."
+        )
+    flat = values.reshape(values.shape[0], -1)
+    probs = _softmax(flat)
+    if values.ndim == 1:
+        ranked_values = probs[:, 0]
+        order = np.argsort(-ranked_values, kind="stable")
+    else:
+        winners = np.argmax(flat, axis=0)
+        ranked_values = np.bincount(winners, minlength=flat.shape[0]) / flat.shape[1]
+        order = np.lexsort((-probs.mean(axis=1), -ranked_values))
+    return [(_label(labels, int(i)), int(i), float(ranked_values[i])) for i in order[: int(k)]]
+
+
+def top_predictions(
+    model: nn.Module, x: Tensor, labels: Sequence[str], k: int = 5
+) -> list[list[tuple[str, int, float]]]:
+    """Return the ``k`` leading classes of each image.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An eval-mode model returning scores shaped ``(N, classes)`` or
+        ``(N, classes, *positions)``.
     x : Tensor
         Normalised images ``(N, C, H, W)``.
     labels : sequence of str
@@ -149,29 +268,171 @@ def top_predictions(
     Returns
     -------
     list of list of (str, int, float)
-        For each image, ``(label, index, probability)`` by decreasing probability, where the
-        probabilities are the softmax of the scores.
+        For each image, ``(label, index, value)`` as ranked by :func:`rank_classes`: for class
+        scores the value is the softmax probability; for per-position scores it is the share
+        of output positions where the class has the highest score.
     """
     _check_model(model)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise AttributionError(f"k must be a positive whole number of classes; got {k!r}.")
     x = _prepare_input(model, x, "image batch", single=False)
-    logits = _forward(model, x)
-    probs = torch.softmax(logits.to(torch.float64), dim=1)
-    top = torch.topk(probs, k=min(int(k), probs.shape[1]), dim=1)
-    values = top.values.cpu().tolist()
-    indices = top.indices.cpu().tolist()
-    return [
-        [(_label(labels, i), int(i), float(p)) for p, i in zip(row_p, row_i, strict=True)]
-        for row_p, row_i in zip(values, indices, strict=True)
-    ]
+    logits, _ = _forward(model, x)
+    values = logits.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return [rank_classes(row, labels, k) for row in values]
+
+
+def position_names(ndim: int) -> tuple[str, ...]:
+    """Names of the position dimensions of per-position scores, for messages and forms.
+
+    ``("position",)`` for ``(N, classes, L)`` scores, ``("row", "column")`` for
+    ``(N, classes, H, W)``, ``("depth", "row", "column")`` for ``(N, classes, D, H, W)`` and
+    ``("index 1", "index 2", ...)`` beyond.
+    """
+    if ndim == 1:
+        return ("position",)
+    if ndim == 2:
+        return ("row", "column")
+    if ndim == 3:
+        return ("depth", "row", "column")
+    return tuple(f"index {i + 1}" for i in range(ndim))
+
+
+def validate_target(target: Any, score_shape: Sequence[int]) -> Target:
+    """Check that ``target`` names one score of an image's scores; return it normalised.
+
+    Parameters
+    ----------
+    target : int or tuple of int
+        A class index for class scores ``(classes,)``; Captum's tuple target
+        ``(class, *position)`` for per-position scores ``(classes, *positions)``. A one-element
+        tuple ``(class,)`` is accepted for class scores.
+    score_shape : sequence of int
+        The scores' shape for one image (see :func:`score_shape`).
+
+    Returns
+    -------
+    int or tuple of int
+        A plain ``int`` for class scores, a tuple of plain ints for per-position scores.
+
+    Raises
+    ------
+    AttributionTypeError
+        When the target is not an index or a tuple of indices.
+    AttributionError
+        When it has the wrong number of indices or one is out of range; the message gives the
+        valid ranges.
+    """
+    shape = tuple(int(s) for s in score_shape)
+    if not shape:
+        raise AttributionError("The model's scores have no class dimension; nothing to target.")
+    positions = shape[1:]
+    if _is_index(target):
+        if positions:
+            raise AttributionError(
+                f"Target {int(target)} names a class only, but this model {_scores_text(shape)}, "
+                f"so a target is {_target_form(len(positions))} with {_ranges(shape)}."
+            )
+        _check_class(int(target), shape[0])
+        return int(target)
+    if isinstance(target, tuple) and all(_is_index(i) for i in target):
+        index = tuple(int(i) for i in target)
+        if len(index) != len(shape):
+            raise AttributionError(
+                f"Target {index} has {len(index)} "
+                f"{'index' if len(index) == 1 else 'indices'}, but this model "
+                f"{_scores_text(shape)}: give {len(shape)}, {_target_form(len(positions))}, with "
+                f"{_ranges(shape)}."
+            )
+        if not positions:
+            _check_class(index[0], shape[0])
+            return index[0]
+        names = ("class", *position_names(len(positions)))
+        for name, i, size in zip(names, index, shape, strict=True):
+            if not 0 <= i < size:
+                raise AttributionError(
+                    f"Target {index} is out of range: {name} {i} is not between 0 and "
+                    f"{size - 1}. Valid targets have {_ranges(shape)}."
+                )
+        return index
+    form = f" or a tuple {_target_form(len(positions))}" if positions else ""
+    raise AttributionTypeError(
+        f"The target must be a class index (a whole number){form}; got {target!r}."
+    )
+
+
+def default_target(
+    scores: np.ndarray | Tensor,
+    target_class: int | None = None,
+    position: Sequence[int | None] | None = None,
+) -> Target:
+    """The output to explain for one image when the user fixed only part of it, or nothing.
+
+    The class is ``target_class``, or else the top class of :func:`rank_classes` (the most
+    probable class; for per-position scores the class covering most positions). For
+    per-position scores, each index of ``position`` left as None (all of them when
+    ``position`` is None) is chosen where that class's score is highest with the given
+    indices fixed (the first such position in row-major order on ties).
+
+    Parameters
+    ----------
+    scores : np.ndarray or Tensor
+        One image's scores ``(classes,)`` or ``(classes, *positions)`` (:func:`class_scores`).
+    target_class : int, optional
+        The class to explain; the top class when None.
+    position : sequence of (int or None), optional
+        One entry per position dimension; ignored for class scores.
+
+    Returns
+    -------
+    int or tuple of int
+        A validated target (see :func:`validate_target`).
+    """
+    if isinstance(scores, Tensor):
+        scores = scores.detach().to(device="cpu", dtype=torch.float64).numpy()
+    values = np.asarray(scores, dtype=np.float64)
+    shape = values.shape
+    if target_class is None:
+        target_class = rank_classes(values, [], k=1)[0][1]
+    if values.ndim <= 1:
+        return validate_target(target_class, shape)
+    count = values.ndim - 1
+    if position is None:
+        position = (None,) * count
+    if isinstance(position, (str, bytes)) or not isinstance(position, Sequence):
+        raise AttributionTypeError(
+            f"An output position is a tuple of {count} indices; got {position!r}."
+        )
+    fixed = tuple(position)
+    if len(fixed) != count:
+        names = ", ".join(position_names(count))
+        raise AttributionError(
+            f"The output position {fixed} has {len(fixed)} "
+            f"{'index' if len(fixed) == 1 else 'indices'}, but the scores have {count} position "
+            f"{'dimension' if count == 1 else 'dimensions'} ({_grid(shape[1:])}): give {names}."
+        )
+    if any(p is not None and not _is_index(p) for p in fixed):
+        raise AttributionTypeError(
+            f"Output position indices must be whole numbers (or None); got {fixed!r}."
+        )
+    # Check the class and the fixed indices (free ones stand in as 0) before slicing.
+    validate_target((target_class, *(0 if p is None else p for p in fixed)), shape)
+    plane = values[int(target_class)]
+    free = [d for d, p in enumerate(fixed) if p is None]
+    view = plane[tuple(slice(None) if p is None else int(p) for p in fixed)]
+    chosen = [None if p is None else int(p) for p in fixed]
+    if free:
+        clean = np.where(np.isnan(view), -np.inf, view)
+        best = np.unravel_index(int(np.argmax(clean)), clean.shape)
+        for d, i in zip(free, best, strict=True):
+            chosen[d] = int(i)
+    return validate_target((int(target_class), *chosen), shape)
 
 
 def compute_conductance(
     model: nn.Module,
     layer_name: str,
     x: Tensor,
-    target: int,
+    target: Target,
     baseline: Tensor,
     *,
     method: str = "gausslegendre",
@@ -179,18 +440,21 @@ def compute_conductance(
     internal_batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> ConductanceResult:
-    """Layer conductance of ``layer_name`` for one image, target class and baseline.
+    """Layer conductance of ``layer_name`` for one image, target output and baseline.
 
     Parameters
     ----------
     model : nn.Module
-        An eval-mode classifier returning scores shaped ``(N, classes)``.
+        An eval-mode model returning class scores shaped ``(N, classes)``, or per-position
+        scores ``(N, classes, *positions)`` (a dict output is read through :data:`SCORE_KEYS`).
     layer_name : str
         Dotted name of the layer, as in ``model.named_modules()``.
     x : Tensor
         One normalised image ``(1, C, H, W)``.
-    target : int
-        Output class to explain.
+    target : int or tuple of int
+        The score to explain: a class index for class scores; ``(class, *position)`` for
+        per-position scores, e.g. ``(class, row, column)`` for ``(N, classes, H, W)`` (Captum's
+        tuple target). :func:`default_target` picks one from the scores.
     baseline : Tensor
         Reference input shaped like ``x`` (see :func:`explainer.baselines.make_baseline`).
     method : str, optional
@@ -206,6 +470,7 @@ def compute_conductance(
     Returns
     -------
     ConductanceResult
+        Its ``output_diff`` is ``F(x)[target] - F(baseline)[target]``.
     """
     if not isinstance(layer_name, str):
         raise AttributionTypeError(f"layer_name must be a layer's dotted name, not {layer_name!r}.")
@@ -227,7 +492,7 @@ def compute_layer_overview(
     model: nn.Module,
     layer_names: Sequence[str],
     x: Tensor,
-    target: int,
+    target: Target,
     baseline: Tensor,
     *,
     method: str = "gausslegendre",
@@ -267,18 +532,18 @@ def compute_layer_overview(
     x = _prepare_input(model, x, "image")
     baseline = _prepare_baseline(model, baseline, x)
     first_name = {slot: name for name, slot in reversed(slot_of_name.items())}
-    logits, _ = _probe(
+    logits, _, key = _probe(
         model, modules, [first_name[i] for i in range(len(modules))], torch.cat([x, baseline])
     )
-    _check_target(target, logits.shape[1])
-    output_diff = float(logits[0, target] - logits[1, target])
+    target = validate_target(target, tuple(logits.shape[1:]))
+    output_diff = _output_diff(logits, target)
 
-    engine = LayerConductance(model, modules)
+    engine = LayerConductance(_scores_function(model, key), modules)
     with torch.enable_grad():
         attributions = engine.attribute(
             x,
             baselines=baseline,
-            target=int(target),
+            target=target,
             n_steps=int(n_steps),
             method=method,
             internal_batch_size=internal_batch_size,
@@ -288,7 +553,7 @@ def compute_layer_overview(
     return {
         name: _conductance_result(
             name,
-            int(target),
+            target,
             attributions[slot],
             _delta(attributions[slot], output_diff),
             output_diff,
@@ -336,7 +601,7 @@ def compute_neuron_gradients(
     x = _prepare_input(model, x, "image")
     if isinstance(neurons, (str, bytes)) or not isinstance(neurons, Sequence):
         raise AttributionTypeError("neurons must be a list of index tuples such as [(0, 3, 4)].")
-    _, outputs = _probe(model, [layer], [layer_name], x)
+    _, outputs, _ = _probe(model, [layer], [layer_name], x)
     activation = outputs[0][0]
     indices = [_check_neuron(n, tuple(activation.shape), layer_name) for n in neurons]
     if not indices:
@@ -416,7 +681,7 @@ def layer_activation(model: nn.Module, layer_name: str, x: Tensor) -> np.ndarray
     _check_model(model)
     layer = _resolve_layer(model, layer_name)
     x = _prepare_input(model, x, "image")
-    _, outputs = _probe(model, [layer], [layer_name], x)
+    _, outputs, _ = _probe(model, [layer], [layer_name], x)
     return outputs[0][0].to(device="cpu", dtype=torch.float32).numpy()
 
 
@@ -424,7 +689,7 @@ def convergence_sweep(
     model: nn.Module,
     layer_name: str,
     x: Tensor,
-    target: int,
+    target: Target,
     baseline: Tensor,
     methods: Sequence[str],
     steps: Sequence[int],
@@ -463,20 +728,20 @@ def convergence_sweep(
             _check_settings(method, n)
     x = _prepare_input(model, x, "image")
     baseline = _prepare_baseline(model, baseline, x)
-    logits, _ = _probe(model, [layer], [layer_name], torch.cat([x, baseline]))
-    _check_target(target, logits.shape[1])
-    output_diff = float(logits[0, target] - logits[1, target])
+    logits, _, key = _probe(model, [layer], [layer_name], torch.cat([x, baseline]))
+    target = validate_target(target, tuple(logits.shape[1:]))
+    output_diff = _output_diff(logits, target)
 
     total = len(methods) * len(steps)
     if progress is not None:
         progress(0, total)
-    engine = LayerConductance(model, layer)
+    engine = LayerConductance(_scores_function(model, key), layer)
     points = []
     for method in methods:
         for n in steps:
             with torch.enable_grad():
                 attributions = engine.attribute(
-                    x, baselines=baseline, target=int(target), n_steps=int(n), method=method
+                    x, baselines=baseline, target=target, n_steps=int(n), method=method
                 )
             value = _delta(attributions, output_diff)
             points.append(
@@ -585,16 +850,52 @@ def _check_settings(method: Any, n_steps: Any) -> None:
         )
 
 
-def _check_target(target: Any, num_classes: int) -> None:
-    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
-        raise AttributionTypeError(
-            f"The target must be a class index (a whole number); got {target!r}."
-        )
-    if not 0 <= int(target) < num_classes:
+def _is_index(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_class(target: int, num_classes: int) -> None:
+    if not 0 <= target < num_classes:
         raise AttributionError(
-            f"Target class {int(target)} is out of range: this model has {num_classes} classes, "
+            f"Target class {target} is out of range: this model has {num_classes} classes, "
             f"so pick a class between 0 and {num_classes - 1}."
         )
+
+
+def _grid(positions: Sequence[int]) -> str:
+    return " × ".join(str(int(p)) for p in positions)
+
+
+def _scores_text(shape: tuple[int, ...]) -> str:
+    count = len(shape) - 1
+    if count == 0:
+        return f"has {shape[0]} class scores"
+    if count == 1:
+        return f"scores {shape[0]} classes at each of its {shape[1]} output positions"
+    return f"scores {shape[0]} classes at every position of its {_grid(shape[1:])} output"
+
+
+def _target_form(count: int) -> str:
+    return "(" + ", ".join(("class", *position_names(count))) + ")" if count else "a class"
+
+
+def _ranges(shape: tuple[int, ...]) -> str:
+    names = ("class", *position_names(len(shape) - 1))
+    parts = [f"{n} between 0 and {s - 1}" for n, s in zip(names, shape, strict=True)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    """Softmax over the first axis of a float64 array."""
+    shifted = values - np.max(values, axis=0, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / np.sum(exp, axis=0, keepdims=True)
+
+
+def _output_diff(scores: Tensor, target: Target) -> float:
+    """``F(x)[target] - F(baseline)[target]`` from the scores of ``[x, baseline]``."""
+    index = target if isinstance(target, tuple) else (target,)
+    return float(scores[(0, *index)] - scores[(1, *index)])
 
 
 def _check_neuron(neuron: Any, shape: tuple[int, ...], layer_name: str) -> tuple[int, ...]:
@@ -628,8 +929,70 @@ def _label(labels: Sequence[str], index: int) -> str:
     return f"class {index}"
 
 
-def _forward(model: nn.Module, batch: Tensor) -> Tensor:
-    """Run the model without gradients and check it returns ``(N, classes)`` scores."""
+def _describe(output: Any) -> str:
+    if isinstance(output, (tuple, list)):
+        kinds = sorted({type(o).__name__ for o in output})
+        what = "tensors" if kinds == ["Tensor"] else ", ".join(kinds) or "nothing"
+        return f"a {type(output).__name__} of {len(output)} {what}"
+    return f"a {type(output).__name__}"
+
+
+_WRAP_HINT = (
+    "Wrap the model in a module whose forward returns only the score tensor (or export such a "
+    "wrapper with torch.export) and load that."
+)
+
+
+def _scores_in(output: Any, batch: int) -> tuple[Tensor, str | None]:
+    """The score tensor in a model output, and the dict key it was found under."""
+    key = None
+    if isinstance(output, Mapping):
+        key = next((k for k in SCORE_KEYS if k in output), None)
+        if key is None:
+            keys = ", ".join(repr(k) for k in output) or "none"
+            raise AttributionError(
+                f"The model returns a dict (keys: {keys}) without an 'out' or 'logits' entry, so "
+                f"its class scores cannot be found. {_WRAP_HINT}"
+            )
+        output = output[key]
+    if not isinstance(output, Tensor):
+        raise AttributionError(
+            f"The model returns {_describe(output)}, not one tensor of class scores. {_WRAP_HINT}"
+        )
+    if output.dim() < 2 or output.shape[0] != batch:
+        if output.dim() >= 1 and output.shape[0] == batch:
+            dims = ["N", *(str(d) for d in output.shape[1:])]
+            got = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ") for N images"
+        else:
+            got = f"shape {tuple(output.shape)} for a batch of {batch}"
+        raise AttributionError(
+            "The model must return class scores shaped (N, classes), or (N, classes, ...) with "
+            f"a score per output position; it returns {got}. Return the scores before any "
+            "argmax, sum or other reduction."
+        )
+    if not output.is_floating_point():
+        raise AttributionError(
+            f"The model returns {output.dtype} values (class indices?), not class scores; return "
+            "the scores before the argmax."
+        )
+    if output.shape[1] == 0:
+        raise AttributionError("The model returns scores for 0 classes; nothing can be explained.")
+    return output, key
+
+
+def _scores_function(model: nn.Module, key: str | None) -> Callable[..., Tensor]:
+    """The model itself, or a function returning its ``key`` entry when it returns a dict."""
+    if key is None:
+        return model
+
+    def scores(*inputs: Tensor) -> Tensor:
+        return model(*inputs)[key]
+
+    return scores
+
+
+def _forward(model: nn.Module, batch: Tensor) -> tuple[Tensor, str | None]:
+    """Run the model without gradients and return its scores (see :func:`_scores_in`)."""
     try:
         with torch.no_grad():
             output = model(batch)
@@ -638,12 +1001,7 @@ def _forward(model: nn.Module, batch: Tensor) -> Tensor:
             f"The model could not run on an input of shape {tuple(batch.shape)}; check the "
             f"image size and channels the model expects. ({exc})"
         ) from exc
-    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != batch.shape[0]:
-        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise AttributionError(
-            f"The model must return class scores shaped (N, classes); it returned {got}."
-        )
-    return output
+    return _scores_in(output, batch.shape[0])
 
 
 @contextmanager
@@ -671,14 +1029,15 @@ def _recording(modules: Sequence[nn.Module]) -> Iterator[list[list[Any]]]:
 
 def _probe(
     model: nn.Module, modules: Sequence[nn.Module], names: Sequence[str], batch: Tensor
-) -> tuple[Tensor, list[Tensor]]:
-    """One no-grad forward of ``batch`` returning the scores and each layer's output.
+) -> tuple[Tensor, list[Tensor], str | None]:
+    """One no-grad forward of ``batch`` returning the scores, each layer's output and the dict
+    key the scores came from (None for a tensor output).
 
     Also checks that every layer runs and returns one tensor that keeps the batch dimension,
     so that mistakes are reported before the expensive attribution pass.
     """
     with _recording(modules) as records:
-        logits = _forward(model, batch)
+        logits, key = _forward(model, batch)
     outputs = []
     for name, record in zip(names, records, strict=True):
         if not record:
@@ -704,7 +1063,7 @@ def _probe(
             "so attributions would be meaningless; check the model's weights and the "
             "preprocessing (normalisation) of the image."
         )
-    return logits, outputs
+    return logits, outputs, key
 
 
 def _delta(attributions: Any, output_diff: float) -> float:
@@ -715,7 +1074,7 @@ def _delta(attributions: Any, output_diff: float) -> float:
 
 def _conductance_result(
     layer_name: str,
-    target: int,
+    target: Target,
     attributions: Any,
     delta: float,
     output_diff: float,

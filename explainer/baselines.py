@@ -167,9 +167,7 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """
     sigma = float(sigma)
     if not sigma > 0 or math.isinf(sigma):
-        raise AttributionError(
-            f"The blur sigma must be a positive number of pixels; got {sigma}."
-        )
+        raise AttributionError(f"The blur sigma must be a positive number of pixels; got {sigma}.")
     kernel = _gaussian_kernel(sigma, x.dtype, x.device)
     radius = (kernel.numel() - 1) // 2
     n, c, h, w = x.shape

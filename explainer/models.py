@@ -72,6 +72,8 @@ DEFAULT_MAX_UPLOAD_MB = 500.0
 
 Source = str | os.PathLike | bytes | bytearray | memoryview
 LabelsSource = Source | Sequence[str]
+# What loading a full model yields: module, input size, static batch, classes, output shape.
+_FullModel = tuple[nn.Module, tuple[int, int, int] | None, int | None, int, tuple[int, ...] | None]
 
 # Keys under which training scripts commonly nest the weights.
 _STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")
@@ -126,6 +128,11 @@ class LoadedModel:
     static_batch : int or None
         For ``torch.export`` programs exported with a fixed batch size, that size; ``None`` when
         the model takes any batch size.
+    output_shape : tuple[int, ...] or None
+        Shape of the model's scores for one image, without the batch dimension: ``(classes,)``
+        for a classifier, ``(classes, *positions)`` for a model that scores every output
+        position (e.g. ``(classes, H, W)`` for segmentation). ``None`` when it cannot be read
+        without running the model (a pickled module, or an export with dynamic output sizes).
     """
 
     model: torch.nn.Module
@@ -140,6 +147,7 @@ class LoadedModel:
     num_params: int = 0
     notes: list[str] = field(default_factory=list)
     static_batch: int | None = None
+    output_shape: tuple[int, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -1176,8 +1184,8 @@ def _load_export(
     display: str,
     num_classes: int | None,
     notes: list[str],
-) -> tuple[nn.Module, tuple[int, int, int], int | None, int]:
-    """Load a .pt2 program; return (module, input size, static batch, number of classes)."""
+) -> _FullModel:
+    """Load a .pt2 program; return (module, input size, static batch, classes, output shape)."""
     root = _zip_root(archive, "archive_format")
     if not pickle_allowed():
         _vet_export_archive(archive, str(root), display)
@@ -1229,10 +1237,15 @@ def _load_export(
             "is active). Call model.eval() before torch.export.export for stable explanations."
         )
 
-    outputs = next(n for n in ep.graph.nodes if n.op == "output").args[0]
-    first = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
-    out_val = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
-    out_classes = out_val.shape[-1] if isinstance(out_val, torch.Tensor) and out_val.dim() else None
+    out_val = _export_scores(ep, display)
+    out_classes = None
+    output_shape = None
+    if isinstance(out_val, torch.Tensor):
+        _check_export_scores(out_val, display)
+        out_classes = out_val.shape[1]  # dimension 1 holds the classes, also per position
+        dims = tuple(out_val.shape[1:])
+        if all(isinstance(d, int) for d in dims):
+            output_shape = tuple(int(d) for d in dims)
     if not isinstance(out_classes, int):
         if num_classes is None:
             raise ModelLoadError(
@@ -1251,7 +1264,70 @@ def _load_export(
         raise ModelLoadError(
             f"The layers of {display} could not be rebuilt from the program ({_short(exc)})."
         ) from exc
-    return module, (size[0], size[1], size[2]), static_batch, out_classes
+    return module, (size[0], size[1], size[2]), static_batch, out_classes, output_shape
+
+
+def _spec_children(spec: Any) -> list[Any]:
+    children = getattr(spec, "children", None)
+    return list(children()) if callable(children) else list(spec.children_specs)
+
+
+def _export_scores(ep: Any, display: str) -> Any:
+    """The example value (``meta["val"]``) of the program output holding the class scores.
+
+    A program returning one tensor has it as its only output; for a dict output the entry
+    under one of :data:`explainer.analysis.SCORE_KEYS` is used (the service reads the same one).
+    Anything else is refused with what to do.
+    """
+    from explainer.analysis import SCORE_KEYS
+
+    outputs = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    leaves = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    spec = ep.call_spec.out_spec
+    index = 0
+    if spec is not None and not spec.is_leaf():
+        children = _spec_children(spec)
+        keys = spec.context if isinstance(spec.context, (list, tuple)) else None
+        is_dict = isinstance(spec.type, type) and issubclass(spec.type, dict)
+        key = None
+        if is_dict and keys is not None and all(isinstance(k, str) for k in keys):
+            key = next((k for k in SCORE_KEYS if k in keys), None)
+        if key is None or not children[keys.index(key)].is_leaf():
+            if is_dict and keys is not None:
+                what = f"a dict (keys: {', '.join(repr(k) for k in keys)})"
+                example = f"self.model(x)[{keys[0]!r}]" if keys else "the scores"
+            else:
+                kind = getattr(spec.type, "__name__", "container")
+                what = f"a {kind} of {spec.num_leaves} tensors"
+                example = "self.model(x)[0]"
+            raise ModelLoadError(
+                f"{display} returns {what}; this explorer needs one tensor of class scores "
+                "(a dict is read through its 'out' or 'logits' entry). Export a small wrapper "
+                f"module whose forward returns only the scores (e.g. return {example})."
+            )
+        position = keys.index(key)
+        index = sum(child.num_leaves for child in children[:position])
+    node = leaves[index] if index < len(leaves) else None
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _check_export_scores(value: torch.Tensor, display: str) -> None:
+    dims = ["N" if i == 0 else str(d) if isinstance(d, int) else "?" for i, d in
+            enumerate(value.shape)]  # fmt: skip
+    shape_text = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+    if value.dim() < 2:
+        raise ModelLoadError(
+            f"{display} returns scores shaped {shape_text}: "
+            + ("one number per image" if value.dim() == 1 else "a single number")
+            + ". This explorer explains class scores shaped (N, classes), or (N, classes, ...) "
+            "with a score per output position; export the model so that it returns its scores "
+            "before any argmax, sum or other reduction."
+        )
+    if not value.is_floating_point():
+        raise ModelLoadError(
+            f"{display} returns {value.dtype} values shaped {shape_text} (class indices?), not "
+            "class scores; export the model so that it returns its scores before the argmax."
+        )
 
 
 # ================================================================================================
@@ -1517,6 +1593,7 @@ def load_model(
         source_format=source_format,
         num_params=_num_params(model),
         notes=notes,
+        output_shape=(n,),
     )
 
 
@@ -1534,9 +1611,7 @@ def _labels_for(labels: LabelsSource | None, arch: str, num_classes: int) -> lis
     return known if known is not None else _default_labels(num_classes)
 
 
-def _pickle_io(
-    module: nn.Module, num_classes: int | None, display: str
-) -> tuple[nn.Module, tuple[int, int, int] | None, None, int]:
+def _pickle_io(module: nn.Module, num_classes: int | None, display: str) -> _FullModel:
     _, classes = _custom_io(module)
     if classes is None:
         if num_classes is None:
@@ -1549,11 +1624,11 @@ def _pickle_io(
             f"The last layer of {display} has {classes} outputs, but {num_classes} classes were "
             "asked for. Leave the number of classes empty to use the model's."
         )
-    return module, None, None, classes
+    return module, None, None, classes, None
 
 
 def _finish_full_model(
-    loaded: tuple[nn.Module, tuple[int, int, int] | None, int | None, int],
+    loaded: _FullModel,
     source_format: str,
     display: str,
     digest: str,
@@ -1562,7 +1637,7 @@ def _finish_full_model(
     notes: list[str],
 ) -> LoadedModel:
     """Shared ending for files that carry their own network (export programs, pickles)."""
-    module, input_size, static_batch, classes = loaded
+    module, input_size, static_batch, classes, output_shape = loaded
     module.eval()
     if arch_hint is not None:
         notes.append(
@@ -1597,6 +1672,7 @@ def _finish_full_model(
         num_params=_num_params(module),
         notes=notes,
         static_batch=static_batch,
+        output_shape=output_shape,
     )
 
 
@@ -1663,6 +1739,7 @@ def build_model(
             "random weights: the model has not been trained, so its predictions and "
             "explanations show structure, not learned features."
         ],
+        output_shape=(classes,),
     )
 
 
@@ -1750,6 +1827,7 @@ def _build_pretrained(arch: str, num_classes: int | None) -> LoadedModel:
         source_format="torchvision",
         num_params=_num_params(model),
         notes=[f"Pretrained torchvision weights {weights.name}, read from the local cache."],
+        output_shape=(len(categories),),
     )
 
 
@@ -1760,7 +1838,8 @@ def describe_model(lm: LoadedModel) -> dict[str, str]:
     -------
     dict[str, str]
         ``Architecture``, ``Parameters``, ``Input size``, ``Classes`` and ``Format`` (plus
-        ``Batch size`` for programs exported with a fixed one).
+        ``Batch size`` for programs exported with a fixed one, and ``Output`` for models that
+        score every output position).
     """
     channels, height, width = lm.input_size
     n = lm.num_params
@@ -1774,4 +1853,7 @@ def describe_model(lm: LoadedModel) -> dict[str, str]:
     }
     if lm.static_batch is not None:
         rows["Batch size"] = f"fixed at {lm.static_batch}"
+    if lm.output_shape is not None and len(lm.output_shape) > 1:
+        grid = " × ".join(str(d) for d in lm.output_shape[1:])
+        rows["Output"] = f"{lm.output_shape[0]:,} class scores at each of {grid} positions"
     return rows

@@ -37,7 +37,7 @@ def _use_builtin() -> None:
     if st.session_state.get("_w_model_source") == "builtin" and S.get(S.MODEL).kind != "builtin":
         st.session_state[S.MODEL] = S.ModelRef()
         st.session_state[S.LABELS] = None
-        st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None)
+        st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None, position=None)
         S.set_layer(None)
         S.flash("success", "Switched to the built-in demo model.")
 
@@ -70,12 +70,14 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
             return
         labels = S.LabelsOverride(labels_file.name, tuple(names))
     ok, _ = W.attempt("Checking the model on a test input", backend.tree, lm)
+    if ok:
+        ok, _ = W.attempt("Checking the model's scores", backend.score_shape, lm)
     if not ok:
         st.info("The previous model is still in use.")
         return
     st.session_state[S.MODEL] = ref
     st.session_state[S.LABELS] = labels
-    st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None)
+    st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None, position=None)
     S.set_layer(None)
     S.flash("success", f"Loaded **{file.name}** ({lm.arch}, {lm.num_params:,} parameters).")
     st.rerun()
@@ -134,6 +136,15 @@ with left:
         m1.metric("Parameters", f"{lm.num_params:,}")
         m2.metric("Input (C×H×W)", f"{c}×{h}×{w}")
         m3.metric("Classes", f"{lm.num_classes:,}")
+        ok, shape = W.attempt("Reading the model's scores", backend.score_shape, lm)
+        if ok and shape is not None and len(shape) > 1:
+            grid = " × ".join(str(d) for d in shape[1:])
+            st.caption(
+                f":material/grid_on: This model scores every position of its {grid} output "
+                f"(scores shaped {lm.num_classes:,} × {grid} per image, like a segmentation "
+                "model). The explanation pages explain one class's score at one output position; "
+                "the predictions below give each class's share of the output."
+            )
         with st.expander("Model summary", expanded=False):
             ok, summary = W.attempt("Describing the model", describe_model, lm)
             if ok and summary:
@@ -301,6 +312,13 @@ if not images:
     st.info("No images yet: pick a sample or upload one.")
 elif ctx.lm is not None and ctx.prep is not None:
     active = st.session_state.get(S.ACTIVE_IMAGE)
+    ok_shape, shape = W.attempt("Reading the model's scores", backend.score_shape, ctx.lm)
+    per_position = ok_shape and shape is not None and len(shape) > 1
+    if per_position:
+        st.caption(
+            "Bars: the share of the output each class covers (the positions where it has the "
+            "highest score)."
+        )
     per_row = 4
     for start in range(0, len(images), per_row):
         cols = st.columns(per_row)
@@ -320,7 +338,12 @@ elif ctx.lm is not None and ctx.prep is not None:
                     f"Predicting {entry.name}", backend.predictions, ctx.lm, entry, ctx.prep, 5
                 )
                 if ok and preds:
-                    W.plotly_static(F.prediction_bars(preds), key=f"_top_{entry.digest[:16]}")
+                    W.plotly_static(
+                        F.prediction_bars(
+                            preds, hover_suffix=" of the output" if per_position else ""
+                        ),
+                        key=f"_top_{entry.digest[:16]}",
+                    )
                 b1, b2 = st.columns(2)
                 b1.button(
                     "Explain",

@@ -9,7 +9,7 @@ import numpy as np
 import streamlit as st
 
 import webapp
-from explainer.analysis import ConductanceResult
+from explainer.analysis import ConductanceResult, position_names
 from explainer.images import resize_map
 from explainer.models import LoadedModel
 from webapp import backend
@@ -20,7 +20,8 @@ from webapp import widgets as W
 ctx = webapp.setup()
 W.page_header(
     "Layer conductance",
-    "Conductance splits the model's score for the target class, F(image) − F(baseline), among "
+    "Conductance splits the model's score for the target class (at one output position, for "
+    "a model that scores every position), F(image) − F(baseline), among "
     "the units of the chosen layer: **red** units push the score up, **blue** ones push it "
     "down, and all of them together add up to the score difference. Click a bar or a tile to "
     "select a channel, and a cell of a map to select a neuron.",
@@ -40,7 +41,17 @@ if not ok or result is None:
 # --- summary ------------------------------------------------------------------------------------
 total = float(np.sum(result.channel_totals))
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Target", W.target_label(lm, result.target))
+if result.target_position:
+    m1.metric(
+        "Target",
+        W.target_label(lm, result.target_class),
+        delta=f"at {W.position_text(result.target_position)}",
+        delta_color="off",
+        delta_arrow="off",
+        help="The class, and the output position whose score is explained.",
+    )
+else:
+    m1.metric("Target", W.target_label(lm, result.target))
 m2.metric("F(image) − F(baseline)", f"{result.output_diff:.4g}")
 m3.metric("Sum of conductance", f"{total:.4g}")
 m4.metric(
@@ -58,6 +69,56 @@ if not np.any(result.attributions):
         "this layer (no gradient reaches it from the score, or its output does not move between "
         "baseline and image). Try a layer closer to the output, or another baseline."
     )
+
+
+# --- the explained output (models that score every output position) ----------------------------
+def explained_output(lm: LoadedModel, result: ConductanceResult) -> None:
+    """The target class's score over the output, with the explained position circled."""
+    position = result.target_position
+    ok, view = W.attempt(
+        "Reading the model's scores", backend.score_view, lm, image, prep, result.target
+    )
+    if not ok or view is None:
+        return
+    chosen = S.get(S.SETTINGS).position
+    automatic = [
+        name
+        for i, name in enumerate(position_names(len(position)))
+        if chosen is None or len(chosen) != len(position) or chosen[i] is None
+    ]
+    label = W.target_label(lm, result.target_class)
+    where = W.position_text(position)
+    left, right = st.columns([3, 2], gap="medium")
+    with left:
+        st.markdown(f"**Score of {label} at every output position**")
+        if view.ndim == 2:
+            figure = F.score_map(view, (position[-2], position[-1]))
+        else:
+            figure = F.score_profile(view, position[-1])
+        W.plotly_click(figure, "cond_scores", W.on_click_position("cond_scores", position))
+    with right:
+        score = float(view[position[-2:]] if view.ndim == 2 else view[position[-1]])
+        st.metric(
+            "Explained score",
+            f"{score:.4g}",
+            help="The model's score for the target class at the explained position, F(image).",
+        )
+        if len(automatic) == len(position):
+            how = "chosen automatically: where this class scores highest"
+        elif automatic:
+            how = f"the {' and '.join(automatic)} chosen where this class scores highest"
+        else:
+            how = "the position you chose"
+        st.markdown(f"Explaining the score of **{label}** at **{where}** ({how}).")
+        st.caption(
+            "The circle marks the explained position. Click the map to explain another "
+            "position; clear the output fields in the form above to go back to automatic."
+        )
+
+
+if result.target_position:
+    st.subheader("The explained output")
+    explained_output(lm, result)
 
 
 # --- interactive views (one fragment: a click reruns only this part) ----------------------------

@@ -49,12 +49,7 @@ st.subheader("Per image")
 st.caption(
     f"Layer `{layer}`, {S.METHOD_NAMES.get(settings.method, settings.method)} with "
     f"{settings.n_steps} steps, baseline: {S.BASELINE_NAMES.get(settings.baseline)}. "
-    "Target: "
-    + (
-        "each image's predicted class."
-        if settings.target is None
-        else W.target_label(lm, settings.target) + "."
-    )
+    f"Target: {W.target_setting_text(lm, settings)}."
 )
 rows = []
 failures = 0

@@ -23,14 +23,20 @@ from explainer.analysis import (
     ConductanceResult,
     ConvergencePoint,
     NeuronGradientResult,
+    class_scores,
     compute_conductance,
     compute_layer_overview,
     compute_neuron_gradient,
     compute_neuron_gradients,
     convergence_sweep,
+    default_target,
     layer_activation,
     neighbours,
+    position_names,
+    rank_classes,
+    score_shape,
     top_predictions,
+    validate_target,
 )
 from explainer.errors import AttributionError, AttributionTypeError
 
@@ -507,13 +513,43 @@ def test_layers_that_cannot_be_explained_are_reported():
         checked(layer_activation, model, "pair", x)
 
 
-def test_models_that_do_not_return_class_scores_are_reported():
-    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3))).double().eval()
+class _Reduced(nn.Module):
+    """A convolution followed by a reduction that leaves no class dimension."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.how = how
+
+    def forward(self, x: torch.Tensor):
+        y = self.conv(x)
+        if self.how == "per image":
+            return y.mean(dim=(1, 2, 3))
+        if self.how == "tuple":
+            return y, -y
+        if self.how == "dict":
+            return {"seg": y}
+        return y.argmax(dim=1)
+
+
+@pytest.mark.parametrize(
+    ("how", "error"),
+    [
+        ("per image", r"\(N, classes\), or \(N, classes, \.\.\.\).*returns \(N,\) for N"),
+        ("tuple", r"a tuple of 2 tensors, not one tensor of class scores.*Wrap the model"),
+        ("dict", r"dict \(keys: 'seg'\) without an 'out' or 'logits' entry.*Wrap the model"),
+        ("argmax", r"torch\.int64 values \(class indices\?\)"),
+    ],
+)
+def test_models_that_do_not_return_class_scores_are_reported(how, error):
+    model = _Reduced(how).double().eval()
     x = image()
-    with pytest.raises(AttributionError, match=r"\(N, classes\)"):
+    with pytest.raises(AttributionError, match=error):
         checked(compute_conductance, model, "conv", x, 0, torch.zeros_like(x))
-    with pytest.raises(AttributionError, match=r"\(N, classes\)"):
+    with pytest.raises(AttributionError, match=error):
         checked(top_predictions, model, x, [])
+    with pytest.raises(AttributionError, match=error):
+        checked(score_shape, model, x)
 
 
 def test_wrong_input_size_is_reported_readably():
@@ -814,3 +850,242 @@ def test_non_finite_scores_are_refused_plainly():
     x = torch.rand(1, 1, 2, 2)
     with pytest.raises(AttributionError, match="NaN or infinite"):
         compute_conductance(Broken().eval(), "lin", x, 0, torch.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------- per-position scores
+
+
+class _RowMean(nn.Module):
+    """(N, C, H, W) -> (N, C, W): one score per class at every column."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=2)
+
+
+def pixel_net(per: str = "pixel") -> nn.Sequential:
+    """conv -> softplus -> 1x1 conv: 3 class scores at every pixel of an 8x8 image, or (with
+    ``per="column"``) averaged over the rows: 3 scores at each of 8 columns."""
+    torch.manual_seed(5)
+    layers = OrderedDict(
+        conv1=nn.Conv2d(3, 4, 3, padding=1),
+        act1=nn.Softplus(),
+        head=nn.Conv2d(4, 3, 1),
+    )
+    if per == "column":
+        layers["rows"] = _RowMean()
+    return nn.Sequential(layers).double().eval()
+
+
+class _WithAux(nn.Module):
+    """Returns ``{"out": scores, "aux": ...}`` like torchvision's segmentation models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = pixel_net()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = self.body(x)
+        return {"aux": scores.flip(1), "out": scores}
+
+
+def pixel_image(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, 8, 8, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("per", "target", "layer"),
+    [
+        ("pixel", (2, 3, 5), "conv1"),
+        ("pixel", (0, 7, 0), "act1"),
+        ("column", (1, 4), "conv1"),
+        ("column", (2, 0), "act1"),
+    ],
+)
+def test_conductance_with_a_tuple_target_matches_captum(per, target, layer):
+    model = pixel_net(per)
+    x = pixel_image(1)
+    baseline = torch.full_like(x, -0.25)
+    result = checked(compute_conductance, model, layer, x, target, baseline, n_steps=24)
+    module = model.get_submodule(layer)
+    reference, delta = CaptumLayerConductance(model, module).attribute(
+        x, baselines=baseline, target=target, n_steps=24, return_convergence_delta=True
+    )
+    np.testing.assert_allclose(
+        result.attributions, reference[0].detach().numpy(), rtol=1e-4, atol=1e-9
+    )
+    assert result.target == target
+    assert result.target_class == target[0] and result.target_position == target[1:]
+    with torch.no_grad():
+        expected_diff = float(model(x)[(0, *target)] - model(baseline)[(0, *target)])
+    assert result.output_diff == pytest.approx(expected_diff, rel=1e-12)
+    assert result.delta == pytest.approx(float(result.attributions.sum()) - expected_diff, abs=1e-5)
+    assert result.delta == pytest.approx(float(delta[0]), abs=1e-6)
+
+
+def test_conductance_of_the_score_layer_sits_in_the_explained_unit():
+    """At the layer that computes the scores, only the explained score's own unit conducts;
+    with a path that includes both ends, its conductance is exactly the score difference."""
+    model = pixel_net()
+    x = pixel_image(2)
+    result = checked(
+        compute_conductance,
+        model,
+        "head",
+        x,
+        (1, 2, 6),
+        torch.zeros_like(x),
+        method="riemann_trapezoid",
+        n_steps=5,
+    )
+    expected = np.zeros((3, 8, 8))
+    expected[1, 2, 6] = result.output_diff
+    np.testing.assert_allclose(result.attributions, expected, rtol=1e-6, atol=1e-12)
+    assert abs(result.delta) < 1e-9
+
+
+def test_overview_and_sweep_take_tuple_targets():
+    model = pixel_net()
+    x = pixel_image(3)
+    baseline = torch.zeros_like(x)
+    target = (2, 4, 4)
+    overview = checked(compute_layer_overview, model, ["conv1", "act1"], x, target, baseline)
+    for name in ("conv1", "act1"):
+        single = compute_conductance(model, name, x, target, baseline)
+        np.testing.assert_allclose(overview[name].attributions, single.attributions, rtol=1e-6)
+        assert overview[name].target == target
+    points = checked(
+        convergence_sweep, model, "act1", x, target, baseline, ["gausslegendre"], [4, 50]
+    )
+    assert points[-1].delta == pytest.approx(overview["act1"].delta, abs=1e-9)
+    assert abs(points[-1].delta) <= abs(points[0].delta) + 1e-12
+
+
+def test_a_dict_output_is_explained_through_its_out_entry():
+    model = _WithAux().eval()
+    plain = model.body
+    x = pixel_image(4)
+    baseline = torch.zeros_like(x)
+    result = checked(compute_conductance, model, "body.act1", x, (1, 3, 3), baseline)
+    expected = compute_conductance(plain, "act1", x, (1, 3, 3), baseline)
+    np.testing.assert_allclose(result.attributions, expected.attributions, rtol=1e-9)
+    assert result.output_diff == pytest.approx(expected.output_diff, rel=1e-12)
+    assert score_shape(model, x) == (3, 8, 8)
+    np.testing.assert_array_equal(class_scores(model, x), class_scores(plain, x))
+    sweep = checked(
+        convergence_sweep, model, "body.conv1", x, (1, 3, 3), baseline, ["gausslegendre"], [8]
+    )
+    assert np.isfinite(sweep[0].delta)
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "pattern"),
+    [
+        (
+            1,
+            AttributionError,
+            r"names a class only.*every position of its 8 × 8 output.*\(class, row, column\) "
+            r"with class between 0 and 2, row between 0 and 7 and column between 0 and 7",
+        ),
+        ((1, 2), AttributionError, r"has 2 indices.*give 3, \(class, row, column\)"),
+        ((1, 2, 3, 4), AttributionError, r"has 4 indices"),
+        ((1, 9, 3), AttributionError, r"out of range: row 9 is not between 0 and 7"),
+        ((3, 0, 0), AttributionError, r"out of range: class 3 is not between 0 and 2"),
+        ((0, -1, 0), AttributionError, r"row -1 is not between 0 and 7"),
+        ((0, 1.5, 0), AttributionTypeError, r"class index .* or a tuple \(class, row, column\)"),
+        ([0, 1, 1], AttributionTypeError, r"got \[0, 1, 1\]"),
+        ((True, 1, 1), AttributionTypeError, r"class index"),
+    ],
+)
+def test_bad_tuple_targets_say_what_is_valid(target, error, pattern):
+    model = pixel_net()
+    x = pixel_image()
+    with pytest.raises(error, match=pattern):
+        checked(compute_conductance, model, "conv1", x, target, torch.zeros_like(x))
+    with pytest.raises(error, match=pattern):
+        convergence_sweep(model, "conv1", x, target, torch.zeros_like(x), ["gausslegendre"], [4])
+
+
+def test_validate_target_normalises_and_names_positions():
+    assert validate_target(np.int64(2), (5,)) == 2 and type(validate_target(2, (5,))) is int
+    assert validate_target((2,), (5,)) == 2  # a one-index tuple for class scores
+    assert validate_target((np.int64(1), 2), (3, 4)) == (1, 2)
+    with pytest.raises(AttributionError, match=r"give 2, \(class, position\)"):
+        validate_target((1,), (3, 4))
+    with pytest.raises(AttributionError, match="Target class 7 is out of range"):
+        validate_target(7, (5,))
+    assert position_names(1) == ("position",)
+    assert position_names(2) == ("row", "column")
+    assert position_names(3) == ("depth", "row", "column")
+    assert position_names(4) == ("index 1", "index 2", "index 3", "index 4")
+
+
+def _one_by_one() -> nn.Conv2d:
+    """Scores equal to the input: class c at (y, x) scores x[c, y, x]."""
+    conv = nn.Conv2d(3, 3, 1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(3).reshape(3, 3, 1, 1))
+    return conv.eval()
+
+
+def test_top_predictions_of_per_position_scores_are_shares_of_the_output():
+    model = _one_by_one()
+    # Class 0 has the highest score at three of the four positions, class 2 at one, class 1 at
+    # none.
+    x = torch.tensor(
+        [
+            [[5.0, 5.0], [5.0, 0.0]],  # class 0
+            [[4.0, 4.0], [4.0, 4.0]],  # class 1
+            [[0.0, 0.0], [0.0, 6.0]],  # class 2
+        ],
+        dtype=torch.float64,
+    ).reshape(1, 3, 2, 2)
+    (ranked,) = checked(top_predictions, model, x, ["sky", "road"], k=3)
+    assert [(label, index) for label, index, _ in ranked] == [
+        ("sky", 0),
+        ("class 2", 2),
+        ("road", 1),
+    ]
+    assert [share for _, _, share in ranked] == [0.75, 0.25, 0.0]
+    # Ties in share are broken by the mean softmax probability over the positions.
+    tied = torch.stack([x[0, 0], x[0, 2] - 10.0, x[0, 2] - 20.0]).reshape(1, 3, 2, 2)
+    tied[0, 0, 1, 1] = 7.0  # class 0 now wins everywhere
+    (ranked,) = top_predictions(model, tied, [], k=3)
+    assert [index for _, index, _ in ranked] == [0, 1, 2]
+    assert ranked[0][2] == 1.0 and ranked[1][2] == ranked[2][2] == 0.0
+    scores = class_scores(model, x)
+    assert scores.shape == (3, 2, 2) and scores.dtype == np.float64
+    assert rank_classes(scores, [], k=1) == [("class 0", 0, 0.75)]
+
+
+def test_top_predictions_of_column_scores():
+    model = nn.Sequential(_one_by_one(), _RowMean()).eval()
+    x = torch.zeros(1, 3, 2, 3, dtype=torch.float64)
+    x[0, 1, :, 0] = 1.0
+    x[0, 1, :, 1] = 1.0
+    x[0, 2, :, 2] = 1.0
+    assert score_shape(model, x) == (3, 3)
+    (ranked,) = top_predictions(model, x, [], k=2)
+    assert [(index, share) for _, index, share in ranked] == [(1, pytest.approx(2 / 3)), (2, 1 / 3)]
+    assert default_target(class_scores(model, x)) == (1, 0)
+    assert default_target(class_scores(model, x), 2) == (2, 2)
+
+
+def test_default_target_is_the_top_class_at_its_highest_score():
+    scores = np.zeros((2, 3, 4))
+    scores[1] = 1.0  # class 1 wins everywhere...
+    scores[1, 2, 1] = 3.0  # ...and scores highest at row 2, column 1
+    scores[0, 0, 3] = 0.5
+    scores[0, 1, 2] = 0.9  # class 0's own peak
+    assert default_target(scores) == (1, 2, 1)
+    assert default_target(scores, 0) == (0, 1, 2)
+    assert default_target(scores, 1, (0, None)) == (1, 0, 0)  # first of equal scores in row 0
+    assert default_target(scores, 1, (None, 3)) == (1, 0, 3)
+    assert default_target(scores, 0, (2, 3)) == (0, 2, 3)  # a full position is kept
+    assert default_target(np.array([0.1, 2.0, -1.0])) == 1  # class scores: just the class
+    with pytest.raises(AttributionError, match=r"has 1 index, but the scores have 2 position"):
+        default_target(scores, 1, (2,))
+    with pytest.raises(AttributionError, match="column 7 is not between 0 and 3"):
+        default_target(scores, 1, (None, 7))
+    with pytest.raises(AttributionError, match="class 4 is not between 0 and 1"):
+        default_target(scores, 4)

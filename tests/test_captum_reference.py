@@ -30,7 +30,15 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 EXPLAINER_MODULES = (
-    "attribution", "models", "images", "tree", "analysis", "cache", "baselines", "demo", "limits",
+    "attribution",
+    "models",
+    "images",
+    "tree",
+    "analysis",
+    "cache",
+    "baselines",
+    "demo",
+    "limits",
 )
 
 
@@ -180,8 +188,12 @@ def test_conductance_baselines_single_input(baseline, layer_name):
     model = multilayer()
     x = randn(2, 3, seed=3) * 3
     check_conductance(
-        model, layer_of(model, layer_name), x,
-        baselines=SINGLE_BASELINES[baseline](x), target=[0, 1], n_steps=8,
+        model,
+        layer_of(model, layer_name),
+        x,
+        baselines=SINGLE_BASELINES[baseline](x),
+        target=[0, 1],
+        n_steps=8,
     )
 
 
@@ -200,8 +212,13 @@ def test_conductance_tuple_inputs_and_baselines(baseline, layer_name):
     xs = tuple(randn(3, 3, seed=20 + i) for i in range(3))
     # `scale` is an int extra argument: passed to every forward call as it is.
     check_conductance(
-        model, layer_of(model, layer_name), xs,
-        baselines=TUPLE_BASELINES[baseline](xs), target=1, additional_forward_args=2, n_steps=7,
+        model,
+        layer_of(model, layer_name),
+        xs,
+        baselines=TUPLE_BASELINES[baseline](xs),
+        target=1,
+        additional_forward_args=2,
+        n_steps=7,
     )
 
 
@@ -239,8 +256,13 @@ def test_conductance_tensor_additional_arg_is_expanded_along_the_path():
     x, add = randn(3, 3, seed=11), randn(3, 3, seed=12) * 2
     for layer in (model.linear0, model.linear1, model.relu):
         check_conductance(
-            model, layer, x, target=[1, 0, 0], additional_forward_args=add,
-            n_steps=6, internal_batch_size=9,
+            model,
+            layer,
+            x,
+            target=[1, 0, 0],
+            additional_forward_args=add,
+            n_steps=6,
+            internal_batch_size=9,
         )
 
 
@@ -248,8 +270,13 @@ def test_conductance_tensor_and_non_tensor_additional_args_together():
     model = multilayer()
     x, add = randn(2, 3, seed=13), randn(2, 3, seed=14)
     check_conductance(
-        model, model.linear1, x, target=[(0, 1, 1), (1, 0, 0)],
-        additional_forward_args=(add, True), n_steps=5, method="riemann_middle",
+        model,
+        model.linear1,
+        x,
+        target=[(0, 1, 1), (1, 0, 0)],
+        additional_forward_args=(add, True),
+        n_steps=5,
+        method="riemann_middle",
     )
 
 
@@ -258,7 +285,12 @@ def test_conductance_convnet_with_tensor_additional_input():
     x, x2 = randn(2, 1, 4, 4, seed=15) * 10, randn(2, 1, 4, 4, seed=16) * 10
     for layer in (model.conv1, model.relu1, model.fc1):
         check_conductance(
-            model, layer, x, target=2, additional_forward_args=x2, n_steps=6,
+            model,
+            layer,
+            x,
+            target=2,
+            additional_forward_args=x2,
+            n_steps=6,
             baselines=randn(1, 1, 4, 4, seed=17),
         )
 
@@ -274,8 +306,15 @@ def test_conductance_tuple_layer(to_input, method):
     model = multilayer(multi_input_module=True)
     x = randn(3, 3, seed=18) * 3
     ours, ref = conductance_pair(
-        model, model.multi_relu, x, target=[0, 1, 1], n_steps=8, method=method,
-        attribute_to_layer_input=to_input, return_convergence_delta=True, internal_batch_size=7,
+        model,
+        model.multi_relu,
+        x,
+        target=[0, 1, 1],
+        n_steps=8,
+        method=method,
+        attribute_to_layer_input=to_input,
+        return_convergence_delta=True,
+        internal_batch_size=7,
     )
     assert isinstance(ours[0], tuple) and len(ours[0]) == 2
     assert_matches(ours, ref)
@@ -285,7 +324,12 @@ def test_conductance_to_layer_input_single_tensor(convnet):
     x = randn(2, 1, 10, 10, seed=19)
     for layer in (convnet.conv2, convnet.fc1, convnet.softmax):
         check_conductance(
-            convnet, layer, x, target=4, n_steps=5, attribute_to_layer_input=True,
+            convnet,
+            layer,
+            x,
+            target=4,
+            n_steps=5,
+            attribute_to_layer_input=True,
             method="riemann_right",
         )
 
@@ -294,9 +338,7 @@ def test_conductance_to_layer_input_single_tensor(convnet):
 # LayerConductance: convergence delta computed directly
 
 
-@pytest.mark.parametrize(
-    "baseline", ["none", "float", "full-tensor", "batch-1-tensor"]
-)
+@pytest.mark.parametrize("baseline", ["none", "float", "full-tensor", "batch-1-tensor"])
 def test_compute_convergence_delta_matches_reference(baseline):
     model = multilayer()
     x = randn(3, 3, seed=21) * 2
@@ -490,7 +532,10 @@ def test_neuron_gradient_tuple_layer_with_callable(to_input):
     model = multilayer(multi_input_module=True)
     x = randn(3, 3, seed=70) * 3
     check_neuron_gradient(
-        model, model.multi_relu, x, lambda t: t[0][:, 1] + 2 * t[1][:, 3],
+        model,
+        model.multi_relu,
+        x,
+        lambda t: t[0][:, 1] + 2 * t[1][:, 3],
         attribute_to_neuron_input=to_input,
     )
 
@@ -498,7 +543,10 @@ def test_neuron_gradient_tuple_layer_with_callable(to_input):
 def test_neuron_gradient_selector_lists_equal_single_reference_calls(convnet):
     x = randn(2, 1, 10, 10, seed=71)
     selectors = [
-        (1, 2, 3), (slice(0, 2), 4, slice(None)), lambda t: t[:, 1, 3, 3], (0, 0, 0),
+        (1, 2, 3),
+        (slice(0, 2), 4, slice(None)),
+        lambda t: t[:, 1, 3, 3],
+        (0, 0, 0),
         lambda t: t.sum(),
     ]
     ours = NeuronGradient(convnet, convnet.conv1).attribute(x, selectors)
@@ -558,7 +606,11 @@ def test_tensor_used_before_the_layer_runs(layer_name, to_input):
     model = EarlyUse().double()
     x = randn(2, 3, seed=80)
     check_conductance(
-        model, layer_of(model, layer_name), x, target=0, n_steps=10,
+        model,
+        layer_of(model, layer_name),
+        x,
+        target=0,
+        n_steps=10,
         attribute_to_layer_input=to_input,
     )
 
@@ -602,7 +654,10 @@ def test_model_that_views_a_conv_output_neuron_gradient():
 def _run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -29,9 +29,7 @@ from explainer.errors import AttributionError, ExplainerError
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 BUDGET_VAR = "EXPLAINER_MEMORY_BUDGET_MB"
-FUZZ = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,12 +73,20 @@ CONV_LAYERS = ("conv1", "relu", "conv2", "pool", "flat", "fc")
 def layer_shape(name: str, to_input: bool, n: int, h: int, w: int) -> tuple[int, ...]:
     """Shape of a TinyConvNet layer's output (or input) for an (n, 2, h, w) input."""
     outputs = {
-        "conv1": (n, 3, h, w), "relu": (n, 3, h, w), "conv2": (n, 2, h, w),
-        "pool": (n, 2, 1, 1), "flat": (n, 2), "fc": (n, 4),
+        "conv1": (n, 3, h, w),
+        "relu": (n, 3, h, w),
+        "conv2": (n, 2, h, w),
+        "pool": (n, 2, 1, 1),
+        "flat": (n, 2),
+        "fc": (n, 4),
     }
     inputs = {
-        "conv1": (n, 2, h, w), "relu": (n, 3, h, w), "conv2": (n, 3, h, w),
-        "pool": (n, 2, h, w), "flat": (n, 2, 1, 1), "fc": (n, 2),
+        "conv1": (n, 2, h, w),
+        "relu": (n, 3, h, w),
+        "conv2": (n, 3, h, w),
+        "pool": (n, 2, h, w),
+        "flat": (n, 2, 1, 1),
+        "fc": (n, 2),
     }
     return (inputs if to_input else outputs)[name]
 
@@ -303,18 +309,24 @@ def conductance_cases(draw):
     points = n_steps + 1 if broken != "n_steps" else 2
     extra = draw(st.sampled_from(["none", "number", "tensor"]))
     return dict(
-        x=x, names=names, is_list=is_list,
+        x=x,
+        names=names,
+        is_list=is_list,
         method=draw(methods(broken != "method")),
         n_steps=n_steps,
         ibs=draw(batch_sizes(n, points, broken != "internal_batch_size")),
         baselines=draw(baselines(x, broken != "baselines")),
         target=draw(targets(n, 4, broken != "target")),
         args={"none": None, "number": 0.5, "tensor": draw(tensors((n, 1, 1, 1)))}[extra],
-        to_input=draw(st.booleans()), delta=draw(st.booleans()),
-        tuple_input=draw(st.booleans()), budget=draw(st.sampled_from([None, "0.15"])),
-        training=draw(st.booleans()), frozen=draw(st.booleans()),
+        to_input=draw(st.booleans()),
+        delta=draw(st.booleans()),
+        tuple_input=draw(st.booleans()),
+        budget=draw(st.sampled_from([None, "0.15"])),
+        training=draw(st.booleans()),
+        frozen=draw(st.booleans()),
         ctx=draw(st.sampled_from(["default", "default", "no_grad", "inference_mode"])),
-        broken=broken, valid=broken is None,
+        broken=broken,
+        valid=broken is None,
     )
 
 
@@ -338,15 +350,22 @@ def test_layer_conductance_fuzz(case):
     inputs = (x,) if case["tuple_input"] else x
     layer = resolve_layers(model, case["names"], case["is_list"])
     kwargs = dict(
-        baselines=case["baselines"], target=case["target"], additional_forward_args=case["args"],
-        n_steps=case["n_steps"], method=case["method"], internal_batch_size=case["ibs"],
-        return_convergence_delta=case["delta"], attribute_to_layer_input=case["to_input"],
+        baselines=case["baselines"],
+        target=case["target"],
+        additional_forward_args=case["args"],
+        n_steps=case["n_steps"],
+        method=case["method"],
+        internal_batch_size=case["ibs"],
+        return_convergence_delta=case["delta"],
+        attribute_to_layer_input=case["to_input"],
     )
     snapshot = Snapshot.take(model, (x,))
     with memory_budget(case["budget"]):
         result = call_checked(
-            snapshot, lambda: LayerConductance(model, layer).attribute(inputs, **kwargs),
-            valid=case["valid"], ctx=case["ctx"],
+            snapshot,
+            lambda: LayerConductance(model, layer).attribute(inputs, **kwargs),
+            valid=case["valid"],
+            ctx=case["ctx"],
         )
         if result is None:
             return
@@ -424,7 +443,9 @@ def linear_cases(draw):
     }[base_kind]
     n_steps = draw(st.integers(1, 8))
     return dict(
-        x=x, baselines=base, n_steps=n_steps,
+        x=x,
+        baselines=base,
+        n_steps=n_steps,
         method=draw(st.sampled_from(METHODS)),
         target=draw(
             st.one_of(st.integers(-3, 2), st.lists(st.integers(0, 2), min_size=n, max_size=n))
@@ -447,9 +468,14 @@ def test_linear_model_conductance_sums_to_the_covered_part_of_the_output_change(
     attrs, delta = call_checked(
         snapshot,
         lambda: LayerConductance(model, layer).attribute(
-            x, baselines=case["baselines"], target=case["target"], n_steps=case["n_steps"],
-            method=case["method"], internal_batch_size=case["ibs"],
-            attribute_to_layer_input=case["to_input"], return_convergence_delta=True,
+            x,
+            baselines=case["baselines"],
+            target=case["target"],
+            n_steps=case["n_steps"],
+            method=case["method"],
+            internal_batch_size=case["ibs"],
+            attribute_to_layer_input=case["to_input"],
+            return_convergence_delta=True,
         ),
         valid=True,
     )
@@ -544,8 +570,17 @@ def selectors(draw, dims: tuple[int, ...], valid: bool):
                 parts[draw(st.integers(0, length - 1))] = slice(None)
             return tuple(parts)
         return PerExample() if kind == "per-example" else Total()
-    kinds = ["out-of-range", "too-long", "too-short", "not-a-tensor", "too-many", "float",
-             "string", "bool-in-tuple", "none"] + (["int"] if k > 1 else [])
+    kinds = [
+        "out-of-range",
+        "too-long",
+        "too-short",
+        "not-a-tensor",
+        "too-many",
+        "float",
+        "string",
+        "bool-in-tuple",
+        "none",
+    ] + (["int"] if k > 1 else [])
     kind = draw(st.sampled_from(kinds))
     if kind == "int":  # one index for a layer whose neurons need several
         return draw(st.integers(0, dims[0] - 1))
@@ -591,12 +626,19 @@ def neuron_cases(draw):
             selector.insert(draw(st.integers(0, len(selector))), draw(selectors(dims, False)))
     extra = draw(st.sampled_from(["none", "number", "tensor"]))
     return dict(
-        x=x, name=name, to_input=to_input, selector=selector, many=many,
+        x=x,
+        name=name,
+        to_input=to_input,
+        selector=selector,
+        many=many,
         args={"none": None, "number": 0.5, "tensor": draw(tensors((n, 1, 1, 1)))}[extra],
-        tuple_input=draw(st.booleans()), budget=draw(st.sampled_from([None, "0.15"])),
-        training=draw(st.booleans()), frozen=draw(st.booleans()),
+        tuple_input=draw(st.booleans()),
+        budget=draw(st.sampled_from([None, "0.15"])),
+        training=draw(st.booleans()),
+        frozen=draw(st.booleans()),
         ctx=draw(st.sampled_from(["default", "default", "no_grad", "inference_mode"])),
-        broken=broken, valid=broken is None,
+        broken=broken,
+        valid=broken is None,
     )
 
 
@@ -636,10 +678,13 @@ def test_neuron_gradient_fuzz(case):
         result = call_checked(
             snapshot,
             lambda: NeuronGradient(model, layer).attribute(
-                inputs, case["selector"], additional_forward_args=case["args"],
+                inputs,
+                case["selector"],
+                additional_forward_args=case["args"],
                 attribute_to_neuron_input=case["to_input"],
             ),
-            valid=case["valid"], ctx=case["ctx"],
+            valid=case["valid"],
+            ctx=case["ctx"],
         )
     if result is None:
         return

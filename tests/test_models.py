@@ -425,6 +425,88 @@ def test_export_dynamic_image_size():
         assert torch.allclose(lm.model(x), net(x), atol=1e-6)
 
 
+class _PerPixel(nn.Module):
+    """Two class scores at every pixel, ``(N, 2, H, W)``, optionally inside another output."""
+
+    def __init__(self, wrap: str = "") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.wrap = wrap
+
+    def forward(self, x: torch.Tensor):
+        scores = self.head(torch.relu(self.conv(x)))
+        if self.wrap == "dict":
+            return {"aux": scores[:, :1], "out": scores}
+        if self.wrap == "columns":
+            return scores.mean(dim=2)  # (N, 2, W)
+        if self.wrap == "tuple":
+            return scores, scores
+        if self.wrap == "keys":
+            return {"masks": scores}
+        if self.wrap == "mean":
+            return scores.mean(dim=(1, 2, 3))
+        if self.wrap == "argmax":
+            return scores.argmax(dim=1)
+        return scores
+
+
+def _export_per_pixel(wrap: str = "", dynamic_size: bool = False) -> bytes:
+    torch.manual_seed(6)
+    dims = {0: torch.export.Dim("batch")}
+    if dynamic_size:
+        dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+    program = torch.export.export(
+        _PerPixel(wrap).eval(), (torch.randn(2, 3, 32, 24),), dynamic_shapes={"x": dims}
+    )
+    return _export_bytes(program)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "shape"), [("", (2, 32, 24)), ("dict", (2, 32, 24)), ("columns", (2, 24))]
+)
+def test_export_with_scores_per_position_takes_classes_from_dimension_1(wrap, shape):
+    lm = load_model(_export_per_pixel(wrap), filename="seg.pt2")
+    assert lm.num_classes == 2  # not 24, the last dimension
+    assert lm.labels == ["class 0", "class 1"]
+    assert lm.output_shape == shape
+    assert lm.input_size == (3, 32, 24)
+    grid = " × ".join(str(d) for d in shape[1:])
+    assert describe_model(lm)["Output"] == f"2 class scores at each of {grid} positions"
+    with pytest.raises(ModelLoadError, match="2 outputs, but 3 classes"):
+        load_model(_export_per_pixel(wrap), num_classes=3)
+
+
+def test_export_with_a_dynamic_output_size_leaves_the_output_shape_open():
+    lm = load_model(_export_per_pixel(dynamic_size=True))
+    assert lm.num_classes == 2
+    assert lm.output_shape is None
+    assert "Output" not in describe_model(lm)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "pattern"),
+    [
+        ("tuple", r"returns a tuple of 2 tensors.*return self\.model\(x\)\[0\]"),
+        ("keys", r"returns a dict \(keys: 'masks'\).*return self\.model\(x\)\['masks'\]"),
+        ("mean", r"returns scores shaped \(N,\): one number per image"),
+        ("argmax", r"returns torch\.int64 values shaped \(N, 32, 24\) \(class indices\?\)"),
+    ],
+)
+def test_export_without_class_scores_is_refused_with_what_to_do(wrap, pattern):
+    with pytest.raises(ModelLoadError, match=pattern) as info:
+        load_model(_export_per_pixel(wrap), filename=f"{wrap}.pt2")
+    assert str(info.value).startswith(f"{wrap}.pt2 returns")
+    assert "export" in str(info.value).lower()
+
+
+def test_classifiers_know_their_output_shape(tiny_dynamic_export, mobilenet_sd_bytes):
+    assert load_model(tiny_dynamic_export).output_shape == (5,)
+    lm = load_model(mobilenet_sd_bytes, arch="mobilenet_v3_small")
+    assert lm.output_shape == (10,)
+    assert build_model("resnet18", num_classes=7).output_shape == (7,)
+
+
 def test_export_num_classes_mismatch(tiny_dynamic_export):
     with pytest.raises(ModelLoadError, match="5 outputs"):
         load_model(tiny_dynamic_export, num_classes=3)

@@ -119,9 +119,7 @@ def input_tensor(image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
         When the bytes are not a readable image.
     """
     key = digest("input", image.digest, prep_key(prep))
-    return result_cache().get_or_compute(
-        key, lambda: preprocess(load_image(image.data), prep)
-    )
+    return result_cache().get_or_compute(key, lambda: preprocess(load_image(image.data), prep))
 
 
 def model_input(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
@@ -140,23 +138,77 @@ def validate_image(data: bytes) -> None:
     load_image(data)  # pixel limit: EXPLAINER_MAX_IMAGE_PIXELS (explainer.images)
 
 
-# --- predictions and structure ------------------------------------------------------------------
-def predictions(
-    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, k: int = 5
-) -> list[tuple[str, int, float]]:
-    """Top-``k`` ``(label, index, probability)`` for one image."""
-    key = digest("top", model_key(lm), image.digest, prep_key(prep), k, tuple(lm.labels))
+# --- scores, predictions and structure ----------------------------------------------------------
+def score_shape(lm: LoadedModel) -> tuple[int, ...]:
+    """The model's scores for one image: ``(classes,)``, or ``(classes, *positions)`` for a
+    model that scores every output position.
 
-    def compute() -> list[tuple[str, int, float]]:
-        x = model_input(lm, image, prep)
-        return analysis.top_predictions(lm.model, x, list(lm.labels), k=k)[0]
+    Taken from the loader when it could read it, else from one forward pass of a zero image
+    (cached per model).
+
+    Raises
+    ------
+    explainer.errors.AttributionError
+        When the model's output is not class scores, with what to do about it.
+    """
+    if lm.output_shape is not None:
+        return tuple(int(d) for d in lm.output_shape)
+    key = digest("score-shape", model_key(lm))
+
+    def compute() -> tuple[int, ...]:
+        example = torch.zeros((1, *lm.input_size), device=model_device(lm))
+        return analysis.score_shape(lm.model, example)
 
     return result_cache().get_or_compute(key, compute)
 
 
+def per_position(lm: LoadedModel) -> bool:
+    """Whether the model scores every output position (e.g. a segmentation model)."""
+    return len(score_shape(lm)) > 1
+
+
+def scores(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> np.ndarray:
+    """The model's scores for one image, ``(classes,)`` or ``(classes, *positions)``."""
+    key = digest("scores", model_key(lm), image.digest, prep_key(prep))
+    return result_cache().get_or_compute(
+        key, lambda: analysis.class_scores(lm.model, model_input(lm, image, prep))
+    )
+
+
+def predictions(
+    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, k: int = 5
+) -> list[tuple[str, int, float]]:
+    """Top-``k`` ``(label, index, value)`` for one image.
+
+    The value is the softmax probability for class scores, and the share of output positions
+    where the class scores highest for per-position scores (see
+    :func:`explainer.analysis.rank_classes`).
+    """
+    key = digest("top", model_key(lm), image.digest, prep_key(prep), k, tuple(lm.labels))
+    return result_cache().get_or_compute(
+        key, lambda: analysis.rank_classes(scores(lm, image, prep), list(lm.labels), k=k)
+    )
+
+
 def predicted_class(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> int:
-    """Index of the most probable class for one image."""
+    """Index of the top class for one image (for per-position scores: the one covering most
+    positions)."""
     return int(predictions(lm, image, prep, k=1)[0][1])
+
+
+def score_view(
+    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, target: analysis.Target
+) -> np.ndarray:
+    """The target class's scores over the output positions, for drawing.
+
+    ``(L,)`` or ``(H, W)`` for one or two position dimensions; with more, the ``(H, W)`` plane
+    through the target's position (its leading indices fixed). Class scores give ``(classes,)``.
+    """
+    values = scores(lm, image, prep)
+    if not isinstance(target, tuple) or len(target) < 2:
+        return values
+    cls, position = int(target[0]), tuple(int(i) for i in target[1:])
+    return values[(cls, *position[:-2])]
 
 
 def tree(lm: LoadedModel) -> ModuleTree:
@@ -173,15 +225,19 @@ def tree(lm: LoadedModel) -> ModuleTree:
 def default_layer(lm: LoadedModel) -> str | None:
     """The layer the app opens on: the deepest suggested layer that still has a spatial map.
 
-    Falls back to the last suggested layer, then to the last usable one.
+    A layer that computes the model's output itself (the score layer of a model that scores
+    every output position) is skipped: its conductance sits in the one explained unit. Falls
+    back to the last suggested layer, then to the last usable one.
     """
     t = tree(lm)
+    output_shapes = t.root.output_shapes
     spatial = [
         name
         for name in t.suggested
         if len(t.nodes[name].output_shapes) == 1
         and len(t.nodes[name].output_shapes[0]) == 4
         and t.nodes[name].output_shapes[0][2] * t.nodes[name].output_shapes[0][3] > 1
+        and t.nodes[name].output_shapes != output_shapes
     ]
     if spatial:
         return spatial[-1]
@@ -211,11 +267,33 @@ def check_layer(lm: LoadedModel, name: str) -> None:
 # --- attributions -------------------------------------------------------------------------------
 def resolve_target(
     lm: LoadedModel, image: ImageEntry, prep: Preprocessing, settings: AttributionSettings
-) -> int:
-    """The class to explain: the user's choice, or the predicted class when none was made."""
-    if settings.target is None:
-        return predicted_class(lm, image, prep)
-    return int(settings.target)
+) -> analysis.Target:
+    """The output to explain, in full.
+
+    The class is the user's choice, or the top class when none was made. For a model that
+    scores every output position the target is ``(class, *position)``: the user's position,
+    with every index left automatic (None) where that class scores highest (see
+    :func:`explainer.analysis.default_target`).
+
+    Raises
+    ------
+    explainer.errors.AttributionError
+        For a class or a position outside the model's scores.
+    """
+    cls = predicted_class(lm, image, prep) if settings.target is None else int(settings.target)
+    if not 0 <= cls < lm.num_classes:
+        raise AttributionError(
+            f"Target class {cls} is out of range: this model has {lm.num_classes} classes "
+            f"(0 to {lm.num_classes - 1}). Choose a class from the list."
+        )
+    if not per_position(lm):
+        return cls
+    return analysis.default_target(scores(lm, image, prep), cls, settings.position)
+
+
+def target_key(target: analysis.Target) -> int | tuple[int, ...]:
+    """The full target as plain ints, for cache keys."""
+    return tuple(int(i) for i in target) if isinstance(target, tuple) else int(target)
 
 
 PROGRESS_CHUNKS = 8
@@ -263,7 +341,7 @@ def _conductance_key(
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
-    target: int,
+    target: analysis.Target,
     settings: AttributionSettings,
     method: str,
     n_steps: int,
@@ -275,7 +353,7 @@ def _conductance_key(
         image.digest,
         prep_key(prep),
         layer,
-        int(target),
+        target_key(target),
         _baseline_parts(settings),
         method,
         int(n_steps),
@@ -298,11 +376,6 @@ def conductance(
         For an unusable layer, a target out of range, bad settings or an unreadable image.
     """
     target = resolve_target(lm, image, prep, settings)
-    if not 0 <= target < lm.num_classes:
-        raise AttributionError(
-            f"Target class {target} is out of range: this model has {lm.num_classes} classes "
-            f"(0 to {lm.num_classes - 1}). Choose a class from the list."
-        )
     key = _conductance_key(
         lm, image, prep, layer, target, settings, settings.method, settings.n_steps
     )
@@ -371,7 +444,7 @@ def _sweep_key(
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
-    target: int,
+    target: analysis.Target,
     settings: AttributionSettings,
     methods: tuple[str, ...],
     steps: tuple[int, ...],
@@ -382,7 +455,7 @@ def _sweep_key(
         image.digest,
         prep_key(prep),
         layer,
-        int(target),
+        target_key(target),
         _baseline_parts(settings),
         tuple(methods),
         tuple(int(s) for s in steps),

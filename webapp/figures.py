@@ -50,6 +50,9 @@ SIGNED_SCALE = _scale(pc.diverging.RdBu[::-1])
 """Diverging, centred at 0: blue negative, white zero, red positive."""
 MAGNITUDE_SCALE = _scale(pc.sequential.Inferno)
 """Sequential for magnitudes: black (zero) to yellow (largest)."""
+SCORE_SCALE = _scale(pc.sequential.Viridis)
+"""Sequential for the model's own output scores (purple low, yellow high), unlike any
+attribution map so that the two are never confused."""
 SIGNED_OVERLAY_SCALE = _scale(pc.diverging.RdBu[::-1], alpha=lambda t: abs(2 * t - 1) * 1.6)
 """The signed scale with zero transparent, for maps laid over an image."""
 MAGNITUDE_OVERLAY_SCALE = _scale(pc.sequential.YlOrRd, alpha=lambda t: t * 1.8)
@@ -58,11 +61,17 @@ POSITIVE_COLOUR = "#c0392b"
 NEGATIVE_COLOUR = "#2e6da4"
 SELECTED_COLOUR = "#111111"
 ACCENT_COLOUR = "#f5b700"
+TARGET_COLOUR = "#ff3b30"
+"""Marks the explained output position on score maps (stands out on the score scale)."""
 METHOD_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e")
 TILE_MAX = 24
 """Grid tiles larger than this (per side) are average-pooled for the overview."""
 OVERLAY_MAX = 128
 """Smooth overlays are drawn at most this many cells per side (they are upsampled anyway)."""
+SCORE_CELLS_MAX = 64
+"""Output score maps are average-pooled to at most this many clickable cells per side."""
+SCORE_POINTS_MAX = 512
+"""Output score profiles show at most this many clickable points."""
 
 _CONFIG_AXIS = dict(showgrid=False, zeroline=False, showticklabels=False, ticks="")
 
@@ -187,8 +196,14 @@ def _signed_colorbar(title: str) -> dict:
 
 
 # --- predictions --------------------------------------------------------------------------------
-def prediction_bars(preds: Sequence[tuple[str, int, float]], height: int = 170) -> go.Figure:
-    """Horizontal bars of the top predictions, most probable on top."""
+def prediction_bars(
+    preds: Sequence[tuple[str, int, float]], height: int = 170, hover_suffix: str = ""
+) -> go.Figure:
+    """Horizontal bars of the top predictions, the first on top.
+
+    ``hover_suffix`` says what the share is, e.g. ``" of the output"`` for the share of output
+    positions a class covers.
+    """
     labels = [f"{name} (#{index})" for name, index, _ in preds][::-1]
     probs = [float(p) for _, _, p in preds][::-1]
     fig = go.Figure(
@@ -199,12 +214,130 @@ def prediction_bars(preds: Sequence[tuple[str, int, float]], height: int = 170) 
             marker_color=["#9aa5b1"] * (len(probs) - 1) + [POSITIVE_COLOUR] if probs else [],
             text=[f"{p:.1%}" for p in probs],
             textposition="auto",
-            hovertemplate="%{y}: %{x:.2%}<extra></extra>",
+            hovertemplate=f"%{{y}}: %{{x:.2%}}{hover_suffix}<extra></extra>",
         )
     )
     _base_layout(fig, height)
     fig.update_layout(hovermode="y", hoverdistance=20, clickmode="none")
     fig.update_xaxes(range=[0, 1], tickformat=".0%", showgrid=True)
+    return fig
+
+
+# --- output scores ------------------------------------------------------------------------------
+def _target_marker(x: float, y: float, size: float = 18.0) -> go.Scatter:
+    return go.Scatter(
+        x=[x],
+        y=[y],
+        mode="markers",
+        marker=dict(symbol="circle-open", size=size, color=TARGET_COLOUR, line=dict(width=3)),
+        hoverinfo="skip",
+        showlegend=False,
+    )
+
+
+def score_map(
+    scores: np.ndarray,
+    selected: tuple[int, int],
+    *,
+    title: str | None = None,
+    height: int = 300,
+) -> go.Figure:
+    """One class's output scores over the output grid, with the explained position circled.
+
+    Clicking a cell reports its ``[row, column]`` in the output's coordinates
+    (``customdata``). Grids larger than :data:`SCORE_CELLS_MAX` per side are average-pooled for
+    drawing; a click then reports the centre of the pooled cell.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        ``(H, W)`` scores of the class at every output position.
+    selected : (row, column)
+        The explained position.
+    """
+    arr = np.asarray(scores, dtype=np.float64)
+    h, w = arr.shape
+    pooled = _pool_tile(arr, SCORE_CELLS_MAX)
+    ph, pw = pooled.shape
+    fy, fx = math.ceil(h / SCORE_CELLS_MAX), math.ceil(w / SCORE_CELLS_MAX)  # as _pool_tile
+    finite = arr[np.isfinite(arr)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    fig = go.Figure(
+        go.Heatmap(
+            z=pooled,
+            x0=(fx - 1) / 2,
+            dx=fx,
+            y0=(fy - 1) / 2,
+            dy=fy,
+            colorscale=SCORE_SCALE,
+            zmin=low,
+            zmax=high if high > low else low + 1.0,
+            hoverinfo="skip",
+            colorbar=_signed_colorbar("score"),
+        )
+    )
+    rows, cols = np.mgrid[0:ph, 0:pw]
+    centre_y = np.minimum(h - 1, rows.ravel() * fy + fy // 2)
+    centre_x = np.minimum(w - 1, cols.ravel() * fx + fx // 2)
+    custom = np.stack([centre_y, centre_x], axis=1)
+    text = [f"{v:.4g}" for v in pooled.ravel()]
+    template = (
+        "row %{customdata[0]}, column %{customdata[1]}<br>score %{text}"
+        "<br>click to explain this position<extra></extra>"
+    )
+    fig.add_trace(
+        _click_layer(
+            cols.ravel() * fx + (fx - 1) / 2,
+            rows.ravel() * fy + (fy - 1) / 2,
+            custom,
+            text,
+            (height - 40) / max(ph, 1),
+            template,
+        )
+    )
+    row, col = int(selected[0]), int(selected[1])
+    fig.add_trace(_target_marker(col, row))
+    _base_layout(fig, height, title)
+    fig.update_layout(shapes=[{**_cell_box(col, row), "line": dict(color=TARGET_COLOUR, width=2)}])
+    _image_axes(fig, w, h)
+    return fig
+
+
+def score_profile(
+    scores: np.ndarray,
+    selected: int,
+    *,
+    title: str | None = None,
+    height: int = 240,
+) -> go.Figure:
+    """One class's output scores along a 1-D output, with the explained position circled.
+
+    Clicking a point reports ``[position]`` (``customdata``); long outputs show every k-th
+    position so that at most :data:`SCORE_POINTS_MAX` points are drawn.
+    """
+    arr = np.asarray(scores, dtype=np.float64).ravel()
+    stride = max(1, math.ceil(arr.size / SCORE_POINTS_MAX))
+    idx = np.arange(0, arr.size, stride)
+    fig = go.Figure(
+        go.Scatter(
+            x=idx,
+            y=arr[idx],
+            mode="lines+markers",
+            line=dict(color="#5b6770", width=1.5),
+            marker=dict(size=6, color="#5b6770"),
+            customdata=[[int(i)] for i in idx],
+            hovertemplate="position %{customdata[0]}<br>score %{y:.4g}"
+            "<br>click to explain this position<extra></extra>",
+            selected=dict(marker=dict(opacity=1.0)),
+            unselected=dict(marker=dict(opacity=1.0)),
+        )
+    )
+    if 0 <= int(selected) < arr.size:
+        fig.add_trace(_target_marker(int(selected), float(arr[int(selected)])))
+    _base_layout(fig, height, title)
+    fig.update_layout(hoverdistance=20)
+    fig.update_xaxes(title="output position", showgrid=False)
+    fig.update_yaxes(title="score", showgrid=True)
     return fig
 
 

@@ -161,7 +161,13 @@ class AttributionSettings:
     Attributes
     ----------
     target : int or None
-        Output class; ``None`` means "the class the model predicts for the image".
+        Output class; ``None`` means "the class the model predicts for the image" (for a model
+        that scores every output position: the class covering most positions).
+    position : tuple of (int or None), or None
+        For a model that scores every output position: the position whose score is explained,
+        one index per position dimension (e.g. ``(row, column)``). ``None``, or a ``None``
+        entry, means automatic: where the class scores highest (the other indices fixed).
+        Ignored for classifiers.
     baseline : str
         One of :data:`explainer.baselines.BASELINE_KINDS`.
     constant : float
@@ -180,6 +186,7 @@ class AttributionSettings:
     """
 
     target: int | None = None
+    position: tuple[int | None, ...] | None = None
     baseline: str = "black"
     constant: float = 0.5
     blur_sigma: float = 5.0

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
+from explainer.analysis import Target, position_names
 from explainer.baselines import BASELINE_KINDS
 from explainer.demo import sample_image_paths
 from explainer.errors import ExplainerError
@@ -250,8 +251,17 @@ def _sidebar(ctx: Context) -> None:
                         "Predicting", backend.predictions, ctx.lm, ctx.image, ctx.prep, 5
                     )
                     if ok and preds:
-                        label, index, prob = preds[0]
-                        st.caption(f"Predicted: **{label}** (#{index}) · {prob:.1%}")
+                        label, index, value = preds[0]
+                        ok_shape, shape = attempt(
+                            "Reading the model's scores", backend.score_shape, ctx.lm
+                        )
+                        if ok_shape and shape is not None and len(shape) > 1:
+                            st.caption(
+                                f"Top class: **{label}** (#{index}) · covers {value:.0%} of the "
+                                "output"
+                            )
+                        else:
+                            st.caption(f"Predicted: **{label}** (#{index}) · {value:.1%}")
         else:
             st.caption("No image yet: add one on the Model & images page.")
         layer = S.get(S.LAYER)
@@ -341,6 +351,25 @@ def on_click_channel(chart_key: str) -> Callable[[], None]:
     return callback
 
 
+def on_click_position(chart_key: str, position: tuple[int, ...]) -> Callable[[], None]:
+    """``on_select`` callback of the output score map: the clicked cell becomes the explained
+    output position.
+
+    Cells carry their indices in the last one or two position dimensions (``customdata``);
+    leading indices are kept from ``position``, the position shown.
+    """
+
+    def callback() -> None:
+        point = _first_point(chart_key)
+        data = _customdata(point) if point else None
+        if not data or len(data) > len(position):
+            return
+        chosen = (*position[: len(position) - len(data)], *data)
+        st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), position=tuple(chosen))
+
+    return callback
+
+
 def on_click_neuron(chart_key: str) -> Callable[[], None]:
     """``on_select`` callback: a clicked cell selects the neuron in its ``customdata``.
 
@@ -378,13 +407,19 @@ def plotly_static(fig: Any, key: str | None = None) -> None:
 
 
 # --- attribution settings (shared by the conductance and convergence pages) ---------------------
-def _apply_settings(prefix: str) -> None:
+def _apply_settings(prefix: str, position_dims: int = 0) -> None:
     ss = st.session_state
     old: S.AttributionSettings = S.get(S.SETTINGS)
     batch = int(ss.get(f"{prefix}_batch", 0) or 0)
+    position = old.position
+    if position_dims:
+        entries = [ss.get(f"{prefix}_pos{i}") for i in range(position_dims)]
+        chosen = tuple(None if e is None else int(e) for e in entries)
+        position = None if all(e is None for e in chosen) else chosen
     st.session_state[S.SETTINGS] = replace(
         old,
         target=ss.get(f"{prefix}_target", old.target),
+        position=position,
         baseline=ss.get(f"{prefix}_baseline", old.baseline),
         constant=float(ss.get(f"{prefix}_constant", old.constant)),
         blur_sigma=float(ss.get(f"{prefix}_sigma", old.blur_sigma)),
@@ -395,11 +430,76 @@ def _apply_settings(prefix: str) -> None:
     )
 
 
-def target_label(lm: LoadedModel, index: int) -> str:
-    """``"name (#index)"`` for a class index (or just the index when out of range)."""
-    if 0 <= index < lm.num_classes:
-        return f"{lm.labels[index]} (#{index})"
-    return f"#{index}"
+def position_text(position: tuple[int, ...]) -> str:
+    """``"row 12, column 30"`` for an output position (``"position 7"`` for one index)."""
+    names = position_names(len(position))
+    return ", ".join(f"{name} {int(i)}" for name, i in zip(names, position, strict=True))
+
+
+def target_label(lm: LoadedModel, target: Target) -> str:
+    """``"name (#index)"`` for a class index (or just the index when out of range); for a
+    per-position target ``(class, *position)``, ``"name (#index) at row r, column c"``."""
+    if isinstance(target, tuple):
+        index, position = int(target[0]), tuple(target[1:])
+    else:
+        index, position = int(target), ()
+    text = f"{lm.labels[index]} (#{index})" if 0 <= index < lm.num_classes else f"#{index}"
+    return f"{text} at {position_text(position)}" if position else text
+
+
+def target_setting_text(lm: LoadedModel, settings: S.AttributionSettings) -> str:
+    """What the settings explain in each image, in words (no trailing full stop)."""
+    ok, shape = attempt("Reading the model's scores", backend.score_shape, lm)
+    positions = tuple(shape[1:]) if ok and shape else ()
+    if settings.target is None:
+        what = "each image's top class" if positions else "each image's predicted class"
+    else:
+        what = target_label(lm, settings.target)
+    if not positions:
+        return what
+    chosen = (
+        settings.position
+        if settings.position and len(settings.position) == len(positions)
+        else None
+    )
+    if chosen is None or all(i is None for i in chosen):
+        return f"{what}, at the output position where it scores highest"
+    names = position_names(len(positions))
+    fixed = ", ".join(f"{n} {i}" for n, i in zip(names, chosen, strict=True) if i is not None)
+    free = [n for n, i in zip(names, chosen, strict=True) if i is None]
+    if free:
+        return f"{what}, at {fixed} with the {' and '.join(free)} where it scores highest"
+    return f"{what}, at {fixed}"
+
+
+def _position_inputs(prefix: str, settings: S.AttributionSettings, sizes: tuple[int, ...]) -> None:
+    """One number input per output position dimension; empty means automatic."""
+    names = position_names(len(sizes))
+    chosen = (
+        settings.position if settings.position and len(settings.position) == len(sizes) else None
+    )
+    count = len(sizes)
+    cols = st.columns([1.4] * count + [max(2.0, 8.0 - 1.4 * count)])
+    for i, (name, size) in enumerate(zip(names, sizes, strict=True)):
+        value = chosen[i] if chosen is not None else None
+        bind(f"{prefix}_pos{i}", value if value is not None and 0 <= value < size else None)
+        cols[i].number_input(
+            f"Output {name}",
+            min_value=0,
+            max_value=size - 1,
+            value=None,
+            step=1,
+            placeholder="automatic",
+            key=f"{prefix}_pos{i}",
+            help=f"0 to {size - 1}. Leave it empty to explain the {name} where the target "
+            "class scores highest.",
+        )
+    grid = " × ".join(str(s) for s in sizes)
+    cols[-1].caption(
+        f"This model scores every position of its {grid} output, so the explained score is "
+        "the target class's at one output position. Empty fields are chosen automatically: "
+        "where that class scores highest."
+    )
 
 
 def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.AttributionSettings:
@@ -411,15 +511,18 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
     lm = ctx.lm
     assert lm is not None and ctx.image is not None and ctx.prep is not None
     settings: S.AttributionSettings = S.get(S.SETTINGS)
+    ok_shape, shape = attempt("Reading the model's scores", backend.score_shape, lm)
+    positions: tuple[int, ...] = tuple(shape[1:]) if ok_shape and shape else ()
     ok, predicted = attempt("Predicting", backend.predicted_class, lm, ctx.image, ctx.prep)
     options: list[int | None] = [None, *range(lm.num_classes)]
+    automatic = "Top class" if positions else "Predicted class"
 
     def fmt(value: int | None) -> str:
         if value is None:
             return (
-                f"Predicted class: {target_label(lm, predicted)}"
+                f"{automatic}: {target_label(lm, predicted)}"
                 if ok and predicted is not None
-                else "Predicted class"
+                else automatic
             )
         return target_label(lm, value)
 
@@ -432,7 +535,12 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
             index=target_index,
             format_func=fmt,
             key=f"{prefix}_target",
-            help="The output whose score is explained. Type to search by label name.",
+            help="The output whose score is explained. Type to search by label name."
+            + (
+                " 'Top class' is the class with the highest score at the most output positions."
+                if positions
+                else ""
+            ),
         )
         c2.selectbox(
             "Baseline",
@@ -472,6 +580,8 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
             help="Path points per forward pass (0 = automatic, about n_steps / 8). Lower it if "
             "memory runs out; the result does not change.",
         )
+        if positions:
+            _position_inputs(prefix, settings, positions)
         with st.expander("Baseline options"):
             b1, b2, b3 = st.columns(3)
             b1.slider(
@@ -500,5 +610,7 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
                 key=f"{prefix}_seed",
                 help="Seed of the 'Uniform noise' baseline (same seed, same noise).",
             )
-        st.form_submit_button("Compute", type="primary", on_click=_apply_settings, args=(prefix,))
+        st.form_submit_button(
+            "Compute", type="primary", on_click=_apply_settings, args=(prefix, len(positions))
+        )
     return S.get(S.SETTINGS)

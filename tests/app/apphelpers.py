@@ -114,3 +114,35 @@ def upload_model(
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+def export_bytes(module: torch.nn.Module, size: int = 32) -> bytes:
+    """``module`` exported with ``torch.export`` (dynamic batch) for ``(3, size, size)`` images."""
+    program = torch.export.export(
+        module.eval(),
+        (torch.rand(2, 3, size, size),),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+class PixelScores(torch.nn.Module):
+    """A tiny segmentation-style model: two class scores at every pixel, ``(N, 2, H, W)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)))
+
+
+@functools.lru_cache(maxsize=1)
+def pixel_model_bytes() -> bytes:
+    """:class:`PixelScores` with fixed random weights, exported for 32 x 32 images."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return export_bytes(PixelScores())

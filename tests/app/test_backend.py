@@ -179,3 +179,61 @@ def test_soak_of_hundreds_of_requests_keeps_memory_bounded(demo, monkeypatch):
             levels.append(rss_mib())
     assert levels[1] - levels[0] < 150, levels
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+
+def test_score_shape_is_read_from_the_model_or_probed_once(demo, monkeypatch):
+    lm, _, _ = demo
+    assert lm.output_shape is None  # the demo's loader does not record it: one probe reads it
+    assert backend.score_shape(lm) == (lm.num_classes,)
+    assert not backend.per_position(lm)
+    calls = []
+    monkeypatch.setattr(analysis, "score_shape", lambda *a: calls.append(a) or (0,))
+    assert backend.score_shape(lm) == (lm.num_classes,)  # cached
+    stated = dataclasses.replace(lm, sha256="other", output_shape=(3, 5, 7))
+    assert backend.score_shape(stated) == (3, 5, 7) and backend.per_position(stated)
+    assert calls == []
+
+
+def test_per_position_targets_are_resolved_in_full_and_keyed_by_position(monkeypatch):
+    from apphelpers import pixel_model_bytes
+
+    from explainer.models import load_model
+
+    backend.result_cache().clear()  # count computations from a clean slate
+    lm = dataclasses.replace(load_model(pixel_model_bytes()), output_shape=None)  # probed
+    prep = backend.preprocessing(PrepSpec(), lm)
+    image = ImageEntry.from_bytes("square.png", png_bytes())
+    assert backend.score_shape(lm) == (2, 32, 32)
+    scores = backend.scores(lm, image, prep)
+    top = backend.predicted_class(lm, image, prep)
+    automatic = backend.resolve_target(lm, image, prep, AttributionSettings())
+    assert automatic == (top, *divmod(int(scores[top].argmax()), 32))
+    chosen = AttributionSettings(target=1, position=(4, None))
+    assert backend.resolve_target(lm, image, prep, chosen) == (1, 4, int(scores[1, 4].argmax()))
+
+    calls = []
+    real = analysis.compute_conductance
+    monkeypatch.setattr(
+        analysis, "compute_conductance", lambda *a, **k: calls.append(a[3]) or real(*a, **k)
+    )
+    row = int(scores[1, :, 9].argmax())  # where class 1 scores highest in column 9
+    settings = AttributionSettings(target=1, position=(row, 9), n_steps=8)
+    first = backend.conductance(lm, image, prep, "conv", settings)
+    assert first.target == (1, row, 9)
+    other = (row + 1) % 32
+    moved = backend.conductance(
+        lm, image, prep, "conv", dataclasses.replace(settings, position=(other, 9))
+    )
+    assert moved.target == (1, other, 9) and moved is not first
+    # A row left automatic that resolves to the same output is the same computation.
+    again = backend.conductance(
+        lm, image, prep, "conv", dataclasses.replace(settings, position=(None, 9))
+    )
+    assert again is first
+    assert calls == [(1, row, 9), (1, other, 9)]
+    view = backend.score_view(lm, image, prep, first.target)
+    assert view.shape == (32, 32) and view[row, 9] == pytest.approx(float(scores[1, row, 9]))
+    with pytest.raises(ValueError, match="row 40 is not between 0 and 31"):
+        backend.conductance(
+            lm, image, prep, "conv", dataclasses.replace(settings, position=(40, 1))
+        )

@@ -134,3 +134,54 @@ def test_overlay_map_of_any_resolution_covers_the_image():
     left = heat.x0 - heat.dx / 2
     right = heat.x0 + heat.dx * (128 - 0.5)
     assert left == pytest.approx(-0.5) and right == pytest.approx(223.5)
+
+
+def test_score_map_cells_report_their_output_position():
+    scores = np.arange(12.0).reshape(3, 4)
+    fig = F.score_map(scores, (2, 1))
+    heat = fig.data[0]
+    np.testing.assert_array_equal(np.asarray(heat.z), scores)
+    assert heat.zmin == 0.0 and heat.zmax == 11.0
+    xs, ys, custom = _click_points(fig)
+    assert [tuple(c) for c in custom] == [(r, c) for r in range(3) for c in range(4)]
+    np.testing.assert_array_equal(xs, custom[:, 1])
+    np.testing.assert_array_equal(ys, custom[:, 0])
+    marker = fig.data[-1]
+    assert (tuple(marker.x), tuple(marker.y)) == ((1,), (2,))
+    assert marker.marker.symbol == "circle-open"
+
+
+def test_a_large_score_map_is_pooled_but_clicks_stay_in_output_coordinates():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(130, 100))
+    fig = F.score_map(scores, (129, 3))
+    heat = fig.data[0]
+    pooled = np.asarray(heat.z)
+    assert max(pooled.shape) <= F.SCORE_CELLS_MAX
+    fy, fx = heat.dy, heat.dx
+    assert pooled[0, 0] == pytest.approx(scores[:fy, :fx].mean())
+    xs, ys, custom = _click_points(fig)
+    assert custom[:, 0].max() <= 129 and custom[:, 1].max() <= 99
+    # Each click point sits on its pooled cell and reports an output position inside it.
+    np.testing.assert_allclose(ys, (custom[:, 0] // fy) * fy + (fy - 1) / 2)
+    np.testing.assert_allclose(xs, (custom[:, 1] // fx) * fx + (fx - 1) / 2)
+    marker = fig.data[-1]
+    assert (tuple(marker.x), tuple(marker.y)) == ((3,), (129,))
+
+
+def test_score_profile_points_carry_their_position():
+    scores = np.linspace(-1.0, 1.0, 2000)
+    fig = F.score_profile(scores, 1234)
+    line = fig.data[0]
+    assert len(line.x) <= F.SCORE_POINTS_MAX
+    assert [c[0] for c in line.customdata] == list(line.x)
+    np.testing.assert_allclose(line.y, scores[np.asarray(line.x)])
+    marker = fig.data[-1]
+    assert tuple(marker.x) == (1234,) and marker.y[0] == pytest.approx(scores[1234])
+
+
+def test_prediction_bars_say_what_the_share_is():
+    preds = [("road", 0, 0.63), ("sky", 1, 0.37)]
+    fig = F.prediction_bars(preds, hover_suffix=" of the output")
+    assert fig.data[0].hovertemplate == "%{y}: %{x:.2%} of the output<extra></extra>"
+    assert list(fig.data[0].y) == ["sky (#1)", "road (#0)"]

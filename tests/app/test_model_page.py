@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from apphelpers import (
     PAGE_CONDUCTANCE,
     PAGE_LAYER,
     PAGE_MODEL,
     error_text,
+    export_bytes,
     open_page,
     plotly_specs,
     png_bytes,
@@ -209,35 +211,65 @@ def test_hundred_megapixel_upload_is_refused_and_nothing_is_lost(app):
     assert app.session_state["active_image"] == active
 
 
-def test_model_without_class_scores_is_explained_on_every_page(app):
-    """A segmentation-style model (scores per pixel) loads, and each page says plainly that it
-    needs one score per class instead of failing."""
-    import io
-
-    import torch
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("mean", "returns scores shaped (N,): one number per image"),
+        ("pair", "returns a tuple of 2 tensors"),
+        ("argmax", "(class indices?)"),
+    ],
+)
+def test_model_without_class_scores_is_refused_and_the_previous_one_kept(app, output, expected):
+    """Outputs that are neither (N, classes) nor (N, classes, ...) per position: one number per
+    image, a tuple, or the class indices of a segmentation map."""
     from torch import nn
 
-    class PixelScores(nn.Module):
+    class NotScores(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.head = nn.Conv2d(4, 2, 1)
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
 
         def forward(self, x):
-            return self.head(torch.relu(self.conv(x)))
+            y = self.conv(x)
+            if output == "mean":
+                return y.mean((1, 2, 3))
+            if output == "pair":
+                return y, -y
+            return y.argmax(1)
 
-    batch = torch.export.Dim("batch")
-    program = torch.export.export(
-        PixelScores().eval(), (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}}
-    )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    upload_model(app, buffer.getvalue(), "pixels.pt2", arch="resnet18")
-    assert "shaped (N, classes)" in error_text(app)
+    layer = app.session_state["layer"]
+    upload_model(app, export_bytes(NotScores()), f"{output}.pt2", arch="resnet18")
+    message = error_text(app)
+    assert expected in message and f"{output}.pt2" in message
+    assert "export" in message.lower()  # says what to do
+    assert any("previous model is still in use" in info.value for info in app.info)
+    assert app.session_state["model_ref"].kind == "builtin"
+    assert app.session_state["layer"] == layer
     for page in (PAGE_LAYER, PAGE_CONDUCTANCE):
         open_page(app, page)
-        assert not app.exception
-        assert "class scores shaped (N, classes)" in error_text(app)
+        assert not app.error
+        assert app.session_state["model_ref"].kind == "builtin"
+
+
+def test_model_returning_a_dict_is_explained_through_its_out_entry(app):
+    """Like torchvision's segmentation models: {"out": scores, "aux": ...}."""
+    from apphelpers import PixelScores
+
+    class WithAux(PixelScores):
+        def forward(self, x):
+            scores = super().forward(x)
+            return {"out": scores, "aux": scores * 2.0}
+
+    upload_model(app, export_bytes(WithAux()), "with_aux.pt2", arch="resnet18")
+    assert not app.error, error_text(app)
+    assert app.session_state["model_ref"].kind == "upload"
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.error, error_text(app)
+    metrics = {m.label: m.value for m in app.metric}
+    assert next(m for m in app.metric if m.label == "Target").delta.startswith("at row ")
+    assert float(metrics["Sum of conductance"]) == pytest.approx(
+        float(metrics["F(image) − F(baseline)"]), rel=0.05, abs=1e-3
+    )
 
 
 def test_model_whose_forward_raises_is_refused_and_the_previous_one_kept(app):

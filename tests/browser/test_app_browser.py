@@ -72,6 +72,16 @@ def click_at(page, x: float, y: float) -> None:
     page.mouse.up()
 
 
+def choose_model_file(page, name: str, data: bytes) -> None:
+    """Switch the model source to an upload and put ``data`` in its file field as ``name``."""
+    page.locator(".st-key-_w_model_source label", has_text="Upload my own").click()
+    page.wait_for_selector(".st-key-_w_model_file input[type=file]", state="attached")
+    page.locator(".st-key-_w_model_file input[type=file]").set_input_files(
+        files=[{"name": name, "mimeType": "application/octet-stream", "buffer": data}]
+    )
+    page.wait_for_selector(f".st-key-_w_model_file >> text={name}")
+
+
 def selection_text(page) -> str:
     return page.locator('[data-testid="stAlert"]', has_text="Selected:").first.inner_text()
 
@@ -233,18 +243,7 @@ def test_uploading_an_image_and_a_state_dict_with_its_architecture(page, app_url
     assert "red_disc.png · explaining" in page.locator("body").inner_text()
     assert_no_exception(page)
 
-    page.locator(".st-key-_w_model_source label", has_text="Upload my own").click()
-    page.wait_for_selector(".st-key-_w_model_file input[type=file]", state="attached")
-    page.locator(".st-key-_w_model_file input[type=file]").set_input_files(
-        files=[
-            {
-                "name": "squeeze.pt",
-                "mimeType": "application/octet-stream",
-                "buffer": _squeezenet_state_dict(),
-            }
-        ]
-    )
-    page.wait_for_selector(".st-key-_w_model_file >> text=squeeze.pt")
+    choose_model_file(page, "squeeze.pt", _squeezenet_state_dict())
     combo = page.locator(".st-key-_w_arch input[role='combobox']")
     combo.click()
     combo.fill("squeezenet1_1")
@@ -275,15 +274,71 @@ def test_uploading_an_image_and_a_state_dict_with_its_architecture(page, app_url
 
 def test_a_bad_model_file_shows_a_message_not_a_traceback(page, app_url):
     open_app(page, app_url)
-    page.locator(".st-key-_w_model_source label", has_text="Upload my own").click()
-    page.wait_for_selector(".st-key-_w_model_file input[type=file]", state="attached")
-    page.locator(".st-key-_w_model_file input[type=file]").set_input_files(
-        files=[{"name": "broken.pt", "mimeType": "application/octet-stream", "buffer": b"nope"}]
-    )
-    page.wait_for_selector(".st-key-_w_model_file >> text=broken.pt")
+    choose_model_file(page, "broken.pt", b"nope")
     page.locator("button", has_text="Load model").click()
     page.wait_for_selector('[data-testid="stAlert"]:has-text("broken.pt")')
     settle(page)
     assert "Demo CNN" in page.locator('[data-testid="stSidebar"]').inner_text()
     assert_no_exception(page)
     shot(page, "11_bad_model_file")
+
+
+class _PixelScores(torch.nn.Module):
+    """Two classes scored at every pixel of a 32 x 32 output (a tiny segmentation model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.head = torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def _pixel_model_export() -> bytes:
+    torch.manual_seed(0)
+    program = torch.export.export(
+        _PixelScores().eval(),
+        (torch.rand(2, 3, 32, 32),),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def test_a_segmentation_model_explains_the_output_position_clicked(page, app_url):
+    open_app(page, app_url)
+    choose_model_file(page, "pixels.pt2", _pixel_model_export())
+    page.locator("button", has_text="Load model").click()
+    page.wait_for_selector("text=Loaded")
+    settle(page)
+    assert "of the output" in page.locator('[data-testid="stSidebar"]').inner_text()
+    assert_no_exception(page)
+
+    page.locator('[data-testid="stSidebar"] a', has_text="Layer conductance").click()
+    page.wait_for_selector(".st-key-cond_scores .js-plotly-plot", timeout=120_000)
+    settle(page)
+    assert "chosen automatically" in page.locator("body").inner_text()
+    height, width = page.evaluate(
+        """() => {
+            const z = document.querySelector('.st-key-cond_scores .js-plotly-plot')._fullData[0].z;
+            return [z.length, z[0].length];
+        }"""
+    )
+    assert (height, width) == (32, 32)
+    row, column = 5, 27
+    box = plot_area(page, "cond_scores")
+    click_at(
+        page,
+        box["x"] + (column + 0.5) / width * box["width"],
+        box["y"] + (row + 0.5) / height * box["height"],
+    )
+    page.wait_for_function(
+        "() => document.body.innerText.includes('the position you chose')", timeout=120_000
+    )
+    settle(page)
+    text = page.locator("body").inner_text()
+    assert f"row {row}, column {column}" in text
+    assert_no_exception(page)
+    shot(page, "12_segmentation_position_clicked")
