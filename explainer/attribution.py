@@ -556,7 +556,11 @@ class NeuronGradient(_LayerMethod):
         cache_rows = max(1, _COPY_PASS_BYTES // max(row_bytes, 1))
         plan = _Plan(rows=num_examples)
         meter: PassMeter | None = PassMeter.for_model(_unwrap(self.forward_func))
-        parts: list[list[Tensor]] = [[] for _ in inputs_t]
+        # Written in place pass by pass: no second copy of all the gradients at the end.
+        results = [
+            torch.empty((len(selectors), *t.shape), dtype=t.dtype, device=t.device)
+            for t in inputs_t
+        ]
         layout: dict[str, bool] = {}
         per_pass, start = 1, 0
         while start < len(selectors):
@@ -567,7 +571,7 @@ class NeuronGradient(_LayerMethod):
                     inputs_t, group, args, attribute_to_neuron_input, layout, meter
                 )
             for i, g in enumerate(grads):
-                parts[i].append(g.reshape(len(group), *inputs_t[i].shape))
+                results[i][start : start + len(group)] = g.reshape(len(group), *inputs_t[i].shape)
             start += len(group)
             if meter is not None:
                 rows = _rows_within_budget(
@@ -580,8 +584,8 @@ class NeuronGradient(_LayerMethod):
                 )
                 per_pass = max(1, min(rows, cache_rows) // num_examples)
                 meter = None
-        results = tuple(torch.cat(p).contiguous() if many else p[0][0].contiguous() for p in parts)
-        return results if is_tuple else results[0]
+        out = tuple(r if many else r[0] for r in results)
+        return out if is_tuple else out[0]
 
     def _group_gradients(
         self,

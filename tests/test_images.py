@@ -256,6 +256,17 @@ def test_random_and_text_bytes_are_refused():
             load_image(data)
 
 
+def test_a_model_file_named_like_an_image_is_refused(tmp_path):
+    """A checkpoint uploaded under an image's name: the content decides, not the extension."""
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(3)}, buffer)
+    path = tmp_path / "photo.png"
+    path.write_bytes(buffer.getvalue())
+    for source in (path, buffer.getvalue()):
+        with pytest.raises(ImageLoadError, match="not an image in a supported format"):
+            load_image(source)
+
+
 def test_unsupported_format_is_refused():
     data = encode(Image.new("RGB", (4, 4)), "PPM")
     assert Image.open(io.BytesIO(data)).format == "PPM"
