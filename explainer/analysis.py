@@ -236,6 +236,12 @@ def rank_classes(
         raise AttributionError(
             f"Scores of one image are shaped (classes,) or (classes, ...); got {values.shape}."
         )
+    if not np.isfinite(values).all():
+        raise AttributionError(
+            "The model's scores contain NaN or infinite values for this image, so there is no "
+            "ranking of its classes (and attributions would be meaningless); check the model's "
+            "weights and the preprocessing (normalisation) of the image."
+        )
     flat = values.reshape(values.shape[0], -1)
     probs = _softmax(flat)
     if values.ndim == 1:

@@ -1089,3 +1089,10 @@ def test_default_target_is_the_top_class_at_its_highest_score():
         default_target(scores, 1, (None, 7))
     with pytest.raises(AttributionError, match="class 4 is not between 0 and 1"):
         default_target(scores, 4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rank_classes_refuses_scores_that_are_not_finite(bad):
+    scores = np.array([[0.5, 1.0], [bad, 0.0]])
+    with pytest.raises(AttributionError, match="NaN or infinite"):
+        rank_classes(scores, ["a", "b"])

@@ -53,6 +53,9 @@ class NaNScores(nn.Module):
 def test_a_model_with_nan_scores_is_explained_in_words_on_every_page(app):
     upload_model(app, export_bytes(NaNScores()), "diverged.pt2", "resnet18")
     assert app.session_state["model_ref"].kind == "upload"
+    # The predictions already say so, on the model page and in the sidebar.
+    assert "scores contain NaN or infinite values" in error_text(app)
+    assert not any("nan%" in c.value for c in app.sidebar.caption)
     for page in (PAGE_CONDUCTANCE, PAGE_NEURON, PAGE_CONVERGENCE):
         open_page(app, page)
         assert "scores contain NaN or infinite values" in error_text(app), page
