@@ -101,6 +101,10 @@ class ConductanceResult:
         Number of integration steps.
     is_spatial : bool
         True for ``(C, H, W)`` layers.
+    layer_moves : bool
+        Whether the layer's output differs between the image and the baseline. When it does
+        and every conductance is zero, no gradient reaches the layer from the score (a step
+        function, rounding or a detached branch lies between them).
     """
 
     layer: str
@@ -114,6 +118,7 @@ class ConductanceResult:
     method: str
     n_steps: int
     is_spatial: bool
+    layer_moves: bool = True
 
     @property
     def target_class(self) -> int:
@@ -538,11 +543,12 @@ def compute_layer_overview(
     x = _prepare_input(model, x, "image")
     baseline = _prepare_baseline(model, baseline, x)
     first_name = {slot: name for name, slot in reversed(slot_of_name.items())}
-    logits, _, key = _probe(
+    logits, layer_outputs, key = _probe(
         model, modules, [first_name[i] for i in range(len(modules))], torch.cat([x, baseline])
     )
     target = validate_target(target, tuple(logits.shape[1:]))
     output_diff = _output_diff(logits, target)
+    moves = [not torch.equal(out[0], out[1]) for out in layer_outputs]
 
     engine = LayerConductance(_scores_function(model, key), modules)
     with torch.enable_grad():
@@ -565,6 +571,7 @@ def compute_layer_overview(
             output_diff,
             method,
             int(n_steps),
+            moves[slot],
         )
         for name, slot in slot_of_name.items()
     }
@@ -1086,6 +1093,7 @@ def _conductance_result(
     output_diff: float,
     method: str,
     n_steps: int,
+    layer_moves: bool = True,
 ) -> ConductanceResult:
     if not isinstance(attributions, Tensor):
         raise AttributionError(
@@ -1112,4 +1120,5 @@ def _conductance_result(
         method=method,
         n_steps=n_steps,
         is_spatial=is_spatial,
+        layer_moves=layer_moves,
     )

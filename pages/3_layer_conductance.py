@@ -64,11 +64,20 @@ m4.metric(
     "shows how it shrinks with more steps.",
 )
 if not np.any(result.attributions):
-    st.info(
-        "Every unit of this layer has zero conductance: the target score does not change through "
-        "this layer (no gradient reaches it from the score, or its output does not move between "
-        "baseline and image). Try a layer closer to the output, or another baseline."
-    )
+    if result.layer_moves:
+        st.info(
+            "Every unit of this layer has zero conductance: its output changes between the "
+            "baseline and the image, but no gradient reaches it from the target score, so none "
+            "of that change counts (something between this layer and the output has no "
+            "gradient: a step function, rounding, an argmax or a detached branch). Try a layer "
+            "after that point."
+        )
+    else:
+        st.info(
+            "Every unit of this layer has zero conductance: its output is the same for the "
+            "image and the baseline, so nothing flows through it. Try another baseline, or a "
+            "layer closer to the output."
+        )
 
 
 # --- the explained output (models that score every output position) ----------------------------

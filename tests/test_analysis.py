@@ -1096,3 +1096,23 @@ def test_rank_classes_refuses_scores_that_are_not_finite(bad):
     scores = np.array([[0.5, 1.0], [bad, 0.0]])
     with pytest.raises(AttributionError, match="NaN or infinite"):
         rank_classes(scores, ["a", "b"])
+
+
+class _Stepped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.sign(self.conv(x)).mean((2, 3)))
+
+
+def test_zero_conductance_tells_a_still_layer_from_one_without_gradient():
+    torch.manual_seed(0)
+    model = _Stepped().eval()
+    x = torch.rand(1, 3, 8, 8)
+    blocked = compute_conductance(model, "conv", x, 1, torch.zeros_like(x), n_steps=4)
+    assert not blocked.attributions.any() and blocked.layer_moves
+    still = compute_conductance(model, "conv", x, 1, x.clone(), n_steps=4)
+    assert not still.attributions.any() and not still.layer_moves

@@ -66,3 +66,26 @@ def test_a_model_with_nan_scores_is_explained_in_words_on_every_page(app):
     assert app.session_state["model_ref"].kind == "builtin"
     open_page(app, PAGE_CONDUCTANCE)
     assert not app.error, error_text(app)
+
+
+class SteppedScores(nn.Module):
+    """The convolution's output reaches the scores only through a step (sign) function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.sign(self.conv(x)).mean((2, 3)))
+
+
+def test_a_layer_without_a_gradient_path_to_the_score_is_said_plainly(app):
+    upload_model(app, export_bytes(SteppedScores()), "stepped.pt2", "resnet18")
+    assert app.session_state["model_ref"].kind == "upload", error_text(app)
+    app.session_state["layer"] = "conv"
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.error, error_text(app)
+    notes = " ".join(info.value for info in app.info)
+    assert "zero conductance" in notes and "no gradient reaches it" in notes
+    assert {m.label: m.value for m in app.metric}["Sum of conductance"] == "0"
