@@ -577,8 +577,8 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
             value=int(settings.internal_batch_size or 0),
             step=8,
             key=f"{prefix}_batch",
-            help="Path points per forward pass (0 = automatic, about n_steps / 8). Lower it if "
-            "memory runs out; the result does not change.",
+            help="Path points per forward pass (0 = automatic, about n_steps / 8). Passes never "
+            "exceed the server's memory budget, whatever the value; the result does not change.",
         )
         if positions:
             _position_inputs(prefix, settings, positions)
