@@ -10,8 +10,10 @@ What a file holds is read from its bytes, never from its name:
 - a TorchScript archive: refused (hooks cannot be attached to its layers);
 - a pickled module: refused unless the server operator set ``EXPLAINER_ALLOW_PICKLE=1``.
 
-Architectures are torchvision's classification models plus the project's ``demo_cnn``. Nothing
-here downloads anything.
+Architectures are torchvision's classification and semantic segmentation models plus the
+project's ``demo_cnn``. Nothing here downloads anything: torchvision's builders are always called
+with ``weights=None`` (and ``weights_backbone=None`` for segmentation models, whose builders would
+otherwise fetch pretrained backbone weights).
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ _STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 # Architectures built with auxiliary classifiers that only matter in training.
 _AUX_ARCHS = ("googlenet", "inception_v3")
+# Top-level modules holding such auxiliary classifiers (torchvision's names).
+_AUX_MODULES = ("aux1", "aux2", "AuxLogits", "aux_classifier")
+# Default input side of segmentation models. torchvision trained their weights on images resized
+# to 520 pixels, but the models take any size and score every pixel of it; 224 keeps the dozens
+# of forward passes an attribution needs affordable on a CPU.
+_SEGMENTATION_SIDE = 224
 
 _FORMAT_NAMES = {
     "state_dict": "PyTorch state_dict (weights only)",
@@ -242,7 +250,24 @@ def _sha256(data: bytes) -> str:
 def _torchvision_architectures() -> list[str]:
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted(
+        [
+            *torchvision.models.list_models(module=torchvision.models),
+            *_segmentation_architectures(),
+        ]
+    )
+
+
+@functools.cache
+def _segmentation_architectures() -> frozenset[str]:
+    """torchvision's semantic segmentation models (dict output, scores for every pixel)."""
+    import torchvision
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+def _is_segmentation(arch: str) -> bool:
+    return arch in _segmentation_architectures()
 
 
 def list_architectures() -> list[str]:
@@ -251,7 +276,9 @@ def list_architectures() -> list[str]:
     Returns
     -------
     list[str]
-        torchvision's image classification models plus ``"demo_cnn"``, sorted.
+        torchvision's image classification models, torchvision's semantic segmentation models
+        (``fcn_*``, ``deeplabv3_*``, ``lraspp_*``: they score every pixel and return a dict
+        whose ``"out"`` entry is explained) and ``"demo_cnn"``, sorted.
     """
     return sorted([*_torchvision_architectures(), DEMO_ARCH])
 
@@ -269,7 +296,8 @@ def _resolve_arch(arch: str) -> str:
     hint = f" Did you mean {_or_list(close)}?" if close else ""
     raise ModelLoadError(
         f"There is no architecture called {arch!r}.{hint} Pick one of the {len(known)} names "
-        "list_architectures() gives (torchvision's classification models and demo_cnn)."
+        "list_architectures() gives (torchvision's classification and segmentation models and "
+        "demo_cnn)."
     )
 
 
@@ -319,14 +347,34 @@ def _builder_kwargs(arch: str, variant: Mapping[str, Any]) -> dict[str, Any]:
     if arch in _AUX_ARCHS:
         # Say explicitly what torchvision would otherwise warn about choosing by default.
         kwargs["init_weights"] = True
+    if _is_segmentation(arch):
+        # The segmentation builders download ImageNet backbone weights unless told not to.
+        kwargs["weights_backbone"] = None
     kwargs.update(variant)
     return kwargs
 
 
+def _has_aux_loss_option(arch: str) -> bool:
+    """Whether a segmentation builder takes ``aux_loss`` (LR-ASPP has no auxiliary head)."""
+    import inspect
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(arch)
+    return "aux_loss" in inspect.signature(builder).parameters
+
+
 def _variants(arch: str) -> tuple[Mapping[str, Any], ...]:
-    """Constructor options that change which tensors an architecture has."""
+    """Constructor options that change which tensors an architecture has.
+
+    The last variant is the one :func:`build_model` uses: the network without the auxiliary
+    classifiers that only take part in training.
+    """
     if arch in _AUX_ARCHS:
         return ({"aux_logits": True}, {"aux_logits": False})
+    if _is_segmentation(arch) and _has_aux_loss_option(arch):
+        # Checkpoints trained with aux_loss=True carry aux_classifier.*; others do not.
+        return ({"aux_loss": True}, {"aux_loss": False})
     return ({},)
 
 
@@ -434,7 +482,9 @@ def _head_layers(model: nn.Module) -> tuple[str, list[str]]:
         raise ModelLoadError(
             "The architecture has no linear or convolution layer to classify with."
         )
-    head, out = candidates[-1]
+    # The main classifier, not an auxiliary one built after it (segmentation's aux_classifier).
+    main = [c for c in candidates if c[0].split(".", 1)[0] not in _AUX_MODULES] or candidates
+    head, out = main[-1]
     per_class = [n for n, o in itertools.chain(linear, conv) if o == out]
     return head, per_class
 
@@ -589,6 +639,9 @@ def _preprocessing(
     if isinstance(image_size, int):
         # Vision transformers are built for one image size, which weights=None leaves at 224.
         crop = image_size
+    if _is_segmentation(arch):
+        # Their weights resize (no crop) to 520; any size works, see _SEGMENTATION_SIDE.
+        crop = _SEGMENTATION_SIDE
     if isinstance(crop, (list, tuple)):
         height, width = (int(crop[0]), int(crop[-1]))
     else:
@@ -601,8 +654,8 @@ def _arch_labels(arch: str, num_classes: int) -> list[str] | None:
     if arch == DEMO_ARCH:
         labels = list(getattr(_demo_module(), "DEMO_LABELS", []))
         return labels if len(labels) == num_classes else None
-    if num_classes != 1000:
-        return None
+    # ImageNet's 1000 classes for classifiers, Pascal VOC's 21 for segmentation models: read from
+    # the weights' metadata, which ships with torchvision (nothing is downloaded).
     import torchvision
 
     for weights in torchvision.models.get_model_weights(arch):
@@ -617,7 +670,17 @@ def _default_labels(num_classes: int) -> list[str]:
 
 
 def _drop_aux_heads(arch: str, model: nn.Module) -> bool:
-    """Remove training-only auxiliary classifiers (GoogLeNet, Inception v3); True if any."""
+    """Remove training-only auxiliary classifiers; True if there were any.
+
+    GoogLeNet and Inception v3 return only the main logits in eval mode anyway. torchvision's
+    segmentation models compute their ``"aux"`` output whenever ``aux_classifier`` is set; it
+    never feeds ``"out"``, so removing it saves that work and keeps its layers out of the tree.
+    """
+    if _is_segmentation(arch):
+        if isinstance(getattr(model, "aux_classifier", None), nn.Module):
+            model.aux_classifier = None
+            return True
+        return False
     if arch not in _AUX_ARCHS:
         return False
     dropped = False
@@ -687,8 +750,35 @@ def _model_from_state_dict(
     except RuntimeError as exc:
         raise ModelLoadError(f"The weights in {display} do not fit {arch}: {exc}") from exc
     if _drop_aux_heads(arch, model):
-        notes.append("Removed the auxiliary classifiers, which only take part in training.")
+        notes.append(_aux_note(arch))
     return arch, model, notes
+
+
+def _aux_note(arch: str) -> str:
+    if _is_segmentation(arch):
+        return (
+            "Removed the auxiliary classifier (aux_classifier), which only takes part in "
+            "training: the model now returns only 'out', whose scores are unchanged, and each "
+            "forward pass skips the auxiliary head."
+        )
+    return "Removed the auxiliary classifiers, which only take part in training."
+
+
+def _segmentation_size_note(arch: str) -> str:
+    side = _SEGMENTATION_SIDE
+    return (
+        f"Input size {side} × {side}, to keep attribution fast on a CPU: torchvision's "
+        f"pretrained {arch} weights were trained on images resized to 520 pixels, and the model "
+        "takes any size (its scores have the input's height and width)."
+    )
+
+
+def _output_shape(arch: str, classes: int, input_size: tuple[int, int, int]) -> tuple[int, ...]:
+    """Scores for one image: ``(classes,)``, or ``(classes, H, W)`` for segmentation models."""
+    if _is_segmentation(arch):
+        # torchvision's segmentation models upsample their scores to the input's size.
+        return (classes, input_size[1], input_size[2])
+    return (classes,)
 
 
 def _mismatch_message(
@@ -1581,6 +1671,8 @@ def load_model(
     model.eval()
     n = _classes_of(model)
     input_size, mean, std = _preprocessing(arch, model)
+    if _is_segmentation(arch):
+        notes.append(_segmentation_size_note(arch))
     return LoadedModel(
         model=model,
         name=display,
@@ -1593,7 +1685,7 @@ def load_model(
         source_format=source_format,
         num_params=_num_params(model),
         notes=notes,
-        output_shape=(n,),
+        output_shape=_output_shape(arch, n, input_size),
     )
 
 
@@ -1647,6 +1739,8 @@ def _finish_full_model(
     arch = _identify(module) or "custom"
     if arch != "custom":
         size, mean, std = _preprocessing(arch, module)
+        if input_size is None and _is_segmentation(arch):
+            notes.append(_segmentation_size_note(arch))
         input_size = input_size or size
     else:
         guessed, _ = _custom_io(module)
@@ -1689,8 +1783,8 @@ def build_model(
     arch : str
         One of :func:`list_architectures`.
     num_classes : int, optional
-        Number of outputs (default: 1000 for torchvision architectures, the demo's classes for
-        ``demo_cnn``).
+        Number of outputs (default: 1000 for torchvision's classifiers, 21 for its segmentation
+        models, the demo's classes for ``demo_cnn``).
     pretrained : bool
         Load torchvision's default weights from the local torch hub cache
         (``torch.hub.get_dir()/checkpoints``); nothing is ever downloaded. For ``demo_cnn``, load
@@ -1699,7 +1793,7 @@ def build_model(
     Returns
     -------
     LoadedModel
-        The model in eval mode.
+        The model in eval mode, without training-only auxiliary classifiers.
 
     Raises
     ------
@@ -1712,13 +1806,19 @@ def build_model(
     if pretrained:
         return _build_pretrained(arch, num_classes)
 
-    variant = {"aux_logits": False} if arch in _AUX_ARCHS else {}
+    variant = _variants(arch)[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _instantiate(arch, num_classes, variant, meta=False)
     model.eval()
     classes = _classes_of(model)
     input_size, mean, std = _preprocessing(arch, model)
+    notes = [
+        "random weights: the model has not been trained, so its predictions and "
+        "explanations show structure, not learned features."
+    ]
+    if _is_segmentation(arch):
+        notes.append(_segmentation_size_note(arch))
     spec = json.dumps(
         {"arch": arch, "num_classes": classes, "pretrained": False, "seed": 0,
          "torch": torch.__version__},
@@ -1735,11 +1835,8 @@ def build_model(
         sha256=_sha256(spec.encode()),
         source_format="builtin" if arch == DEMO_ARCH else "torchvision",
         num_params=_num_params(model),
-        notes=[
-            "random weights: the model has not been trained, so its predictions and "
-            "explanations show structure, not learned features."
-        ],
-        output_shape=(classes,),
+        notes=notes,
+        output_shape=_output_shape(arch, classes, input_size),
     )
 
 
@@ -1798,6 +1895,10 @@ def _build_pretrained(arch: str, num_classes: int | None) -> LoadedModel:
         kwargs["input_size"] = weights.meta["min_size"]
     elif arch in _AUX_ARCHS:
         kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    elif _is_segmentation(arch):
+        # With or without the auxiliary classifier, as the cached file holds it.
+        sig, _ = _best_signature(arch, {k: tuple(v.shape) for k, v in state.items()})
+        kwargs.update(_builder_kwargs(arch, sig.variant))
     with _MetaAllocation():
         model = torchvision.models.get_model(
             arch, weights=None, num_classes=len(categories), **kwargs
@@ -1812,9 +1913,14 @@ def _build_pretrained(arch: str, num_classes: int | None) -> LoadedModel:
         ) from exc
     if _has_meta_tensors(model):
         raise ModelLoadError(f"The cached weights at {path} do not hold every tensor {arch} needs.")
-    _drop_aux_heads(arch, model)
+    # How the cached file was read is not news to the user; what the model is, is.
+    about = [f"Pretrained torchvision weights {weights.name}, read from the local cache."]
+    if _drop_aux_heads(arch, model) and _is_segmentation(arch):
+        about.append(_aux_note(arch))
     model.eval()
     input_size, mean, std = _preprocessing(arch, model, weights)
+    if _is_segmentation(arch):
+        about.append(_segmentation_size_note(arch))
     return LoadedModel(
         model=model,
         name=f"{arch} ({weights.name})",
@@ -1826,8 +1932,8 @@ def _build_pretrained(arch: str, num_classes: int | None) -> LoadedModel:
         sha256=digest,
         source_format="torchvision",
         num_params=_num_params(model),
-        notes=[f"Pretrained torchvision weights {weights.name}, read from the local cache."],
-        output_shape=(len(categories),),
+        notes=about,
+        output_shape=_output_shape(arch, len(categories), input_size),
     )
 
 

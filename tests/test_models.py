@@ -8,11 +8,13 @@ import json
 import pickle
 import random
 import re
+import socket
 import zipfile
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -20,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from explainer import models
+from explainer.analysis import compute_conductance, score_shape
 from explainer.errors import ModelLoadError
 from explainer.models import (
     IMAGENET_MEAN,
@@ -162,9 +165,10 @@ def test_list_architectures_is_torchvision_plus_demo():
     assert len(names) == len(set(names))
     assert "demo_cnn" in names
     assert {"resnet18", "mobilenet_v3_small", "vit_b_16", "inception_v3"} <= set(names)
+    assert {"fcn_resnet50", "deeplabv3_resnet101", "lraspp_mobilenet_v3_large"} <= set(names)
     assert set(names) - {"demo_cnn"} == set(
         torchvision.models.list_models(module=torchvision.models)
-    )
+    ) | set(SEGMENTATION_ARCHS)
 
 
 def test_unknown_architecture_suggests_close_names(mobilenet_sd_bytes):
@@ -338,6 +342,197 @@ def test_truncated_safetensors(mobilenet):
     data = save_safetensors({k: v.contiguous() for k, v in mobilenet.state_dict().items()})
     with pytest.raises(ModelLoadError, match="safetensors"):
         load_model(data[: len(data) // 2], arch="mobilenet_v3_small")
+
+
+# --------------------------------------------------------------------------- segmentation
+
+SEGMENTATION_ARCHS = sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+VOC_CATEGORIES = torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.DEFAULT.meta[
+    "categories"
+]
+
+
+class _DownloadAttemptedError(AssertionError):
+    """Raised by the download guard: something tried to fetch weights."""
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Make every way torchvision fetches weights (and any network connection) raise."""
+    import torchvision._internally_replaced_utils as replaced
+    import torchvision.models._api as api
+
+    def refuse(*args, **kwargs):
+        raise _DownloadAttemptedError(f"a download was attempted ({args[:1]})")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(replaced, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(api.WeightsEnum, "get_state_dict", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def _segmentation_net(arch: str, num_classes: int, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(
+        arch, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
+    )
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def lraspp() -> nn.Module:
+    return _segmentation_net("lraspp_mobilenet_v3_large", 3)
+
+
+@pytest.fixture
+def small_image() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def test_the_download_guard_catches_torchvisions_default_backbone_weights(no_downloads):
+    # Without weights_backbone=None the builder fetches ImageNet weights: the guard must see it.
+    with pytest.raises(_DownloadAttemptedError):
+        torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, num_classes=3)
+
+
+@pytest.mark.parametrize("aux", [True, False], ids=["with_aux", "without_aux"])
+def test_segmentation_state_dict_with_and_without_aux_head(aux, small_image):
+    net = _segmentation_net("deeplabv3_mobilenet_v3_large", 4, aux_loss=aux)
+    state = net.state_dict()
+    assert any(k.startswith("aux_classifier.") for k in state) == aux
+    data = _save(state)
+    lm = load_model(data, arch="deeplabv3_mobilenet_v3_large")
+    _check_common(lm, data)
+    assert lm.arch == "deeplabv3_mobilenet_v3_large"
+    assert lm.source_format == "state_dict"
+    assert lm.num_classes == 4  # read from the classifier's last convolution
+    assert lm.labels == [f"class {i}" for i in range(4)]
+    assert lm.input_size == (3, 224, 224)
+    assert lm.output_shape == (4, 224, 224)
+    assert lm.mean == IMAGENET_MEAN and lm.std == IMAGENET_STD
+    assert lm.model.aux_classifier is None  # the training-only head is not kept
+    assert any("aux_classifier" in note for note in lm.notes) == aux
+    assert any("224 × 224" in note and "520" in note for note in lm.notes)
+    with torch.no_grad():
+        got, want = lm.model(small_image), net(small_image)
+    assert list(got) == ["out"]
+    assert list(want) == (["out", "aux"] if aux else ["out"])
+    assert torch.equal(got["out"], want["out"])
+    with pytest.raises(ModelLoadError, match=r"classifier\.4\.weight\) has 4 outputs"):
+        load_model(data, arch="deeplabv3_mobilenet_v3_large", num_classes=7)
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "safetensors"])
+def test_lraspp_round_trip(fmt, lraspp, small_image):
+    state = lraspp.state_dict()
+    if fmt == "safetensors":
+        data = save_safetensors({k: v.contiguous() for k, v in state.items()})
+    else:
+        data = _save(state)
+    lm = load_model(data, arch="lraspp_mobilenet_v3_large", filename="seg.bin")
+    _check_common(lm, data)
+    assert lm.source_format == fmt
+    assert (lm.arch, lm.num_classes, lm.output_shape) == (
+        "lraspp_mobilenet_v3_large",
+        3,
+        (3, 224, 224),
+    )
+    assert not any("aux" in note for note in lm.notes)  # LR-ASPP has no auxiliary head
+    with torch.no_grad():
+        assert torch.equal(lm.model(small_image)["out"], lraspp(small_image)["out"])
+    rows = describe_model(lm)
+    assert rows["Output"] == "3 class scores at each of 224 × 224 positions"
+    # The shape the loader reports is the one a forward pass at the default input size gives.
+    assert score_shape(lm.model, torch.zeros(1, *lm.input_size)) == lm.output_shape
+
+
+def test_segmentation_file_under_the_wrong_architecture_names_the_fitting_one(lraspp):
+    data = _save(lraspp.state_dict())
+    for wrong in ("deeplabv3_mobilenet_v3_large", "mobilenet_v3_large"):
+        with pytest.raises(ModelLoadError) as info:
+            load_model(data, arch=wrong, filename="seg.pt")
+        message = str(info.value)
+        assert f"seg.pt do not fit {wrong}" in message
+        assert message.endswith(
+            "Architectures whose layers match this file: lraspp_mobilenet_v3_large."
+        )
+    with pytest.raises(ModelLoadError, match="pick the architecture") as info:
+        load_model(data, filename="seg.pt")
+    assert "match this file: lraspp_mobilenet_v3_large." in str(info.value)
+
+
+def test_voc_labels_for_21_class_segmentation_files(small_image):
+    net = _segmentation_net("lraspp_mobilenet_v3_large", 21)
+    lm = load_model(_save(net.state_dict()), arch="lraspp_mobilenet_v3_large")
+    assert lm.labels == VOC_CATEGORIES
+    assert lm.labels[:2] == ["__background__", "aeroplane"]
+    # Other class counts get generic names; a 21-class classifier does not get VOC's.
+    assert build_model("resnet18", num_classes=21).labels[0] == "class 0"
+
+
+@pytest.mark.parametrize("arch", SEGMENTATION_ARCHS)
+def test_segmentation_architectures_build_and_load_without_downloading(arch, no_downloads):
+    built = build_model(arch)
+    assert built.arch == arch and built.source_format == "torchvision"
+    assert built.labels == VOC_CATEGORIES  # 21 classes by default
+    assert built.output_shape == (21, 224, 224)
+    assert getattr(built.model, "aux_classifier", None) is None
+    assert any("random weights" in note for note in built.notes)
+    data = _save(built.model.state_dict())
+    lm = load_model(data, arch=arch)
+    assert (lm.arch, lm.num_classes) == (arch, 21)
+    for a, b in zip(lm.model.state_dict().values(), built.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    if "mobilenet" in arch:  # the resnet ones are too slow to run here
+        with torch.no_grad():
+            out = lm.model(torch.zeros(1, 3, 48, 40))
+        assert list(out) == ["out"] and out["out"].shape == (1, 21, 48, 40)
+
+
+def test_pickled_segmentation_model_is_identified(monkeypatch, small_image):
+    monkeypatch.setenv("EXPLAINER_ALLOW_PICKLE", "1")
+    net = _segmentation_net("deeplabv3_mobilenet_v3_large", 2, aux_loss=True)
+    lm = load_model(_save(net))
+    assert lm.arch == "deeplabv3_mobilenet_v3_large"
+    assert lm.source_format == "pickle"
+    assert lm.input_size == (3, 224, 224)
+    assert lm.num_classes == 2
+    assert any("224 × 224" in note for note in lm.notes)
+
+
+def test_pretrained_segmentation_from_cache(monkeypatch, tmp_path, small_image, no_downloads):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(models, "_HASH_IN_NAME", re.compile(r"(?!)"))
+    weights = torchvision.models.segmentation.DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT
+    path = tmp_path / "checkpoints" / Path(weights.url).name
+    path.parent.mkdir()
+    reference = _segmentation_net("deeplabv3_mobilenet_v3_large", 21, aux_loss=True)
+    path.write_bytes(_save(reference.state_dict()))  # torchvision's file holds the aux head too
+    lm = build_model("deeplabv3_mobilenet_v3_large", pretrained=True)
+    assert lm.labels == VOC_CATEGORIES
+    assert lm.output_shape == (21, 224, 224)
+    assert lm.model.aux_classifier is None
+    assert any("aux_classifier" in note for note in lm.notes)
+    with torch.no_grad():
+        assert torch.equal(lm.model(small_image)["out"], reference(small_image)["out"])
+
+
+def test_conductance_through_a_loaded_segmentation_model(lraspp):
+    lm = load_model(_save(lraspp.state_dict()), arch="lraspp_mobilenet_v3_large")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    result = compute_conductance(
+        lm.model, "classifier.cbr", x, (1, 30, 17), torch.zeros_like(x), n_steps=4
+    )
+    assert result.target == (1, 30, 17)
+    assert result.attributions.shape == (128, 4, 4)  # output stride 16
+    assert np.isfinite(result.attributions).all()
+    assert np.isfinite(result.delta) and np.isfinite(result.output_diff)
+    with torch.no_grad():
+        want = (lm.model(x)["out"] - lm.model(torch.zeros_like(x))["out"])[0, 1, 30, 17].item()
+    assert result.output_diff == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert result.delta == pytest.approx(float(result.attributions.sum()) - want, abs=1e-4)
 
 
 # --------------------------------------------------------------------------- torch.export
