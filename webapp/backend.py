@@ -27,7 +27,7 @@ from explainer import analysis
 from explainer.baselines import make_baseline
 from explainer.cache import ContentCache, digest
 from explainer.demo import load_demo_model
-from explainer.errors import AttributionError
+from explainer.errors import AttributionError, ExplainerError
 from explainer.images import Preprocessing, deprocess, load_image, preprocess
 from explainer.models import LoadedModel, load_model
 from explainer.tree import ModuleTree, module_tree
@@ -102,7 +102,19 @@ def preprocessing(spec: PrepSpec, lm: LoadedModel) -> Preprocessing:
         return Preprocessing.none(size)
     if spec.preset == "custom":
         return Preprocessing.custom(spec.mean, spec.std, size, None)
-    return Preprocessing.for_model(lm.input_size, lm.mean, lm.std)
+    prep = Preprocessing.for_model(lm.input_size, lm.mean, lm.std)
+    if prep.resize is not None and _scores_every_position(lm):
+        # A map of the whole image is wanted, not of its centre: scale, do not crop.
+        prep = dataclasses.replace(prep, resize=None)
+    return prep
+
+
+def _scores_every_position(lm: LoadedModel) -> bool:
+    """:func:`per_position`, False when the output cannot be read (said elsewhere)."""
+    try:
+        return per_position(lm)
+    except ExplainerError:
+        return False
 
 
 def prep_key(prep: Preprocessing) -> str:

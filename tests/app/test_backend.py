@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -237,3 +238,31 @@ def test_per_position_targets_are_resolved_in_full_and_keyed_by_position(monkeyp
         backend.conductance(
             lm, image, prep, "conv", dataclasses.replace(settings, position=(40, 1))
         )
+
+
+def test_models_scoring_every_position_see_the_whole_image_not_its_centre():
+    """The model-default preprocessing crops the centre for classifiers, but scales the whole
+    image for segmentation models, whose map should cover all of it."""
+    import torchvision
+
+    from explainer.models import load_model
+
+    def lm_of(model: torch.nn.Module, arch: str):
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        return load_model(buffer.getvalue(), arch=arch)
+
+    torch.manual_seed(0)
+    seg = lm_of(
+        torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=3
+        ),
+        "lraspp_mobilenet_v3_large",
+    )
+    cls = lm_of(
+        torchvision.models.mobilenet_v3_small(weights=None, num_classes=3), "mobilenet_v3_small"
+    )
+    seg_prep = backend.preprocessing(PrepSpec(), seg)
+    cls_prep = backend.preprocessing(PrepSpec(), cls)
+    assert seg_prep.size == cls_prep.size == (224, 224)
+    assert seg_prep.resize is None and cls_prep.resize is not None
