@@ -320,6 +320,7 @@ elif ctx.lm is not None and ctx.prep is not None:
             "highest score)."
         )
     per_row = 4
+    shown_errors: set[str] = set()
     for start in range(0, len(images), per_row):
         cols = st.columns(per_row)
         for col, entry in zip(cols, images[start : start + per_row], strict=False):
@@ -334,8 +335,14 @@ elif ctx.lm is not None and ctx.prep is not None:
                 if not ok:
                     continue
                 st.image(pixels, width="stretch", clamp=True)
-                ok, preds = W.attempt(
-                    f"Predicting {entry.name}", backend.predictions, ctx.lm, entry, ctx.prep, 5
+                ok, preds = W.attempt_each(
+                    f"Predicting {entry.name}",
+                    shown_errors,
+                    backend.predictions,
+                    ctx.lm,
+                    entry,
+                    ctx.prep,
+                    5,
                 )
                 if ok and preds:
                     W.plotly_static(

@@ -53,10 +53,12 @@ st.caption(
 )
 rows = []
 failures = 0
+shown_errors: set[str] = set()
 for n, entry in enumerate(ctx.images, start=1):
     with W.progress_bar(f"Image {n} of {len(ctx.images)}: integrating") as report:
-        ok, result = W.attempt(
+        ok, result = W.attempt_each(
             f"Conductance for {entry.name}",
+            shown_errors,
             backend.conductance,
             lm,
             entry,

@@ -94,6 +94,26 @@ def attempt(action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tup
         return False, None
 
 
+def attempt_each(
+    action: str, seen: set[str], fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> tuple[bool, T | None]:
+    """:func:`attempt` for one item of a list: a failure whose message was already shown for an
+    earlier item (in ``seen``) gets a one-line reminder instead of the whole message again."""
+    try:
+        return True, fn(*args, **kwargs)
+    except ExplainerError as exc:
+        text = str(exc)
+        if text in seen:
+            st.caption(f":material/error: {action} failed: the same problem as above.")
+        else:
+            seen.add(text)
+            show_error(exc, action)
+        return False, None
+    except Exception as exc:  # noqa: BLE001 - every failure is shown to the user, none is hidden
+        show_error(exc, action)
+        return False, None
+
+
 @contextmanager
 def progress_bar(label: str, unit: str = "steps") -> Iterator[Callable[[int, int], None]]:
     """A progress callback for the engine, drawn as ``st.progress`` (removed when done).

@@ -58,3 +58,7 @@ def test_target_out_of_range_is_reported_per_image(app):
     message = error_text(app)
     assert "50" in message and "out of range" in message
     assert app.session_state["attr_settings"].target == 50
+    # The same problem for every image is spelled out once, then recalled in one line each.
+    assert len([e for e in app.error if "Conductance for" in e.value]) == 1
+    reminders = [c.value for c in app.caption if "the same problem as above" in c.value]
+    assert len(reminders) == len(app.session_state["images"]) - 1

@@ -53,8 +53,13 @@ class NaNScores(nn.Module):
 def test_a_model_with_nan_scores_is_explained_in_words_on_every_page(app):
     upload_model(app, export_bytes(NaNScores()), "diverged.pt2", "resnet18")
     assert app.session_state["model_ref"].kind == "upload"
-    # The predictions already say so, on the model page and in the sidebar.
+    # The predictions already say so, on the model page (once, then one line per image) and in
+    # the sidebar.
     assert "scores contain NaN or infinite values" in error_text(app)
+    page_errors = [e for e in app.main.error if "Predicting" in e.value]
+    assert len(page_errors) == 1
+    reminders = [c.value for c in app.main.caption if "the same problem as above" in c.value]
+    assert len(reminders) == len(app.session_state["images"]) - 1
     assert not any("nan%" in c.value for c in app.sidebar.caption)
     for page in (PAGE_CONDUCTANCE, PAGE_NEURON, PAGE_CONVERGENCE):
         open_page(app, page)
