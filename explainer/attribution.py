@@ -421,8 +421,6 @@ class LayerConductance(_LayerMethod):
                         _path_points(inp, base, chunk, requires_grad=not lean)
                         for inp, base in zip(inputs, baselines, strict=True)
                     )
-                    if meter is not None:
-                        meter = PassMeter.for_model(forward)  # a retried pass starts afresh
                     try:
                         with torch.set_grad_enabled(not lean), _metering(meter):
                             output = _run_fast(
@@ -438,6 +436,8 @@ class LayerConductance(_LayerMethod):
                         break
                     except NeedsFullGraph:
                         lean = False
+                        if meter is not None:
+                            meter = PassMeter.for_model(forward)  # the retry starts afresh
                 tap.check_reached()
                 tuple_layers = list(tap.is_tuple)
                 flat = [t for values in tap.values for t in values]
