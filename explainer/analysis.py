@@ -913,13 +913,13 @@ def _output_diff(scores: Tensor, target: Target) -> float:
 
 def _check_neuron(neuron: Any, shape: tuple[int, ...], layer_name: str) -> tuple[int, ...]:
     """Return ``neuron`` as a tuple of ints after checking it indexes a unit of ``shape``."""
-    if isinstance(neuron, (int, np.integer)) and not isinstance(neuron, bool):
+    if _is_index(neuron):
         neuron = (neuron,)
     if isinstance(neuron, (str, bytes)) or not isinstance(neuron, Sequence):
         raise AttributionTypeError(
             f"A neuron is a tuple of indices such as (0, 3, 4); got {neuron!r}."
         )
-    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in neuron):
+    if not all(_is_index(i) for i in neuron):
         raise AttributionTypeError(f"Neuron indices must be whole numbers; got {tuple(neuron)!r}.")
     index = tuple(int(i) for i in neuron)
     if len(index) != len(shape):

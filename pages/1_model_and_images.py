@@ -136,9 +136,9 @@ with left:
         m1.metric("Parameters", f"{lm.num_params:,}")
         m2.metric("Input (C×H×W)", f"{c}×{h}×{w}")
         m3.metric("Classes", f"{lm.num_classes:,}")
-        ok, shape = W.attempt("Reading the model's scores", backend.score_shape, lm)
-        if ok and shape is not None and len(shape) > 1:
-            grid = " × ".join(str(d) for d in shape[1:])
+        positions = W.output_positions(lm)
+        if positions:
+            grid = " × ".join(str(d) for d in positions)
             st.caption(
                 f":material/grid_on: This model scores every position of its {grid} output "
                 f"(scores shaped {lm.num_classes:,} × {grid} per image, like a segmentation "
@@ -312,8 +312,7 @@ if not images:
     st.info("No images yet: pick a sample or upload one.")
 elif ctx.lm is not None and ctx.prep is not None:
     active = st.session_state.get(S.ACTIVE_IMAGE)
-    ok_shape, shape = W.attempt("Reading the model's scores", backend.score_shape, ctx.lm)
-    per_position = ok_shape and shape is not None and len(shape) > 1
+    per_position = bool(W.output_positions(ctx.lm))
     if per_position:
         st.caption(
             "Bars: the share of the output each class covers (the positions where it has the "

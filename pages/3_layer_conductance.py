@@ -89,11 +89,11 @@ def explained_output(lm: LoadedModel, result: ConductanceResult) -> None:
     )
     if not ok or view is None:
         return
-    chosen = S.get(S.SETTINGS).position
+    chosen = S.get(S.SETTINGS).position_for(len(position))
     automatic = [
         name
         for i, name in enumerate(position_names(len(position)))
-        if chosen is None or len(chosen) != len(position) or chosen[i] is None
+        if chosen is None or chosen[i] is None
     ]
     label = W.target_label(lm, result.target_class)
     where = W.position_text(position)

@@ -195,6 +195,13 @@ class AttributionSettings:
     n_steps: int = 50
     internal_batch_size: int | None = None
 
+    def position_for(self, count: int) -> tuple[int | None, ...] | None:
+        """The chosen position when it has ``count`` indices (one per position dimension of
+        the model's output); ``None`` (all automatic) otherwise."""
+        if self.position is not None and len(self.position) == count:
+            return self.position
+        return None
+
 
 @dataclass(frozen=True)
 class SweepSettings:

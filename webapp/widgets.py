@@ -85,13 +85,24 @@ def show_error(exc: BaseException, action: str) -> None:
     )
 
 
-def attempt(action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
-    """Call ``fn``; on failure show :func:`show_error` and return ``(False, None)``."""
+def _attempt(
+    action: str, seen: set[str] | None, fn: Callable[..., T], args: tuple, kwargs: dict
+) -> tuple[bool, T | None]:
     try:
         return True, fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure is shown to the user, none is hidden
+        if seen is not None and isinstance(exc, ExplainerError):
+            if str(exc) in seen:
+                st.caption(f":material/error: {action} failed: the same problem as above.")
+                return False, None
+            seen.add(str(exc))
         show_error(exc, action)
         return False, None
+
+
+def attempt(action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
+    """Call ``fn``; on failure show :func:`show_error` and return ``(False, None)``."""
+    return _attempt(action, None, fn, args, kwargs)
 
 
 def attempt_each(
@@ -99,19 +110,14 @@ def attempt_each(
 ) -> tuple[bool, T | None]:
     """:func:`attempt` for one item of a list: a failure whose message was already shown for an
     earlier item (in ``seen``) gets a one-line reminder instead of the whole message again."""
-    try:
-        return True, fn(*args, **kwargs)
-    except ExplainerError as exc:
-        text = str(exc)
-        if text in seen:
-            st.caption(f":material/error: {action} failed: the same problem as above.")
-        else:
-            seen.add(text)
-            show_error(exc, action)
-        return False, None
-    except Exception as exc:  # noqa: BLE001 - every failure is shown to the user, none is hidden
-        show_error(exc, action)
-        return False, None
+    return _attempt(action, seen, fn, args, kwargs)
+
+
+def output_positions(lm: LoadedModel) -> tuple[int, ...]:
+    """The output grid of a model that scores every output position (e.g. ``(H, W)``); ``()``
+    for a classifier, or when the scores cannot be read (the failure is shown)."""
+    ok, shape = attempt("Reading the model's scores", backend.score_shape, lm)
+    return tuple(shape[1:]) if ok and shape else ()
 
 
 @contextmanager
@@ -272,10 +278,7 @@ def _sidebar(ctx: Context) -> None:
                     )
                     if ok and preds:
                         label, index, value = preds[0]
-                        ok_shape, shape = attempt(
-                            "Reading the model's scores", backend.score_shape, ctx.lm
-                        )
-                        if ok_shape and shape is not None and len(shape) > 1:
+                        if output_positions(ctx.lm):
                             st.caption(
                                 f"Top class: **{label}** (#{index}) · covers {value:.0%} of the "
                                 "output"
@@ -469,19 +472,14 @@ def target_label(lm: LoadedModel, target: Target) -> str:
 
 def target_setting_text(lm: LoadedModel, settings: S.AttributionSettings) -> str:
     """What the settings explain in each image, in words (no trailing full stop)."""
-    ok, shape = attempt("Reading the model's scores", backend.score_shape, lm)
-    positions = tuple(shape[1:]) if ok and shape else ()
+    positions = output_positions(lm)
     if settings.target is None:
         what = "each image's top class" if positions else "each image's predicted class"
     else:
         what = target_label(lm, settings.target)
     if not positions:
         return what
-    chosen = (
-        settings.position
-        if settings.position and len(settings.position) == len(positions)
-        else None
-    )
+    chosen = settings.position_for(len(positions))
     if chosen is None or all(i is None for i in chosen):
         return f"{what}, at the output position where it scores highest"
     names = position_names(len(positions))
@@ -495,9 +493,7 @@ def target_setting_text(lm: LoadedModel, settings: S.AttributionSettings) -> str
 def _position_inputs(prefix: str, settings: S.AttributionSettings, sizes: tuple[int, ...]) -> None:
     """One number input per output position dimension; empty means automatic."""
     names = position_names(len(sizes))
-    chosen = (
-        settings.position if settings.position and len(settings.position) == len(sizes) else None
-    )
+    chosen = settings.position_for(len(sizes))
     count = len(sizes)
     cols = st.columns([1.4] * count + [max(2.0, 8.0 - 1.4 * count)])
     for i, (name, size) in enumerate(zip(names, sizes, strict=True)):
@@ -531,8 +527,7 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
     lm = ctx.lm
     assert lm is not None and ctx.image is not None and ctx.prep is not None
     settings: S.AttributionSettings = S.get(S.SETTINGS)
-    ok_shape, shape = attempt("Reading the model's scores", backend.score_shape, lm)
-    positions: tuple[int, ...] = tuple(shape[1:]) if ok_shape and shape else ()
+    positions = output_positions(lm)
     ok, predicted = attempt("Predicting", backend.predicted_class, lm, ctx.image, ctx.prep)
     options: list[int | None] = [None, *range(lm.num_classes)]
     automatic = "Top class" if positions else "Predicted class"
