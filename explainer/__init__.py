@@ -8,7 +8,7 @@ details and may change freely.
 from explainer.attribution import LayerConductance, NeuronGradient
 from explainer.baselines import BASELINE_KINDS, make_baseline
 from explainer.cache import ContentCache, digest
-from explainer.demo import load_demo_model, sample_image_paths
+from explainer.demo import sample_image_paths
 from explainer.errors import (
     AttributionError,
     AttributionTypeError,
@@ -17,15 +17,16 @@ from explainer.errors import (
     ModelLoadError,
 )
 from explainer.images import Preprocessing, deprocess, load_image, preprocess
-from explainer.integration import METHODS
-from explainer.models import (
+from explainer.intake import (
     LoadedModel,
     build_model,
     describe_model,
     list_architectures,
+    load_demo_model,
     load_labels,
     load_model,
 )
+from explainer.integration import METHODS
 from explainer.tree import ModuleNode, ModuleTree, get_module, module_tree
 
 __all__ = [

@@ -12,8 +12,9 @@ engine differs where the reference does work it does not need:
 * The model is never modified (no ``requires_grad`` or ``training`` changes) and hooks act only
   for the calling thread, so threads may explain one shared model at the same time.
 * Memory is bounded: the first pass is as small as it can be (one path point, or one neuron
-  copy, per example) and is metered (:mod:`explainer.memory`); the later passes hold as many
-  rows as the operator's memory budget allows. When even the smallest pass exceeds the budget,
+  copy, per example) and is metered (:mod:`explainer.memory`: its real peak on the device, and
+  an estimate from the tensors it holds); the later passes hold as many rows as the operator's
+  memory budget allows. When even the smallest pass exceeds the budget,
   the engine stops with a message instead of exhausting the server.
 """
 
@@ -190,6 +191,33 @@ def _metering(meter: PassMeter | None) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _measuring(meter: PassMeter | None, device: torch.device) -> Iterator[None]:
+    """Measure the real peak memory of the block on ``device`` into ``meter`` (when given)."""
+    if meter is None:
+        yield
+        return
+    with meter.measuring(device):
+        yield
+
+
+def _worth_another_look(meter: PassMeter, rows_done: int, group_rows: int, wanted: int) -> bool:
+    """Whether to meter one more pass of the smallest size before sizing the rest.
+
+    The first pass of a process, or of a new shape, pays one-time costs (the autograd engine's
+    threads, kernels built for the shapes) that its measured peak includes. A second smallest
+    pass, measured afresh, leaves them out. It costs one more small pass, so it runs only when
+    the measured peak rather than the estimate would make the next pass hold fewer than
+    ``wanted`` groups of ``group_rows`` rows (or refuse the call).
+    """
+    if meter.measured is None or meter.measured <= meter.estimate() or wanted < 1:
+        return False
+    budget = memory_budget_bytes()
+    measured = budget // meter.bytes_per_row(rows_done) // group_rows
+    estimated = budget // meter.bytes_per_row(rows_done, measured=False) // group_rows
+    return measured < min(wanted, estimated)
+
+
 def _rows_within_budget(
     plan: _Plan, meter: PassMeter, rows_done: int, group_rows: int, what: str, remaining: int
 ) -> int:
@@ -205,11 +233,11 @@ def _rows_within_budget(
         nearer = "output" if what == "layer conductance" else "input"
         rows = f"{group_rows} example row{'s' if group_rows > 1 else ''}"
         raise AttributionError(
-            f"Computing {what} needs about {format_mib(step)} per pass even when split as "
-            f"finely as possible ({rows} per pass), more than the memory budget of "
-            f"{format_mib(budget)} (EXPLAINER_MEMORY_BUDGET_MB). Use fewer images at once, "
-            f"smaller images or a layer nearer the {nearer}, or ask the operator to raise the "
-            "budget."
+            f"Computing {what} needs about {format_mib(step)} per pass (measured on a pass of "
+            f"that size) even when split as finely as possible ({rows} per pass), more than the "
+            f"memory budget of {format_mib(budget)} (EXPLAINER_MEMORY_BUDGET_MB). Use fewer "
+            f"images at once, smaller images or a layer nearer the {nearer}, or ask the operator "
+            "to raise the budget."
         )
     return max(group_rows, budget // plan.row_bytes // group_rows * group_rows)
 
@@ -406,7 +434,7 @@ class LayerConductance(_LayerMethod):
         # straight through) may have been used before the layer ran, so it needs the full graph.
         lean = not use_input
         meter: PassMeter | None = PassMeter.for_model(forward)
-        per_pass, start = 1, 0
+        per_pass, start, looks = 1, 0, 1  # looks: metered passes so far (two at most)
         with (
             torch.inference_mode(False),
             tap_layers(self._layers, self._labels, use_input=use_input, mode="root") as tap,
@@ -415,84 +443,88 @@ class LayerConductance(_LayerMethod):
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
                 plan.rows = k * num_examples
-                while True:
-                    tap.lean = lean
-                    scaled = tuple(
-                        _path_points(inp, base, chunk, requires_grad=not lean)
-                        for inp, base in zip(inputs, baselines, strict=True)
-                    )
-                    try:
-                        with torch.set_grad_enabled(not lean), _metering(meter):
-                            output = _run_fast(
-                                forward, scaled, repeat_additional_args(args, k), layout, tap
-                            )
-                            output = _check_output(output)
-                            if not checked:
-                                check_target(
-                                    target, (num_examples, *output.shape[1:]), num_examples
-                                )
-                                checked = True
-                            picked = select_target(output, repeat_target(target, k)).sum()
-                        break
-                    except NeedsFullGraph:
-                        lean = False
-                        if meter is not None:
-                            meter = PassMeter.for_model(forward)  # the retry starts afresh
-                tap.check_reached()
-                tuple_layers = list(tap.is_tuple)
-                flat = [t for values in tap.values for t in values]
-                if picked.requires_grad:
-                    grads = torch.autograd.grad(picked, flat, allow_unused=True)
-                else:  # the output does not depend on any tapped layer
-                    grads = (None,) * len(flat)
-                grads = [
-                    torch.zeros_like(t) if g is None else g
-                    for g, t in zip(grads, flat, strict=True)
-                ]
-                if meter is not None:
-                    meter.add((*scaled, *flat, output))
-                    # Gradients of the layer, and the clones handed on to the network.
-                    meter.add_transient(2 * sum(t.nelement() * t.element_size() for t in flat))
-
-                pos = 0
-                new_carry: list[list[tuple[Tensor, Tensor]]] = []
-                if sums is None:
-                    sums = [[] for _ in self._layers]
-                for li, values in enumerate(tap.values):
-                    layer_carry = []
-                    for ti, value in enumerate(values):
-                        grad = grads[pos]
-                        pos += 1
-                        v = value.detach().reshape(k, num_examples, *value.shape[1:])
-                        g = grad.reshape(k, num_examples, *value.shape[1:])
-                        part = (
-                            (g[:-1] * (v[1:] - v[:-1])).sum(0) if k > 1 else torch.zeros_like(v[0])
+                with _measuring(meter, inputs[0].device):
+                    while True:
+                        tap.lean = lean
+                        scaled = tuple(
+                            _path_points(inp, base, chunk, requires_grad=not lean)
+                            for inp, base in zip(inputs, baselines, strict=True)
                         )
-                        if carry is not None:
-                            g_prev, v_prev = carry[li][ti]
-                            part = part + g_prev * (v[0] - v_prev)
-                        if len(sums[li]) <= ti:
-                            sums[li].append(part)
-                        else:
-                            sums[li][ti] = sums[li][ti] + part
-                        layer_carry.append((g[-1].clone(), v[-1].clone()))  # frees the pass
-                    new_carry.append(layer_carry)
-                carry = new_carry
-                del flat, grads, output, picked
+                        try:
+                            with torch.set_grad_enabled(not lean), _metering(meter):
+                                output = _run_fast(
+                                    forward, scaled, repeat_additional_args(args, k), layout, tap
+                                )
+                                output = _check_output(output)
+                                if not checked:
+                                    check_target(
+                                        target, (num_examples, *output.shape[1:]), num_examples
+                                    )
+                                    checked = True
+                                picked = select_target(output, repeat_target(target, k)).sum()
+                            break
+                        except NeedsFullGraph:
+                            lean = False
+                            if meter is not None:
+                                meter.forget()  # the retry starts afresh
+                    tap.check_reached()
+                    tuple_layers = list(tap.is_tuple)
+                    flat = [t for values in tap.values for t in values]
+                    if picked.requires_grad:
+                        grads = torch.autograd.grad(picked, flat, allow_unused=True)
+                    else:  # the output does not depend on any tapped layer
+                        grads = (None,) * len(flat)
+                    grads = [
+                        torch.zeros_like(t) if g is None else g
+                        for g, t in zip(grads, flat, strict=True)
+                    ]
+                    if meter is not None:
+                        meter.add((*scaled, *flat, output))
+                        # Gradients of the layer, and the clones handed on to the network.
+                        meter.add_transient(2 * sum(t.nelement() * t.element_size() for t in flat))
+
+                    pos = 0
+                    new_carry: list[list[tuple[Tensor, Tensor]]] = []
+                    if sums is None:
+                        sums = [[] for _ in self._layers]
+                    for li, values in enumerate(tap.values):
+                        layer_carry = []
+                        for ti, value in enumerate(values):
+                            grad = grads[pos]
+                            pos += 1
+                            v = value.detach().reshape(k, num_examples, *value.shape[1:])
+                            g = grad.reshape(k, num_examples, *value.shape[1:])
+                            part = (
+                                (g[:-1] * (v[1:] - v[:-1])).sum(0)
+                                if k > 1
+                                else torch.zeros_like(v[0])
+                            )
+                            if carry is not None:
+                                g_prev, v_prev = carry[li][ti]
+                                part = part + g_prev * (v[0] - v_prev)
+                            if len(sums[li]) <= ti:
+                                sums[li].append(part)
+                            else:
+                                sums[li][ti] = sums[li][ti] + part
+                            layer_carry.append((g[-1].clone(), v[-1].clone()))  # frees the pass
+                        new_carry.append(layer_carry)
+                    carry = new_carry
+                    del flat, grads, output, picked
                 start += k
                 if progress is not None:
                     progress(start, total_points)
                 if meter is not None:
-                    rows = _rows_within_budget(
-                        plan,
-                        meter,
-                        k * num_examples,
-                        num_examples,
-                        "layer conductance",
-                        total_points - start,
-                    )
-                    per_pass = min(cap, rows // num_examples)
-                    meter = None
+                    left = total_points - start
+                    if looks < 2 and _worth_another_look(
+                        meter, k * num_examples, num_examples, min(cap, left)
+                    ):
+                        meter, looks = PassMeter.for_model(forward), looks + 1
+                    else:
+                        rows = _rows_within_budget(
+                            plan, meter, k * num_examples, num_examples, "layer conductance", left
+                        )
+                        per_pass = min(cap, rows // num_examples)
+                        meter = None
         assert sums is not None
         return [[t.contiguous() for t in layer] for layer in sums], tuple_layers
 
@@ -562,11 +594,14 @@ class NeuronGradient(_LayerMethod):
             for t in inputs_t
         ]
         layout: dict[str, bool] = {}
-        per_pass, start = 1, 0
+        per_pass, start, looks = 1, 0, 1  # looks: metered passes so far (two at most)
         while start < len(selectors):
             group = selectors[start : start + per_pass]
             plan.rows = len(group) * num_examples
-            with _out_of_memory_explained("neuron gradients", plan):
+            with (
+                _out_of_memory_explained("neuron gradients", plan),
+                _measuring(meter, inputs_t[0].device),
+            ):
                 grads = self._group_gradients(
                     inputs_t, group, args, attribute_to_neuron_input, layout, meter
                 )
@@ -574,16 +609,16 @@ class NeuronGradient(_LayerMethod):
                 results[i][start : start + len(group)] = g.reshape(len(group), *inputs_t[i].shape)
             start += len(group)
             if meter is not None:
-                rows = _rows_within_budget(
-                    plan,
-                    meter,
-                    num_examples,
-                    num_examples,
-                    "neuron gradients",
-                    len(selectors) - start,
-                )
-                per_pass = max(1, min(rows, cache_rows) // num_examples)
-                meter = None
+                left = len(selectors) - start
+                wanted = min(max(1, cache_rows // num_examples), left)
+                if looks < 2 and _worth_another_look(meter, num_examples, num_examples, wanted):
+                    meter, looks = PassMeter.for_model(_unwrap(self.forward_func)), looks + 1
+                else:
+                    rows = _rows_within_budget(
+                        plan, meter, num_examples, num_examples, "neuron gradients", left
+                    )
+                    per_pass = max(1, min(rows, cache_rows) // num_examples)
+                    meter = None
         out = tuple(r if many else r[0] for r in results)
         return out if is_tuple else out[0]
 

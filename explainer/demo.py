@@ -7,13 +7,12 @@ is the shape, never the colour, so the network has to learn edges, corners and c
 what makes its neurons worth looking at.
 
 The weights, the model card and the labels live in ``assets/demo/``; a few sample images rendered by
-the same generator live in ``assets/samples/``.
+the same generator live in ``assets/samples/``. Reading them into a model ready to explain is
+:func:`explainer.intake.load_demo_model`'s work.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import torch
 from torch import nn
 
 from explainer.errors import ModelLoadError
-from explainer.models import LoadedModel
 
 __all__ = [
     "ASSETS_DIR",
@@ -34,7 +32,6 @@ __all__ = [
     "DemoNet",
     "build_demo_model",
     "demo_weights_path",
-    "load_demo_model",
     "make_dataset",
     "render_sample",
     "sample_image_paths",
@@ -199,110 +196,6 @@ def sample_label(path: Path | str) -> str | None:
     if match is None or match.group("label") not in DEMO_LABELS:
         return None
     return match.group("label")
-
-
-def load_demo_model(directory: Path | None = None) -> LoadedModel:
-    """Load the built-in demo model, in eval mode, with its labels and normalisation.
-
-    Parameters
-    ----------
-    directory : Path, optional
-        A folder written by ``scripts/train_demo.py``; defaults to the shipped ``assets/demo``.
-
-    Returns
-    -------
-    LoadedModel
-        ``source_format="builtin"``, ``arch="demo_cnn"``, ``sha256`` of the weights file bytes, and
-        the held-out accuracy from the model card in ``notes``.
-
-    Raises
-    ------
-    ModelLoadError
-        If the weights or labels are missing, unreadable, or do not fit the architecture.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    base = ASSETS_DIR / "demo" if directory is None else Path(directory)
-    weights_path = demo_weights_path(base)
-    labels_path = base / LABELS_FILENAME
-    regenerate = "Run `python scripts/train_demo.py` to regenerate the demo assets."
-    try:
-        data = weights_path.read_bytes()
-    except FileNotFoundError:
-        raise ModelLoadError(
-            f"The demo weights are missing ({weights_path}). {regenerate}"
-        ) from None
-    except OSError as exc:
-        raise ModelLoadError(
-            f"The demo weights at {weights_path} could not be read ({exc}). {regenerate}"
-        ) from exc
-    try:
-        text = labels_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelLoadError(f"The demo labels are missing ({labels_path}). {regenerate}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(
-            f"The demo labels at {labels_path} could not be read ({exc}). {regenerate}"
-        ) from exc
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if not labels:
-        raise ModelLoadError(f"The demo labels file {labels_path} is empty. {regenerate}")
-
-    # Hash and load the same bytes, so the digest always describes the weights in use.
-    sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        state = load_safetensors(data)
-    except (SafetensorError, ValueError) as exc:
-        raise ModelLoadError(
-            f"The demo weights at {weights_path} are not a valid safetensors file ({exc}). "
-            f"{regenerate}"
-        ) from exc
-    model = DemoNet(len(labels))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(
-            f"The demo weights at {weights_path} do not fit the demo architecture with "
-            f"{len(labels)} classes ({exc}). {regenerate}"
-        ) from exc
-    model.eval()
-
-    notes = ["Built-in demo: a small CNN trained on generated shape images (class = shape)."]
-    card_path = base / CARD_FILENAME
-    if card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(
-                f"The demo model card {card_path} could not be read ({exc}). {regenerate}"
-            ) from exc
-        if not isinstance(card, dict):
-            raise ModelLoadError(
-                f"The demo model card {card_path} is not a JSON object. {regenerate}"
-            )
-        accuracy = card.get("heldout_accuracy")
-        if isinstance(accuracy, (int, float)):
-            notes.append(
-                f"Held-out accuracy {accuracy:.1%} on {card.get('val_size', '?')} generated images "
-                f"the model never saw during training."
-            )
-    else:
-        notes.append(f"No model card found at {card_path}; accuracy unknown.")
-
-    return LoadedModel(
-        model=model,
-        name="Demo CNN (shapes)",
-        arch=ARCH_NAME,
-        input_size=DEMO_INPUT_SIZE,
-        mean=DEMO_MEAN,
-        std=DEMO_STD,
-        labels=labels,
-        sha256=sha256,
-        source_format="builtin",
-        num_params=sum(p.numel() for p in model.parameters()),
-        notes=notes,
-    )
 
 
 # --------------------------------------------------------------------------------------------

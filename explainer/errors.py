@@ -8,6 +8,9 @@ __all__ = [
     "AttributionTypeError",
     "ModelLoadError",
     "ImageLoadError",
+    "JobCancelled",
+    "WorkerError",
+    "WorkerLimitError",
 ]
 
 
@@ -29,3 +32,25 @@ class ModelLoadError(ExplainerError, ValueError):
 
 class ImageLoadError(ExplainerError, ValueError):
     """An image could not be read or is unsafe to decode."""
+
+
+class WorkerError(ExplainerError):
+    """A compute worker failed while running a request (it crashed, or the model raised)."""
+
+
+class WorkerLimitError(WorkerError):
+    """A compute worker went over an operator limit and was stopped.
+
+    Attributes
+    ----------
+    limit : str
+        ``"memory"`` or ``"time"``: which limit was hit.
+    """
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class JobCancelled(ExplainerError):
+    """A request was cancelled before it finished (superseded, or its worker was stopped)."""

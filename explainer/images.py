@@ -1,8 +1,9 @@
 """Images: safe decoding, the preprocessing a model expects, and the way back to pixels.
 
-Uploaded bytes are untrusted. :func:`load_image` reads only the header first, refuses anything
-whose pixel count is absurd before a single pixel is decoded, and turns every decoding failure
-into an :class:`~explainer.errors.ImageLoadError` whose message names the supported formats.
+Uploaded bytes are untrusted. :func:`load_image` refuses a file larger than the operator's byte
+limit before reading it, reads only the header first, refuses anything whose pixel count is
+absurd before a single pixel is decoded, and turns every decoding failure into an
+:class:`~explainer.errors.ImageLoadError` whose message names the supported formats.
 
 :class:`Preprocessing` describes, as plain data, how a PIL image becomes the tensor a model sees;
 :func:`preprocess` applies it and :func:`deprocess` undoes the normalisation so the app can show
@@ -16,7 +17,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,9 +29,11 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from explainer.errors import ImageLoadError
+from explainer.limits import max_image_bytes
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_BYTES_ENV",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MAX_PIXELS_ENV",
@@ -55,6 +58,8 @@ _FORMATS_TEXT = ", ".join(SUPPORTED_FORMATS)
 MAX_PIXELS_ENV = "EXPLAINER_MAX_IMAGE_PIXELS"
 #: Largest width * height accepted when neither ``max_pixels`` nor the variable is set.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Environment variable of the largest image file, in MB (see :mod:`explainer.limits`).
+MAX_BYTES_ENV = "EXPLAINER_MAX_IMAGE_MB"
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -90,15 +95,46 @@ def _pixel_limit(max_pixels: int | None) -> int:
     return max_pixels
 
 
-def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
-    """Return a readable binary stream for ``source`` and a phrase naming it in messages."""
+def _byte_limit(max_bytes: int | None) -> int:
+    """Resolve the byte limit: the argument, else ``EXPLAINER_MAX_IMAGE_MB``, else its default."""
+    if max_bytes is None:
+        return max_image_bytes()
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ImageLoadError(
+            f"max_bytes must be a positive whole number of bytes, got {max_bytes!r}."
+        )
+    return max_bytes
+
+
+def _megabytes(size: int) -> str:
+    """``"25 MB"``, ``"0.5 MB"``: a byte count in the MB (2**20 bytes) of the limit variables."""
+    return f"{size / 2**20:.3g} MB"
+
+
+def _check_bytes(size: int, limit: int, label: str) -> None:
+    if size > limit:
+        raise ImageLoadError(
+            f"{label} is {_megabytes(size)} ({size:,} bytes), more than the limit of "
+            f"{_megabytes(limit)} per image file. Resize or re-compress it first, or ask the "
+            f"operator to raise {MAX_BYTES_ENV}."
+        )
+
+
+def _open_source(source: ImageSource, limit: int) -> tuple[BinaryIO, str]:
+    """Return a readable binary stream for ``source`` and a phrase naming it in messages.
+
+    A source larger than ``limit`` bytes is refused before it is read (a path) or decoded.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
         label = "The uploaded data"
+        _check_bytes(memoryview(source).nbytes, limit, label)
+        data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = f"The file {path.name!r}"
         try:
+            if path.is_file():
+                _check_bytes(path.stat().st_size, limit, label)
             data = path.read_bytes()
         except FileNotFoundError:
             raise ImageLoadError(f"No image file at {str(path)!r}; check the path.") from None
@@ -114,11 +150,16 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
         # A binary file-like object, e.g. an upload widget's buffer.
         if getattr(source, "seekable", lambda: False)():
             source.seek(0)
-        data = source.read()
+        data = source.read(limit + 1)  # one byte more than allowed tells that it is too large
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("load_image needs a file opened in binary mode ('rb').")
         data = bytes(data)
         label = "The uploaded data"
+        if len(data) > limit:
+            size = len(data)
+            if getattr(source, "seekable", lambda: False)():
+                size = source.seek(0, io.SEEK_END)
+            _check_bytes(size, limit, label)
     else:
         raise TypeError(
             "load_image takes a file path or the image's bytes, "
@@ -132,7 +173,9 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
     return io.BytesIO(data), label
 
 
-def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
+def load_image(
+    source: ImageSource, *, max_pixels: int | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Decode an image safely and return it as an RGB :class:`PIL.Image.Image`.
 
     Parameters
@@ -144,6 +187,10 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         ``EXPLAINER_MAX_IMAGE_PIXELS``, else 40,000,000. The size is checked from the header,
         before any pixel is decoded. Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``) still
         applies on top.
+    max_bytes : int, optional
+        Largest size of the encoded file, in bytes. Defaults to the environment variable
+        ``EXPLAINER_MAX_IMAGE_MB`` (see :func:`explainer.limits.max_image_bytes`). A larger
+        source is refused before it is decoded (a path, before it is read).
 
     Returns
     -------
@@ -155,10 +202,10 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
     ------
     ImageLoadError
         The data is empty, truncated, not an image in a supported format (PNG, JPEG, WebP, BMP,
-        GIF, TIFF), or larger than the pixel limit.
+        GIF, TIFF), larger than the byte limit, or larger than the pixel limit.
     """
     limit = _pixel_limit(max_pixels)
-    stream, label = _open_source(source)
+    stream, label = _open_source(source, _byte_limit(max_bytes))
     unreadable = (
         f"{label} is not an image in a supported format ({_FORMATS_TEXT}). Convert or re-save "
         "it as one of these and try again."
@@ -178,8 +225,10 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
                 image.load()
                 # Some formats (GIF frames) can grow while loading; check again.
                 _check_size(image.size, limit, label)
-                upright = ImageOps.exif_transpose(image)
-                result = _to_rgb(upright)
+                # In place: a copy of a large (16-bit, float) image is memory the result never
+                # needs; _to_rgb always returns a new image, detached from the source.
+                ImageOps.exif_transpose(image, in_place=True)
+                result = _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(
             f"{label} declares more than {Image.MAX_IMAGE_PIXELS:,} pixels and was refused "
@@ -217,24 +266,59 @@ def _check_size(size: tuple[int, int], limit: int, label: str) -> None:
         )
 
 
+# Pixels converted at a time by _high_bit_depth_to_l: bounds its working memory whatever the size.
+_BLOCK_PIXELS = 1 << 22
+
+
+def _row_blocks(image: Image.Image) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(top, bottom, pixels)`` for consecutive bands of rows of ``image``, as numpy arrays."""
+    width, height = image.size
+    step = max(1, _BLOCK_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        bottom = min(height, top + step)
+        yield top, bottom, np.asarray(image.crop((0, top, width, bottom)))
+
+
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     """Map a 16/32-bit integer or float greyscale image onto 8 bits, keeping its contrast.
 
     Pillow's own conversion to ``"L"`` clips at 255, which turns most 16-bit images white.
+    16-bit data is divided by 257 (65535 becomes 255), rounded to the nearest grey level. The
+    work goes band by band, in integers for integer modes and in float32 for float images, so a
+    40-megapixel image needs a few MiB beyond its own pixels and the 8-bit result (a float64
+    copy of the whole image would take over 300 MiB, and its temporaries several times that).
     """
-    array = np.asarray(image)
     mode = image.mode
-    if mode.startswith("I;16"):
-        scaled = array.astype(np.float64) / 257.0
-    elif mode == "I":
-        # 32-bit storage usually holds 8- or 16-bit data (e.g. 16-bit PNGs on older Pillow).
-        peak = int(array.max()) if array.size else 0
-        scaled = array.astype(np.float64) / (257.0 if peak > 255 else 1.0)
-    else:  # "F": floats in [0, 1] are intensities, anything else is taken as 0..255
-        finite = array[np.isfinite(array)]
-        unit = finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0
-        scaled = np.nan_to_num(array.astype(np.float64)) * (255.0 if unit else 1.0)
-    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    if mode == "F":
+        # Floats in [0, 1] are intensities; anything else is taken as 0..255.
+        low, high = math.inf, -math.inf
+        for _, _, block in _row_blocks(image):
+            finite = block[np.isfinite(block)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+        scale = np.float32(255.0 if 0.0 <= low and high <= 1.0 else 1.0)
+        for top, bottom, block in _row_blocks(image):
+            values = block.astype(np.float32)  # a copy: the image's own pixels stay as they are
+            with np.errstate(over="ignore", invalid="ignore"):
+                values *= scale
+            np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+            np.rint(values, out=values)
+            np.clip(values, 0.0, 255.0, out=values)
+            out[top:bottom] = values
+    else:
+        # "I;16*" holds 16-bit data; 32-bit "I" storage usually holds 8- or 16-bit data (e.g.
+        # 16-bit PNGs on older Pillow): divide by 257 only when it goes beyond 255.
+        divide = mode.startswith("I;16") or int(image.getextrema()[1]) > 255
+        for top, bottom, block in _row_blocks(image):
+            values = block.astype(np.int64)
+            if divide:
+                # round(v / 257) in integers: v / 257 is never exactly halfway between two.
+                values += 128
+                values //= 257
+            np.clip(values, 0, 255, out=values)
+            out[top:bottom] = values
     return Image.fromarray(out, mode="L")
 
 

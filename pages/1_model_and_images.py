@@ -11,12 +11,13 @@ import streamlit as st
 import webapp
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
-from explainer.limits import max_images
-from explainer.models import describe_model, list_architectures, load_labels, pickle_allowed
+from explainer.intake import describe_model, list_architectures, load_labels, pickle_allowed
+from explainer.limits import max_image_bytes, max_images, max_session_image_bytes
 from webapp import backend
 from webapp import figures as F
 from webapp import state as S
 from webapp import widgets as W
+from webapp.text import md
 
 MODEL_TYPES = ["pt", "pth", "pt2", "bin", "ckpt", "tar", "safetensors", "pkl"]
 LABEL_TYPES = ["txt", "json", "csv"]
@@ -73,13 +74,14 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
     if ok:
         ok, _ = W.attempt("Checking the model's scores", backend.score_shape, lm)
     if not ok:
+        backend.unload(lm)
         st.info("The previous model is still in use.")
         return
     st.session_state[S.MODEL] = ref
     st.session_state[S.LABELS] = labels
     st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None, position=None)
     S.set_layer(None)
-    S.flash("success", f"Loaded **{file.name}** ({lm.arch}, {lm.num_params:,} parameters).")
+    S.flash("success", f"Loaded **{md(file.name)}** ({md(lm.arch)}, {lm.num_params:,} parameters).")
     st.rerun()
 
 
@@ -131,7 +133,7 @@ with left:
     if ctx.lm is not None:
         lm = ctx.lm
         c, h, w = lm.input_size
-        st.markdown(f"**{lm.name}** · architecture `{lm.arch}` · {lm.source_format}")
+        st.markdown(f"**{md(lm.name)}** · architecture {md(lm.arch)} · {md(lm.source_format)}")
         m1, m2, m3 = st.columns(3)
         m1.metric("Parameters", f"{lm.num_params:,}")
         m2.metric("Input (C×H×W)", f"{c}×{h}×{w}")
@@ -146,15 +148,15 @@ with left:
                 "the predictions below give each class's share of the output."
             )
         with st.expander("Model summary", expanded=False):
-            ok, summary = W.attempt("Describing the model", describe_model, lm)
+            ok, summary = W.attempt("Describing the model", describe_model, lm.info)
             if ok and summary:
                 table = pd.DataFrame({"": list(summary.keys()), "value": list(summary.values())})
                 st.dataframe(table, hide_index=True, width="stretch")
             labels_note = S.get(S.LABELS)
             if labels_note is not None:
-                st.caption(f"Class names from {labels_note.filename}.")
+                st.caption(f"Class names from {md(labels_note.filename)}.")
         for note in lm.notes:
-            st.caption(f":material/info: {note}")
+            st.caption(f":material/info: {md(note)}")
 
 
 # --- preprocessing ------------------------------------------------------------------------------
@@ -236,33 +238,96 @@ def _on_samples_change() -> None:
     st.session_state[S.IMAGES] = picked + images
 
 
+NAMES_SHOWN = 5
+"""File names a grouped upload message lists before it says "and N more"."""
+REASONS_SHOWN = 4
+"""Distinct reasons shown for one upload; files refused for further reasons share one message."""
+
+
+def _names_text(names: list[str]) -> str:
+    """``a.png, b.png and 3 more``: at most :data:`NAMES_SHOWN` names, escaped for markdown."""
+    shown = ", ".join(md(name) for name in names[:NAMES_SHOWN])
+    rest = len(names) - NAMES_SHOWN
+    return f"{shown} and {rest:,} more" if rest > 0 else shown
+
+
+def _rejection_messages(rejected: dict[str, list[str]]) -> list[str]:
+    """One message per reason (the reason says what to do) naming the files it stopped.
+
+    Damaged files can each fail in their own words; past :data:`REASONS_SHOWN` reasons, the
+    remaining files share one message quoting the first of their reasons.
+    """
+    groups = list(rejected.items())
+    if len(groups) > REASONS_SHOWN:
+        rest = groups[REASONS_SHOWN - 1 :]
+        names = [name for _, group in rest for name in group]
+        groups = groups[: REASONS_SHOWN - 1] + [
+            (f"{len(rest)} other problems; the first was: {rest[0][0]}", names)
+        ]
+    messages = []
+    for reason, names in groups:
+        count = "1 file was" if len(names) == 1 else f"{len(names):,} files were"
+        messages.append(f"**{count} not added** ({_names_text(names)}): {reason}")
+    return messages
+
+
 def _on_upload_images() -> None:
+    """Add the uploaded images that fit the operator's limits and can be read.
+
+    Files that would go over the number of images, the size of one file or the bytes of all
+    images of a session are refused before they are decoded; what the session already holds is
+    kept. Refusals are grouped by reason, one message each, however many files there are.
+    """
     files = st.session_state.get("_w_image_files") or []
     images = list(S.get(S.IMAGES))
     known = {e.digest for e in images}
-    errors = []
+    held = sum(len(e.data) for e in images)
+    try:
+        count_limit, file_limit = max_images(), max_image_bytes()
+        session_limit = max_session_image_bytes()
+    except ExplainerError as exc:  # a broken server setting: nothing is added, nothing lost
+        st.session_state[S.UPLOAD_ERRORS] = [f"**No image was added.** {md(exc)}"]
+        return
+    too_many = (
+        f"this server keeps at most {count_limit} images per session. Remove some images "
+        "first, then upload these again."
+    )
+    too_large = (
+        f"each file may be at most {file_limit / 2**20:.3g} MB (EXPLAINER_MAX_IMAGE_MB). Resize "
+        "or re-compress these images, then upload them again."
+    )
+    too_much = (
+        f"the images of one session may take at most {session_limit / 2**20:.3g} MB in all "
+        "(EXPLAINER_MAX_SESSION_IMAGES_MB). Remove some images first, then upload these again."
+    )
+    rejected: dict[str, list[str]] = {}
     added = None
     for file in files:
         data = file.getvalue()
         entry = S.ImageEntry.from_bytes(file.name, data, source="upload")
         if entry.digest in known:
             continue
-        if len(images) >= max_images():
-            errors.append(
-                f"**{file.name}** was not added: this server keeps at most {max_images()} images "
-                "per session. Remove some images first."
-            )
-            continue
-        try:
-            backend.validate_image(data)
-        except ExplainerError as exc:
-            errors.append(f"**{file.name}** could not be used: {exc}")
+        reason = None
+        if len(images) >= count_limit:
+            reason = too_many
+        elif len(data) > file_limit:
+            reason = too_large
+        elif held + len(data) > session_limit:
+            reason = too_much
+        else:
+            try:
+                backend.validate_image(data)
+            except ExplainerError as exc:
+                reason = md(exc)
+        if reason is not None:
+            rejected.setdefault(reason, []).append(file.name)
             continue
         images.append(entry)
         known.add(entry.digest)
+        held += len(data)
         added = entry
     st.session_state[S.IMAGES] = images
-    st.session_state[S.UPLOAD_ERRORS] = errors
+    st.session_state[S.UPLOAD_ERRORS] = _rejection_messages(rejected)
     if added is not None:
         st.session_state[S.ACTIVE_IMAGE] = added.digest
 
@@ -326,7 +391,7 @@ elif ctx.lm is not None and ctx.prep is not None:
             with col.container(border=True):
                 is_active = entry.digest == active
                 st.markdown(
-                    f"**{entry.name}**" + (" · :orange-badge[explaining]" if is_active else "")
+                    f"**{md(entry.name)}**" + (" · :orange-badge[explaining]" if is_active else "")
                 )
                 ok, pixels = W.attempt(
                     f"Reading {entry.name}", backend.display_image, entry, ctx.prep

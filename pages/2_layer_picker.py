@@ -10,6 +10,7 @@ from explainer.tree import ModuleNode, ModuleTree
 from webapp import backend
 from webapp import state as S
 from webapp import widgets as W
+from webapp.text import md
 
 ctx = webapp.setup()
 W.page_header(
@@ -41,11 +42,11 @@ def choose_layer(tree: ModuleTree, name: str) -> None:
     """Use ``name`` if conductance can be computed there; otherwise explain why not."""
     node = tree.nodes.get(name)
     if node is None:
-        st.session_state[S.LAYER_ERROR] = f"The model has no layer named {name!r}."
+        st.session_state[S.LAYER_ERROR] = f"The model has no layer named {md(repr(name))}."
         return
     if not node.usable:
         st.session_state[S.LAYER_ERROR] = (
-            f"Layer **{name}** ({node.type}) cannot be explained: {node.reason} "
+            f"Layer **{md(name)}** ({md(node.type)}) cannot be explained: {md(node.reason)} "
             "Pick another layer; the ★ layers always work."
         )
         return
@@ -130,8 +131,8 @@ with st.container(border=True):
     if layer and layer in tree.nodes:
         node = tree.nodes[layer]
         c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
-        c1.metric("Chosen layer", layer)
-        c2.metric("Type", node.type)
+        c1.metric("Chosen layer", md(layer))
+        c2.metric("Type", md(node.type))
         c3.metric("Output (C×H×W)", shape_text(node))
         c4.metric("Parameters", f"{node.num_params:,}")
     else:
@@ -163,7 +164,7 @@ with st.container(border=True):
             key="_w_layer_pills",
             on_change=on_pill,
             args=(tree,),
-            format_func=lambda n: f"★ {n}",
+            format_func=lambda n: f"★ {md(n)}",
         )
 
 # --- the tree -----------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ query = st.text_input(
 )
 if query.strip():
     hits = [n for n in tree.search(query) if n]
-    st.caption(f"{len(hits)} module(s) match {query.strip()!r}. Click a row to choose it.")
+    st.caption(f"{len(hits)} module(s) match {md(repr(query.strip()))}. Click a row to choose it.")
     if hits:
         node_table(tree, hits, "_w_tree_search", base_depth=-1)
 else:
@@ -204,7 +205,7 @@ else:
         star = " ★" if any(n in suggested for n in subtree) else ""
         here = " ← chosen" if layer in subtree else ""
         with st.expander(
-            f"**{name}** · {node.type} · {shape_text(node)} · "
+            f"**{md(name)}** · {md(node.type)} · {shape_text(node)} · "
             f"{node.num_params:,} params{star}{here}",
             expanded=bool(here),
         ):

@@ -11,11 +11,11 @@ import streamlit as st
 import webapp
 from explainer.analysis import ConductanceResult, position_names
 from explainer.images import resize_map
-from explainer.models import LoadedModel
 from webapp import backend
 from webapp import figures as F
 from webapp import state as S
 from webapp import widgets as W
+from webapp.text import md
 
 ctx = webapp.setup()
 W.page_header(
@@ -44,14 +44,14 @@ m1, m2, m3, m4 = st.columns(4)
 if result.target_position:
     m1.metric(
         "Target",
-        W.target_label(lm, result.target_class),
+        md(W.target_label(lm, result.target_class)),
         delta=f"at {W.position_text(result.target_position)}",
         delta_color="off",
         delta_arrow="off",
         help="The class, and the output position whose score is explained.",
     )
 else:
-    m1.metric("Target", W.target_label(lm, result.target))
+    m1.metric("Target", md(W.target_label(lm, result.target)))
 m2.metric("F(image) − F(baseline)", f"{result.output_diff:.4g}")
 m3.metric("Sum of conductance", f"{total:.4g}")
 m4.metric(
@@ -81,7 +81,7 @@ if not np.any(result.attributions):
 
 
 # --- the explained output (models that score every output position) ----------------------------
-def explained_output(lm: LoadedModel, result: ConductanceResult) -> None:
+def explained_output(lm: backend.ServedModel, result: ConductanceResult) -> None:
     """The target class's score over the output, with the explained position circled."""
     position = result.target_position
     ok, view = W.attempt(
@@ -95,7 +95,7 @@ def explained_output(lm: LoadedModel, result: ConductanceResult) -> None:
         for i, name in enumerate(position_names(len(position)))
         if chosen is None or chosen[i] is None
     ]
-    label = W.target_label(lm, result.target_class)
+    label = md(W.target_label(lm, result.target_class))
     where = W.position_text(position)
     left, right = st.columns([3, 2], gap="medium")
     with left:
@@ -182,7 +182,7 @@ def _grid_controls(num_channels: int) -> tuple[S.GridView, list[int] | None]:
     try:
         only = F.parse_channel_filter(view.filter, num_channels)
     except ValueError as exc:
-        st.warning(f"{exc} Showing every channel.")
+        st.warning(f"{md(exc)} Showing every channel.")
     return replace(view, top_k=max(1, min(view.top_k, top_max))), only
 
 
@@ -203,7 +203,7 @@ def _pager(count: int, view: S.GridView) -> tuple[int, int]:
     return start, min(count, start + view.page_size)
 
 
-def _neuron_preview(lm: LoadedModel, layer: str, neuron: tuple[int, ...]) -> None:
+def _neuron_preview(lm: backend.ServedModel, layer: str, neuron: tuple[int, ...]) -> None:
     ok, grads = W.attempt(
         "Computing the neuron's gradient",
         backend.neuron_gradients,
@@ -249,7 +249,7 @@ def _neuron_preview(lm: LoadedModel, layer: str, neuron: tuple[int, ...]) -> Non
 
 
 @st.fragment
-def views(lm: LoadedModel, result: ConductanceResult) -> None:
+def views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     """Charts and selection; a click reruns only this fragment (the result is an argument)."""
     try:
         _views(lm, result)
@@ -257,7 +257,7 @@ def views(lm: LoadedModel, result: ConductanceResult) -> None:
         W.show_error(exc, "Drawing the conductance views")
 
 
-def _views(lm: LoadedModel, result: ConductanceResult) -> None:
+def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     totals = np.asarray(result.channel_totals, dtype=np.float64)
     num_channels = totals.size
     channel = st.session_state.get(S.CHANNEL)

@@ -7,11 +7,11 @@ import streamlit as st
 
 import webapp
 from explainer.analysis import neighbours
-from explainer.models import LoadedModel
 from webapp import backend
 from webapp import figures as F
 from webapp import state as S
 from webapp import widgets as W
+from webapp.text import md
 
 ctx = webapp.setup()
 W.page_header(
@@ -52,7 +52,7 @@ def _default_neuron() -> tuple[int, ...]:
 neuron = S.get(S.NEURON)
 if neuron is not None and not _fits(tuple(neuron)):
     st.warning(
-        f"The selected neuron {tuple(neuron)} does not exist in layer {layer} (output "
+        f"The selected neuron {tuple(neuron)} does not exist in layer {md(layer)} (output "
         f"{'×'.join(map(str, shape))}); showing the strongest neuron instead."
     )
     neuron = None
@@ -106,7 +106,7 @@ def _neighbour_buttons(current: tuple[int, ...]) -> None:
 
 
 @st.fragment
-def neuron_views(lm: LoadedModel) -> None:
+def neuron_views(lm: backend.ServedModel) -> None:
     """Everything about the selected neuron; a click reruns only this fragment."""
     try:
         _neuron_views(lm)
@@ -114,7 +114,7 @@ def neuron_views(lm: LoadedModel) -> None:
         W.show_error(exc, "Drawing the neuron views")
 
 
-def _neuron_views(lm: LoadedModel) -> None:
+def _neuron_views(lm: backend.ServedModel) -> None:
     current = tuple(int(i) for i in S.get(S.NEURON))
     spatial = len(shape) == 3
 
@@ -138,7 +138,7 @@ def _neuron_views(lm: LoadedModel) -> None:
             )
         with cols[-1]:
             st.markdown(
-                f"Neuron **{current}** of layer `{layer}` · output {'×'.join(map(str, shape))}"
+                f"Neuron **{current}** of layer {md(layer)} · output {'×'.join(map(str, shape))}"
             )
 
     others = neighbours(current, shape, radius=1)

@@ -10,6 +10,7 @@ from webapp import backend
 from webapp import figures as F
 from webapp import state as S
 from webapp import widgets as W
+from webapp.text import md
 
 STEP_CHOICES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Sweeps cheaper than this (parameters x total steps) run without a click.
@@ -47,9 +48,9 @@ tolerance = float(S.get(S.TOLERANCE))
 # --- per image ----------------------------------------------------------------------------------
 st.subheader("Per image")
 st.caption(
-    f"Layer `{layer}`, {S.METHOD_NAMES.get(settings.method, settings.method)} with "
+    f"Layer {md(layer)}, {S.METHOD_NAMES.get(settings.method, settings.method)} with "
     f"{settings.n_steps} steps, baseline: {S.BASELINE_NAMES.get(settings.baseline)}. "
-    f"Target: {W.target_setting_text(lm, settings)}."
+    f"Target: {md(W.target_setting_text(lm, settings))}."
 )
 rows = []
 failures = 0
@@ -109,7 +110,7 @@ if rows:
         )
 
 # --- sweep --------------------------------------------------------------------------------------
-st.subheader(f"How many steps are enough? ({image.name})")
+st.subheader(f"How many steps are enough? ({md(image.name)})")
 st.caption(
     "The delta for each integration method as the number of steps grows (both axes "
     "logarithmic). Where a line crosses the dashed tolerance, that many steps are enough for "

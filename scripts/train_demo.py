@@ -50,12 +50,12 @@ from explainer.demo import (  # noqa: E402
     LABELS_FILENAME,
     WEIGHTS_FILENAME,
     build_demo_model,
-    load_demo_model,
     make_dataset,
     render_sample,
     sample_image_paths,
     sample_label,
 )
+from explainer.intake import load_demo_model  # noqa: E402
 
 MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
 _SAMPLE_FILE = re.compile(r"^\d+_[a-z]+\.png$")

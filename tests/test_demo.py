@@ -26,14 +26,13 @@ from explainer.demo import (
     DemoNet,
     build_demo_model,
     demo_weights_path,
-    load_demo_model,
     make_dataset,
     render_sample,
     sample_image_paths,
     sample_label,
 )
 from explainer.errors import ModelLoadError
-from explainer.models import LoadedModel
+from explainer.intake import LoadedModel, load_demo_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "train_demo.py"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import zlib
 
@@ -12,11 +13,13 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+import explainer.images as images_module
 from explainer.errors import ExplainerError, ImageLoadError
 from explainer.images import (
     DEFAULT_MAX_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MAX_BYTES_ENV,
     MAX_PIXELS_ENV,
     Preprocessing,
     deprocess,
@@ -452,3 +455,171 @@ def test_resize_map():
         resize_map(torch.zeros(3, 4, 4), (8, 8))
     with pytest.raises(ImageLoadError, match="size"):
         resize_map(torch.zeros(4, 4), (0, 8))
+
+
+# --------------------------------------------------------------------------- byte limits
+
+
+def test_byte_limit_refuses_bytes_before_decoding(no_decoding, monkeypatch):
+    data = encode(Image.new("RGB", (64, 64)), "BMP")  # 12 KiB, uncompressed
+    with pytest.raises(ImageLoadError, match=MAX_BYTES_ENV) as info:
+        load_image(data, max_bytes=len(data) - 1)
+    assert f"{len(data):,} bytes" in str(info.value)
+    monkeypatch.setenv(MAX_BYTES_ENV, "0.01")  # 10,485 bytes
+    for source in (data, bytearray(data), memoryview(data), io.BytesIO(data)):
+        with pytest.raises(ImageLoadError, match=r"more than the limit of 0\.01 MB"):
+            load_image(source)
+    with pytest.raises(ImageLoadError, match="max_bytes"):
+        load_image(data, max_bytes=0)
+
+
+def test_byte_limit_refuses_a_path_before_reading_it(tmp_path, monkeypatch):
+    path = tmp_path / "large.bmp"
+    path.write_bytes(encode(Image.new("RGB", (64, 64)), "BMP"))
+
+    def refuse(self):
+        raise AssertionError("the file was read")
+
+    monkeypatch.setattr(type(path), "read_bytes", refuse)
+    with pytest.raises(ImageLoadError, match="'large.bmp' is .* more than the limit"):
+        load_image(path, max_bytes=1000)
+
+
+def test_byte_limit_default_and_exact_size(monkeypatch):
+    data = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG")
+    assert load_image(data, max_bytes=len(data)).size == (8, 8)
+    assert load_image(io.BytesIO(data), max_bytes=len(data)).size == (8, 8)
+    monkeypatch.delenv(MAX_BYTES_ENV, raising=False)
+    assert load_image(data).size == (8, 8)  # 25 MB by default
+    monkeypatch.setenv(MAX_BYTES_ENV, "lots")
+    with pytest.raises(ExplainerError, match=MAX_BYTES_ENV):
+        load_image(data)
+
+
+# --------------------------------------------------------------------------- high bit depths
+
+
+def float64_to_l(image: Image.Image) -> np.ndarray:
+    """The float64 conversion the integer/float32 one replaced: the reference it must match."""
+    array = np.asarray(image)
+    mode = image.mode
+    if mode.startswith("I;16"):
+        scaled = array.astype(np.float64) / 257.0
+    elif mode == "I":
+        peak = int(array.max()) if array.size else 0
+        scaled = array.astype(np.float64) / (257.0 if peak > 255 else 1.0)
+    else:
+        finite = array[np.isfinite(array)]
+        unit = finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0
+        scaled = np.nan_to_num(array.astype(np.float64)) * (255.0 if unit else 1.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _high_bit_depth_cases() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    edges16 = np.array([0, 1, 128, 129, 256, 257, 385, 386, 65407, 65408, 65535], dtype=np.uint16)
+    ints = rng.integers(-70_000, 3_000_000, (23, 31), dtype=np.int32)
+    small = rng.integers(-5, 256, (23, 31), dtype=np.int32)
+    unit = rng.random((23, 31), dtype=np.float32)
+    unit[0, :4] = [np.nan, 0.0, 1.0, 0.5 / 255]
+    wide = (rng.standard_normal((23, 31)) * 300).astype(np.float32)
+    wide[0, :4] = [np.nan, np.inf, -np.inf, 3e38]
+    return [
+        Image.fromarray(rng.integers(0, 65536, (23, 31), dtype=np.uint16)),
+        Image.fromarray(edges16.reshape(1, -1)),
+        Image.fromarray(ints, mode="I"),
+        Image.fromarray(small, mode="I"),
+        Image.fromarray(unit, mode="F"),
+        Image.fromarray(wide, mode="F"),
+        Image.fromarray(np.full((3, 4), np.nan, dtype=np.float32), mode="F"),
+    ]
+
+
+@pytest.mark.parametrize("block_pixels", [1 << 22, 40])
+def test_high_bit_depth_conversion_matches_the_float64_formula(monkeypatch, block_pixels):
+    monkeypatch.setattr(images_module, "_BLOCK_PIXELS", block_pixels)  # 40: bands of 1-2 rows
+    for image in _high_bit_depth_cases():
+        out = np.asarray(images_module._high_bit_depth_to_l(image))
+        expected = float64_to_l(image)
+        assert out.dtype == np.uint8 and out.shape == expected.shape
+        difference = np.abs(out.astype(int) - expected.astype(int))
+        assert difference.max() <= 1, image.mode
+        if image.mode != "F":  # integer arithmetic is exact
+            np.testing.assert_array_equal(out, expected)
+
+
+_PEAK_SCRIPT = """
+import sys
+
+import explainer.images as images
+import numpy as np
+from PIL import Image
+
+
+def float64_path(image):
+    array = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        scaled = array.astype(np.float64) / 257.0
+    else:
+        finite = array[np.isfinite(array)]
+        unit = finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0
+        scaled = np.nan_to_num(array.astype(np.float64)) * (255.0 if unit else 1.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key))
+
+
+if sys.argv[2] == "float64":
+    images._high_bit_depth_to_l = float64_path
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # resets VmHWM, the peak resident size, to the current size
+base = status("VmRSS:")
+image = images.load_image(sys.argv[1], max_bytes=2**30)
+print(status("VmHWM:") - base, image.size[0] * image.size[1])
+"""
+
+
+def _peak_bytes(path, variant: str) -> int:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path), variant],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("kind", ["png16", "tiff_float"])
+def test_large_high_bit_depth_images_load_without_float64_copies(tmp_path, kind):
+    """A 36-megapixel 16-bit PNG and a 25-megapixel float TIFF, each loaded in a fresh process.
+
+    The bound: the file, the decoded raw pixels, and three 8-bit RGB copies of the image (the
+    result and the conversions on the way). The float64 path needed more than that.
+    """
+    if kind == "png16":
+        side = (6000, 6000)
+        raw = np.add.outer(np.arange(side[0]) * 7, np.arange(side[1]) * 3) % 65536
+        image = Image.fromarray(raw.astype(np.uint16))
+        path, raw_bytes = tmp_path / "large16.png", 2 * side[0] * side[1]
+        image.save(path)
+    else:
+        side = (5000, 5000)
+        raw = np.add.outer(np.arange(side[0]), np.arange(side[1])) / sum(side)
+        image = Image.fromarray(raw.astype(np.float32), mode="F")
+        path, raw_bytes = tmp_path / "large_float.tif", 4 * side[0] * side[1]
+        image.save(path, compression="tiff_adobe_deflate")
+    del raw, image
+    bound = path.stat().st_size + raw_bytes + 3 * (3 * side[0] * side[1])
+    peak = _peak_bytes(path, "new")
+    assert peak < bound, (peak / 2**20, bound / 2**20)
+    assert _peak_bytes(path, "float64") > bound  # the bound would have caught the old path

@@ -1,4 +1,4 @@
-"""Tests for explainer.models: format detection, safe loading, architectures, labels."""
+"""Tests for explainer.intake: format detection, safe loading, architectures, labels."""
 
 from __future__ import annotations
 
@@ -21,19 +21,20 @@ import torchvision
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from explainer import models
 from explainer.analysis import compute_conductance, score_shape
 from explainer.errors import ModelLoadError
-from explainer.models import (
+from explainer.intake import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LoadedModel,
     build_model,
     describe_model,
+    export,
     list_architectures,
     load_labels,
     load_model,
     pickle_allowed,
+    registry,
 )
 
 # --------------------------------------------------------------------------- helpers
@@ -504,7 +505,7 @@ def test_pickled_segmentation_model_is_identified(monkeypatch, small_image):
 
 def test_pretrained_segmentation_from_cache(monkeypatch, tmp_path, small_image, no_downloads):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(models, "_HASH_IN_NAME", re.compile(r"(?!)"))
+    monkeypatch.setattr(registry, "_HASH_IN_NAME", re.compile(r"(?!)"))
     weights = torchvision.models.segmentation.DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT
     path = tmp_path / "checkpoints" / Path(weights.url).name
     path.parent.mkdir()
@@ -723,15 +724,15 @@ def test_export_with_code_in_a_shape_expression_is_refused(tmp_path, tiny_dynami
     assert not target.exists()
 
 
-def test_export_with_pickled_example_inputs_is_refused(tmp_path, tiny_dynamic_export):
+def test_export_example_inputs_are_never_unpickled(tmp_path, tiny_dynamic_export):
     target = tmp_path / "pwned.txt"
     evil = _save(((_payloads(target)[0],), {}))
 
     def swap(name: str, content: bytes) -> bytes:
         return evil if "sample_inputs" in name else content
 
-    with pytest.raises(ModelLoadError, match="example inputs"):
-        load_model(_rewrite_zip(tiny_dynamic_export, swap))
+    lm = load_model(_rewrite_zip(tiny_dynamic_export, swap))  # the example inputs are ignored
+    assert lm.input_size == (3, 16, 16)  # read from the program's own shape hints
     assert not target.exists()
 
 
@@ -778,7 +779,7 @@ def test_export_with_pickled_weights_is_refused(tiny_dynamic_export):
     ],
 )
 def test_shape_expression_check(expr, safe):
-    assert (models._unsafe_expression(expr) is None) is safe
+    assert (export._unsafe_expression(expr) is None) is safe
 
 
 # --------------------------------------------------------------------------- refused formats
@@ -962,7 +963,7 @@ def test_size_limit(monkeypatch, tmp_path, mobilenet_sd_bytes):
     with pytest.raises(ModelLoadError, match="more than the 1 MB"):
         load_model(path, arch="mobilenet_v3_small")
     monkeypatch.setenv("EXPLAINER_MAX_UPLOAD_MB", "lots")
-    with pytest.raises(ModelLoadError, match="not a positive number"):
+    with pytest.raises(ModelLoadError, match="EXPLAINER_MAX_UPLOAD_MB='lots' is not a number"):
         load_model(mobilenet_sd_bytes, arch="mobilenet_v3_small")
 
 
@@ -1092,7 +1093,7 @@ def test_pretrained_from_cache(monkeypatch, tmp_path, image):
     # Random stand-in weights cannot carry the official checksum in their name.
     with pytest.raises(ModelLoadError, match="checksum"):
         build_model("squeezenet1_1", pretrained=True)
-    monkeypatch.setattr(models, "_HASH_IN_NAME", re.compile(r"(?!)"))
+    monkeypatch.setattr(registry, "_HASH_IN_NAME", re.compile(r"(?!)"))
     lm = build_model("squeezenet1_1", pretrained=True)
     assert lm.labels == weights.meta["categories"]
     assert lm.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,42 +1,56 @@
-"""The cached boundary between the pages and :mod:`explainer`.
+"""The cached boundary between the pages and the compute tier.
 
-Pages ask this module for models, input tensors and results; it answers from process-wide caches
+Pages ask this module for models, input tensors and results; it answers from a process-wide cache
 keyed by content digests (the model's sha256 plus its architecture, the image bytes' sha256, the
 preprocessing, the layer and the settings), never by object identity. So a click that only changes
 what is drawn never recomputes anything, a page visited again is served from the cache, and two
 browser sessions looking at the same model and image share one copy of every result.
 
-- Models live in ``st.cache_resource`` (one shared, eval-mode copy per digest, never mutated: the
-  engine only adds thread-local hooks).
+The web server never loads or runs a model itself. Models live in worker processes
+(:class:`explainer.compute.LocalExecutor`, one per model, with the operator's memory and time
+limits); this module sends them jobs (plain data and numpy arrays) and waits for the results,
+which are plain dataclasses. While it waits, it keeps the page's progress bar up to date and
+stops the job when the user moves on (a newer request reruns the page) or closes the tab.
+
+- The executor lives in ``st.cache_resource``; the built-in model's worker starts with it.
 - Results live in one bounded :class:`explainer.cache.ContentCache` (an LRU by entries and bytes)
   held in ``st.cache_resource``. ``get_or_compute`` runs each computation once per key even when
-  sessions ask at the same time, and a failed computation leaves no entry.
+  sessions ask at the same time, and a failed or cancelled computation leaves no entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import streamlit as st
 import torch
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from explainer import analysis
 from explainer.baselines import make_baseline
 from explainer.cache import ContentCache, digest
-from explainer.demo import load_demo_model
+from explainer.compute import LocalExecutor, ModelSource
 from explainer.errors import AttributionError, ExplainerError
 from explainer.images import Preprocessing, deprocess, load_image, preprocess
-from explainer.models import LoadedModel, load_model
-from explainer.tree import ModuleTree, module_tree
+from explainer.intake import ModelInfo
+from explainer.tree import ModuleTree
 from webapp.state import AttributionSettings, ImageEntry, LabelsOverride, ModelRef, PrepSpec
 
 Progress = Callable[[int, int], None]
 
 RESULT_CACHE_BYTES = 768 * 1024 * 1024
 RESULT_CACHE_ENTRIES = 1024
+BUILTIN = ModelSource("builtin")
+"""The built-in demo model."""
+
+# How often a waiting page checks its job's progress and whether the user moved on.
+_POLL_S = 0.1
+# A session-state key read while waiting: reading session state is where Streamlit stops a
+# script whose user asked for a rerun or closed the tab.
+_YIELD_KEY = "_compute_wait"
 
 
 # --- shared resources ---------------------------------------------------------------------------
@@ -46,53 +60,118 @@ def result_cache() -> ContentCache:
     return ContentCache(max_bytes=RESULT_CACHE_BYTES, max_entries=RESULT_CACHE_ENTRIES)
 
 
-@st.cache_resource(show_spinner="Loading the built-in model...")
-def _builtin_model() -> LoadedModel:
-    return load_demo_model()
+@st.cache_resource(show_spinner=False)
+def executor() -> LocalExecutor:
+    """The process-wide pool of compute workers; the built-in model's worker starts at once."""
+    pool = LocalExecutor()
+    pool.submit(BUILTIN, "info")
+    return pool
 
 
-@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
-def _uploaded_model(
-    file_digest: str, filename: str, arch: str | None, num_classes: int | None, _data: bytes
-) -> LoadedModel:
-    # Keyed by the digest of the bytes (not the bytes themselves) plus the loader's options.
-    return load_model(_data, filename=filename, arch=arch, num_classes=num_classes)
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """A model as the server knows it: its description and where a worker loads it from.
+
+    Every attribute of :class:`~explainer.intake.ModelInfo` (``name``, ``arch``, ``labels``,
+    ``input_size``...) reads through, so pages use it like the description itself. The module
+    lives only in the model's worker process.
+    """
+
+    info: ModelInfo
+    source: ModelSource
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.info, name)
 
 
-def resolve_model(ref: ModelRef, labels: LabelsOverride | None = None) -> LoadedModel:
+def _source(ref: ModelRef) -> ModelSource:
+    if ref.kind != "upload":
+        return BUILTIN
+    return ModelSource(
+        kind="file",
+        data=ref.data,
+        filename=ref.filename,
+        arch=ref.arch,
+        num_classes=ref.num_classes,
+    )
+
+
+def wait(handle: Any, progress: Progress | None = None) -> Any:
+    """The result of a submitted job, reporting its progress while it runs.
+
+    Inside a page run this polls: when the user reruns the page (a newer request) or closes the
+    tab, Streamlit raises its stop exception here and the job is cancelled on the way out.
+    """
+    in_script = get_script_run_ctx(suppress_warning=True) is not None
+    shown = None
+    try:
+        while True:
+            try:
+                value = handle.result(timeout=_POLL_S)
+            except TimeoutError:
+                value, finished = None, False
+            else:
+                finished = True
+            current = handle.progress
+            if progress is not None and current is not None and current != shown:
+                shown = current
+                progress(*current)
+            if finished:
+                return value
+            if in_script:
+                st.session_state.get(_YIELD_KEY)
+    finally:
+        if not handle.done():
+            handle.cancel()
+
+
+def run(
+    lm: ServedModel,
+    op: str,
+    args: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> Any:
+    """Run ``op`` on ``lm``'s worker and wait for its result (see :func:`wait`)."""
+    return wait(executor().submit(lm.source, op, args), progress)
+
+
+def resolve_model(ref: ModelRef, labels: LabelsOverride | None = None) -> ServedModel:
     """The model a :class:`ModelRef` names, with the user's labels applied.
+
+    The first call for a model starts its worker, which loads the file with every intake check;
+    the description it returns is cached.
 
     Raises
     ------
     explainer.errors.ModelLoadError
-        When the file cannot be loaded with the chosen options.
+        When the file cannot be loaded with the chosen options (the worker is stopped).
+    explainer.errors.WorkerLimitError
+        When loading went over the worker's memory or time limit.
     """
-    if ref.kind == "upload":
-        lm = _uploaded_model(ref.digest, ref.filename, ref.arch, ref.num_classes, ref.data)
-    else:
-        lm = _builtin_model()
-    if labels is not None and len(labels.labels) == lm.num_classes:
-        # A shallow copy: the module is shared, only the names differ.
-        lm = dataclasses.replace(lm, labels=list(labels.labels))
-    return lm
+    source = _source(ref)
+
+    def load() -> ModelInfo:
+        try:
+            return wait(executor().submit(source, "info"))
+        except ExplainerError:
+            executor().forget(source)
+            raise
+
+    info = result_cache().get_or_compute(digest("info", source.key), load)
+    if labels is not None and len(labels.labels) == info.num_classes:
+        info = dataclasses.replace(info, labels=tuple(labels.labels))
+    return ServedModel(info, source)
 
 
-def model_key(lm: LoadedModel) -> str:
+def model_key(lm: ServedModel) -> str:
     """Digest naming the computation a model performs (weights, architecture, output size)."""
     return digest("model", lm.sha256, lm.arch, lm.num_classes, tuple(lm.input_size))
 
 
-def model_device(lm: LoadedModel) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for tensor in lm.model.parameters():
-        return tensor.device
-    for tensor in lm.model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 # --- preprocessing and inputs -------------------------------------------------------------------
-def preprocessing(spec: PrepSpec, lm: LoadedModel) -> Preprocessing:
+def preprocessing(spec: PrepSpec, lm: ServedModel) -> Preprocessing:
     """Turn the user's preset into a :class:`~explainer.images.Preprocessing` for this model."""
     channels, height, width = lm.input_size
     size = (height, width)
@@ -109,7 +188,7 @@ def preprocessing(spec: PrepSpec, lm: LoadedModel) -> Preprocessing:
     return prep
 
 
-def _scores_every_position(lm: LoadedModel) -> bool:
+def _scores_every_position(lm: ServedModel) -> bool:
     """:func:`per_position`, False when the output cannot be read (said elsewhere)."""
     try:
         return per_position(lm)
@@ -134,9 +213,8 @@ def input_tensor(image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
     return result_cache().get_or_compute(key, lambda: preprocess(load_image(image.data), prep))
 
 
-def model_input(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
-    """:func:`input_tensor` on the model's device."""
-    return input_tensor(image, prep).to(model_device(lm))
+def _array(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
 def display_image(image: ImageEntry, prep: Preprocessing) -> np.ndarray:
@@ -151,12 +229,12 @@ def validate_image(data: bytes) -> None:
 
 
 # --- scores, predictions and structure ----------------------------------------------------------
-def score_shape(lm: LoadedModel) -> tuple[int, ...]:
+def score_shape(lm: ServedModel) -> tuple[int, ...]:
     """The model's scores for one image: ``(classes,)``, or ``(classes, *positions)`` for a
     model that scores every output position.
 
-    Taken from the loader when it could read it, else from one forward pass of a zero image
-    (cached per model).
+    Taken from the loader when it could read it, else from one forward pass of a zero image in
+    the model's worker (cached per model).
 
     Raises
     ------
@@ -166,29 +244,24 @@ def score_shape(lm: LoadedModel) -> tuple[int, ...]:
     if lm.output_shape is not None:
         return tuple(int(d) for d in lm.output_shape)
     key = digest("score-shape", model_key(lm))
-
-    def compute() -> tuple[int, ...]:
-        example = torch.zeros((1, *lm.input_size), device=model_device(lm))
-        return analysis.score_shape(lm.model, example)
-
-    return result_cache().get_or_compute(key, compute)
+    return result_cache().get_or_compute(key, lambda: tuple(run(lm, "score_shape")))
 
 
-def per_position(lm: LoadedModel) -> bool:
+def per_position(lm: ServedModel) -> bool:
     """Whether the model scores every output position (e.g. a segmentation model)."""
     return len(score_shape(lm)) > 1
 
 
-def scores(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> np.ndarray:
+def scores(lm: ServedModel, image: ImageEntry, prep: Preprocessing) -> np.ndarray:
     """The model's scores for one image, ``(classes,)`` or ``(classes, *positions)``."""
     key = digest("scores", model_key(lm), image.digest, prep_key(prep))
     return result_cache().get_or_compute(
-        key, lambda: analysis.class_scores(lm.model, model_input(lm, image, prep))
+        key, lambda: run(lm, "scores", {"x": _array(input_tensor(image, prep))})
     )
 
 
 def predictions(
-    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, k: int = 5
+    lm: ServedModel, image: ImageEntry, prep: Preprocessing, k: int = 5
 ) -> list[tuple[str, int, float]]:
     """Top-``k`` ``(label, index, value)`` for one image.
 
@@ -202,14 +275,14 @@ def predictions(
     )
 
 
-def predicted_class(lm: LoadedModel, image: ImageEntry, prep: Preprocessing) -> int:
+def predicted_class(lm: ServedModel, image: ImageEntry, prep: Preprocessing) -> int:
     """Index of the top class for one image (for per-position scores: the one covering most
     positions)."""
     return int(predictions(lm, image, prep, k=1)[0][1])
 
 
 def score_view(
-    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, target: analysis.Target
+    lm: ServedModel, image: ImageEntry, prep: Preprocessing, target: analysis.Target
 ) -> np.ndarray:
     """The target class's scores over the output positions, for drawing.
 
@@ -223,18 +296,13 @@ def score_view(
     return values[(cls, *position[:-2])]
 
 
-def tree(lm: LoadedModel) -> ModuleTree:
+def tree(lm: ServedModel) -> ModuleTree:
     """The model's module tree, discovered with one forward pass of a zero input."""
     key = digest("tree", model_key(lm))
-
-    def compute() -> ModuleTree:
-        example = torch.zeros((1, *lm.input_size), device=model_device(lm))
-        return module_tree(lm.model, example)
-
-    return result_cache().get_or_compute(key, compute)
+    return result_cache().get_or_compute(key, lambda: run(lm, "tree"))
 
 
-def default_layer(lm: LoadedModel) -> str | None:
+def default_layer(lm: ServedModel) -> str | None:
     """The layer the app opens on: the deepest suggested layer that still has a spatial map.
 
     A layer that computes the model's output itself (the score layer of a model that scores
@@ -259,7 +327,7 @@ def default_layer(lm: LoadedModel) -> str | None:
     return usable[-1] if usable else None
 
 
-def check_layer(lm: LoadedModel, name: str) -> None:
+def check_layer(lm: ServedModel, name: str) -> None:
     """Raise :class:`~explainer.errors.AttributionError` if ``name`` is unknown or unusable."""
     t = tree(lm)
     node = t.nodes.get(name)
@@ -278,7 +346,7 @@ def check_layer(lm: LoadedModel, name: str) -> None:
 
 # --- attributions -------------------------------------------------------------------------------
 def resolve_target(
-    lm: LoadedModel, image: ImageEntry, prep: Preprocessing, settings: AttributionSettings
+    lm: ServedModel, image: ImageEntry, prep: Preprocessing, settings: AttributionSettings
 ) -> analysis.Target:
     """The output to explain, in full.
 
@@ -349,7 +417,7 @@ def baseline_tensor(
 
 
 def _conductance_key(
-    lm: LoadedModel,
+    lm: ServedModel,
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
@@ -373,7 +441,7 @@ def _conductance_key(
 
 
 def conductance(
-    lm: LoadedModel,
+    lm: ServedModel,
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
@@ -393,25 +461,24 @@ def conductance(
     )
 
     def compute() -> analysis.ConductanceResult:
-        x = model_input(lm, image, prep)
+        x = input_tensor(image, prep)
         base = baseline_tensor(x, prep, settings)
-        return analysis.compute_conductance(
-            lm.model,
-            layer,
-            x,
-            target,
-            base,
-            method=settings.method,
-            n_steps=settings.n_steps,
-            internal_batch_size=chunk_size(settings),
-            progress=progress,
-        )
+        args = {
+            "layer": layer,
+            "x": _array(x),
+            "target": target,
+            "baseline": _array(base),
+            "method": settings.method,
+            "n_steps": int(settings.n_steps),
+            "internal_batch_size": chunk_size(settings),
+        }
+        return run(lm, "conductance", args, progress)
 
     return result_cache().get_or_compute(key, compute)
 
 
 def neuron_gradients(
-    lm: LoadedModel,
+    lm: ServedModel,
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
@@ -433,26 +500,30 @@ def neuron_gradients(
         else:
             found[i] = hit
     if missing:
-        x = model_input(lm, image, prep)
-        computed = analysis.compute_neuron_gradients(
-            lm.model, layer, x, [tuple(neurons[i]) for i in missing]
-        )
+        args = {
+            "layer": layer,
+            "x": _array(input_tensor(image, prep)),
+            "neurons": [tuple(int(j) for j in neurons[i]) for i in missing],
+        }
+        computed = run(lm, "neuron_gradients", args)
+        if len(computed) != len(missing):
+            raise AttributionError("The worker returned the wrong number of neuron gradients.")
         for i, result in zip(missing, computed, strict=True):
             cache.put(keys[i], result)
             found[i] = result
     return [found[i] for i in range(len(neurons))]
 
 
-def activation(lm: LoadedModel, image: ImageEntry, prep: Preprocessing, layer: str) -> np.ndarray:
+def activation(lm: ServedModel, image: ImageEntry, prep: Preprocessing, layer: str) -> np.ndarray:
     """The layer's output for one image (batch dimension dropped)."""
     key = digest("activation", model_key(lm), image.digest, prep_key(prep), layer)
     return result_cache().get_or_compute(
-        key, lambda: analysis.layer_activation(lm.model, layer, model_input(lm, image, prep))
+        key, lambda: run(lm, "activation", {"layer": layer, "x": _array(input_tensor(image, prep))})
     )
 
 
 def _sweep_key(
-    lm: LoadedModel,
+    lm: ServedModel,
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
@@ -475,7 +546,7 @@ def _sweep_key(
 
 
 def sweep(
-    lm: LoadedModel,
+    lm: ServedModel,
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
@@ -489,17 +560,23 @@ def sweep(
     key = _sweep_key(lm, image, prep, layer, target, settings, methods, steps)
 
     def compute() -> list[analysis.ConvergencePoint]:
-        x = model_input(lm, image, prep)
+        x = input_tensor(image, prep)
         base = baseline_tensor(x, prep, settings)
-        return analysis.convergence_sweep(
-            lm.model, layer, x, target, base, list(methods), list(steps), progress=progress
-        )
+        args = {
+            "layer": layer,
+            "x": _array(x),
+            "target": target,
+            "baseline": _array(base),
+            "methods": tuple(methods),
+            "steps": tuple(int(n) for n in steps),
+        }
+        return run(lm, "sweep", args, progress)
 
     return result_cache().get_or_compute(key, compute)
 
 
 def sweep_cached(
-    lm: LoadedModel,
+    lm: ServedModel,
     image: ImageEntry,
     prep: Preprocessing,
     layer: str,
@@ -510,3 +587,8 @@ def sweep_cached(
     """The sweep if it was computed already, else ``None`` (never computes)."""
     target = resolve_target(lm, image, prep, settings)
     return result_cache().get(_sweep_key(lm, image, prep, layer, target, settings, methods, steps))
+
+
+def unload(lm: ServedModel) -> None:
+    """Stop ``lm``'s worker (a model that loaded but cannot be used frees its place at once)."""
+    executor().forget(lm.source)

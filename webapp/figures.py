@@ -9,6 +9,8 @@ Conventions shared by every figure, so a reader learns them once:
 - Image-like maps keep row 0 at the top and square pixels.
 - Heatmaps are made clickable by laying transparent square markers over them (a plain heatmap
   reports no point when clicked). Each marker's ``customdata`` holds the indices a click selects.
+- Text arguments (titles, class names, channel and method names) are plain text: Plotly would
+  render the HTML tags in them, so they are escaped (:func:`webapp.text.html`) on the way in.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 import plotly.colors as pc
 import plotly.graph_objects as go
 from PIL import Image
+
+from webapp.text import html
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:
@@ -88,7 +92,7 @@ def _base_layout(fig: go.Figure, height: int, title: str | None = None) -> go.Fi
     fig.update_layout(
         height=height,
         margin=dict(l=8, r=8, t=36 if title else 8, b=8),
-        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None,
+        title=dict(text=html(title), x=0.0, xanchor="left", font=dict(size=14)) if title else None,
         dragmode=False,
         hovermode="closest",
         hoverdistance=-1,
@@ -202,9 +206,9 @@ def prediction_bars(
     """Horizontal bars of the top predictions, the first on top.
 
     ``hover_suffix`` says what the share is, e.g. ``" of the output"`` for the share of output
-    positions a class covers.
+    positions a class covers. Class names are shown as written (escaped for Plotly).
     """
-    labels = [f"{name} (#{index})" for name, index, _ in preds][::-1]
+    labels = [f"{html(name)} (#{index})" for name, index, _ in preds][::-1]
     probs = [float(p) for _, _, p in preds][::-1]
     fig = go.Figure(
         go.Bar(
@@ -706,7 +710,7 @@ def gradient_channels(
 
     arr = np.asarray(grad, dtype=np.float64)
     c = arr.shape[0]
-    labels = list(names) if c == len(names) else [f"channel {i}" for i in range(c)]
+    labels = [html(n) for n in names] if c == len(names) else [f"channel {i}" for i in range(c)]
     limit = symmetric_limit(arr)
     fig = make_subplots(rows=1, cols=c, subplot_titles=labels, horizontal_spacing=0.03)
     for i in range(c):
@@ -843,14 +847,15 @@ def convergence_plot(
     floor = 1e-12
     for i, method in enumerate(methods):
         rows = sorted((s, v) for m, s, v in points if m == method)
+        name = html(names.get(method, method))
         fig.add_trace(
             go.Scatter(
                 x=[s for s, _ in rows],
                 y=[max(abs(v), floor) for _, v in rows],
                 mode="lines+markers",
-                name=names.get(method, method),
+                name=name,
                 line=dict(color=METHOD_COLOURS[i % len(METHOD_COLOURS)], width=2),
-                hovertemplate=f"%{{x}} steps: %{{y:.3g}}<extra>{names.get(method, method)}</extra>",
+                hovertemplate=f"%{{x}} steps: %{{y:.3g}}<extra>{name}</extra>",
             )
         )
     _base_layout(fig, height)

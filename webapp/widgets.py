@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import streamlit as st
@@ -21,12 +22,15 @@ from explainer.demo import sample_image_paths
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
 from explainer.limits import max_steps
-from explainer.models import LoadedModel
 from webapp import backend
 from webapp import state as S
+from webapp.text import md
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+
+ICON = Path(__file__).resolve().parent.parent / "assets" / "icon.png"
+"""The browser tab's icon (a small heatmap)."""
 
 PAGE_MODEL = "pages/1_model_and_images.py"
 PAGE_LAYER = "pages/2_layer_picker.py"
@@ -51,7 +55,7 @@ class Context:
     ``lm`` is ``None`` only when no model could be loaded (the page shows why).
     """
 
-    lm: LoadedModel | None
+    lm: backend.ServedModel | None
     prep: Preprocessing | None
     images: list[S.ImageEntry]
     image: S.ImageEntry | None
@@ -68,19 +72,20 @@ def show_error(exc: BaseException, action: str) -> None:
     """Show a failure as a readable message in the page (never a traceback).
 
     Project errors carry a sentence the user can act on; anything else is logged on the server
-    and summarised in one line.
+    and summarised in one line. ``action`` and the error's text may quote file names, labels and
+    module names, so both are shown literally (:func:`webapp.text.md`), never as markdown.
     """
     if isinstance(exc, ExplainerError):
-        st.error(f"**{action} failed.** {exc}", icon=":material/error:")
+        st.error(f"**{md(action)} failed.** {md(exc)}", icon=":material/error:")
         return
     LOG.exception("Unexpected error while %s", action.lower())
     text = " ".join(str(exc).split())
     if len(text) > 240:
         text = text[:237] + "..."
     st.error(
-        f"**{action} failed** because of an unexpected {type(exc).__name__}"
-        f"{': ' + text if text else ''}. Check that the model accepts images of the chosen size "
-        "and preprocessing, or try other settings.",
+        f"**{md(action)} failed** because of an unexpected {type(exc).__name__}"
+        f"{': ' + md(text) if text else ''}. Check that the model accepts images of the chosen "
+        "size and preprocessing, or try other settings.",
         icon=":material/error:",
     )
 
@@ -93,7 +98,7 @@ def _attempt(
     except Exception as exc:  # noqa: BLE001 - every failure is shown to the user, none is hidden
         if seen is not None and isinstance(exc, ExplainerError):
             if str(exc) in seen:
-                st.caption(f":material/error: {action} failed: the same problem as above.")
+                st.caption(f":material/error: {md(action)} failed: the same problem as above.")
                 return False, None
             seen.add(str(exc))
         show_error(exc, action)
@@ -113,7 +118,7 @@ def attempt_each(
     return _attempt(action, seen, fn, args, kwargs)
 
 
-def output_positions(lm: LoadedModel) -> tuple[int, ...]:
+def output_positions(lm: backend.ServedModel) -> tuple[int, ...]:
     """The output grid of a model that scores every output position (e.g. ``(H, W)``); ``()``
     for a classifier, or when the scores cannot be read (the failure is shown)."""
     ok, shape = attempt("Reading the model's scores", backend.score_shape, lm)
@@ -171,7 +176,7 @@ def load_samples() -> list[S.ImageEntry]:
             data = path.read_bytes()
         except OSError as exc:
             LOG.warning("Sample image %s could not be read: %s", path, exc)
-            st.warning(f"The sample image {path.name} could not be read ({exc}).")
+            st.warning(f"The sample image {md(path.name)} could not be read ({md(exc)}).")
             continue
         entries.append(S.ImageEntry.from_bytes(path.name, data, source="sample"))
     return entries
@@ -185,7 +190,7 @@ def page_config() -> None:
     """
     st.set_page_config(
         page_title="Layer explainer",
-        page_icon=":material/biotech:",
+        page_icon=str(ICON),  # a file served by the app: a material icon is fetched from outside
         layout="wide",
         initial_sidebar_state="expanded",
     )
@@ -251,8 +256,8 @@ def _sidebar(ctx: Context) -> None:
         if ctx.lm is not None:
             lm = ctx.lm
             c, h, w = lm.input_size
-            st.markdown(f"**Model** · {lm.name}")
-            st.caption(f"`{lm.arch}` · {lm.num_params:,} parameters · input {c}×{h}×{w}")
+            st.markdown(f"**Model** · {md(lm.name)}")
+            st.caption(f"{md(lm.arch)} · {lm.num_params:,} parameters · input {c}×{h}×{w}")
         else:
             st.markdown("**Model** · none loaded")
         if ctx.images:
@@ -280,15 +285,15 @@ def _sidebar(ctx: Context) -> None:
                         label, index, value = preds[0]
                         if output_positions(ctx.lm):
                             st.caption(
-                                f"Top class: **{label}** (#{index}) · covers {value:.0%} of the "
-                                "output"
+                                f"Top class: **{md(label)}** (#{index}) · covers {value:.0%} "
+                                "of the output"
                             )
                         else:
-                            st.caption(f"Predicted: **{label}** (#{index}) · {value:.1%}")
+                            st.caption(f"Predicted: **{md(label)}** (#{index}) · {value:.1%}")
         else:
             st.caption("No image yet: add one on the Model & images page.")
         layer = S.get(S.LAYER)
-        st.markdown(f"**Layer** · `{layer}`" if layer else "**Layer** · none chosen")
+        st.markdown(f"**Layer** · {md(layer)}" if layer else "**Layer** · none chosen")
 
 
 def require_ready(ctx: Context) -> bool:
@@ -459,9 +464,12 @@ def position_text(position: tuple[int, ...]) -> str:
     return ", ".join(f"{name} {int(i)}" for name, i in zip(names, position, strict=True))
 
 
-def target_label(lm: LoadedModel, target: Target) -> str:
+def target_label(lm: backend.ServedModel, target: Target) -> str:
     """``"name (#index)"`` for a class index (or just the index when out of range); for a
-    per-position target ``(class, *position)``, ``"name (#index) at row r, column c"``."""
+    per-position target ``(class, *position)``, ``"name (#index) at row r, column c"``.
+
+    Plain text that holds the class name as written: pass it through :func:`webapp.text.md`
+    before it joins markdown (captions, metrics, alerts)."""
     if isinstance(target, tuple):
         index, position = int(target[0]), tuple(target[1:])
     else:
@@ -470,8 +478,10 @@ def target_label(lm: LoadedModel, target: Target) -> str:
     return f"{text} at {position_text(position)}" if position else text
 
 
-def target_setting_text(lm: LoadedModel, settings: S.AttributionSettings) -> str:
-    """What the settings explain in each image, in words (no trailing full stop)."""
+def target_setting_text(lm: backend.ServedModel, settings: S.AttributionSettings) -> str:
+    """What the settings explain in each image, in words (no trailing full stop).
+
+    Plain text (it may hold a class name): escape it with :func:`webapp.text.md` for markdown."""
     positions = output_positions(lm)
     if settings.target is None:
         what = "each image's top class" if positions else "each image's predicted class"

@@ -6,6 +6,7 @@ import base64
 import functools
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,15 @@ def open_page(at: AppTest, page: str) -> AppTest:
     return at
 
 
+def visible(markdown: str) -> str:
+    """Markdown text as the reader sees it: user strings are escaped for markdown
+    (``webapp.text.md``), so backslash escapes and invisible word joiners are removed."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown).replace("\u2060", "")
+
+
 def error_text(at: AppTest) -> str:
-    """All ``st.error`` messages of the last run, joined."""
-    return "\n".join(str(e.value) for e in at.error)
+    """All ``st.error`` messages of the last run, joined, as the reader sees them."""
+    return visible("\n".join(str(e.value) for e in at.error))
 
 
 def plotly_specs(at: AppTest) -> dict[str, dict]:
@@ -146,3 +153,21 @@ def pixel_model_bytes() -> bytes:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return export_bytes(PixelScores())
+
+
+def count_jobs(monkeypatch, op: str) -> list[dict]:
+    """Record the arguments of every ``op`` job ``webapp.backend`` sends to a model's worker
+    (what was computed, as opposed to served from the cache)."""
+    from webapp import backend
+
+    calls: list[dict] = []
+    real = backend.run
+
+    def counting(lm, name, args=None, progress=None):
+        if name == op:
+            calls.append(dict(args or {}))
+        return real(lm, name, args, progress)
+
+    monkeypatch.setattr(backend, "run", counting)
+    return calls
+

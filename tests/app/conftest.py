@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from apphelpers import APP, TIMEOUT
 from streamlit.testing.v1 import AppTest
+
+# tests/hostile.py (hostile files shared with the library tests) is imported from tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture

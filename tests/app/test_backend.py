@@ -1,4 +1,5 @@
-"""The cached boundary: content keys, batching of neighbours, progress, shared models."""
+"""The cached boundary: content keys, batching of neighbours, progress, shared workers, and a
+server process that never holds a model."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import io
 
 import pytest
 import torch
-from apphelpers import png_bytes
+from apphelpers import count_jobs, png_bytes
 
-from explainer import analysis
+from explainer.compute import ModelSource
 from explainer.demo import sample_image_paths
 from webapp import backend
 from webapp.state import AttributionSettings, ImageEntry, LabelsOverride, ModelRef, PrepSpec
@@ -32,17 +33,13 @@ def test_chunk_size_defaults_to_about_eight_chunks():
 
 def test_conductance_reports_progress_and_is_computed_once(demo, monkeypatch):
     lm, prep, image = demo
-    calls = []
-    real = analysis.compute_conductance
-    monkeypatch.setattr(
-        analysis, "compute_conductance", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    calls = count_jobs(monkeypatch, "conductance")
     settings = AttributionSettings(n_steps=41, baseline="constant", constant=0.3)
     seen: list[tuple[int, int]] = []
     first = backend.conductance(
         lm, image, prep, "block2", settings, lambda d, t: seen.append((d, t))
     )
-    assert len(seen) >= 4 and seen[-1][0] == seen[-1][1]
+    assert seen and seen[-1][0] == seen[-1][1]
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     # Same content under new objects: a cache hit, whatever the chunk size.
     copy = ImageEntry.from_bytes("renamed.png", image.data)
@@ -66,28 +63,21 @@ def test_different_content_gets_a_different_result(demo):
 
 def test_neighbours_are_computed_in_one_batch_and_cached_one_by_one(demo, monkeypatch):
     lm, prep, image = demo
-    batches = []
-    real = analysis.compute_neuron_gradients
-
-    def counting(model, layer, x, neurons):
-        batches.append(list(neurons))
-        return real(model, layer, x, neurons)
-
-    monkeypatch.setattr(analysis, "compute_neuron_gradients", counting)
+    calls = count_jobs(monkeypatch, "neuron_gradients")
     first = backend.neuron_gradients(lm, image, prep, "block1", [(0, 1, 1), (0, 1, 2), (1, 1, 1)])
-    assert batches == [[(0, 1, 1), (0, 1, 2), (1, 1, 1)]]
+    assert [c["neurons"] for c in calls] == [[(0, 1, 1), (0, 1, 2), (1, 1, 1)]]
     second = backend.neuron_gradients(lm, image, prep, "block1", [(0, 1, 2), (2, 1, 1)])
-    assert batches[1] == [(2, 1, 1)]
+    assert calls[1]["neurons"] == [(2, 1, 1)]
     assert second[0] is first[1]
     assert [r.neuron for r in second] == [(0, 1, 2), (2, 1, 1)]
 
 
-def test_labels_override_shares_the_cached_module(demo):
+def test_labels_override_shares_the_worker(demo):
     lm, _, _ = demo
     names = tuple(f"name{i}" for i in range(lm.num_classes))
     renamed = backend.resolve_model(ModelRef(), LabelsOverride("names.txt", names))
-    assert renamed.model is lm.model
-    assert renamed.labels == list(names)
+    assert renamed.source == lm.source  # the same worker serves both
+    assert renamed.labels == names
     assert backend.model_key(renamed) == backend.model_key(lm)
     # A labels file of the wrong length is ignored here (the page refuses it on upload).
     assert backend.resolve_model(ModelRef(), LabelsOverride("x.txt", ("a",))).labels == lm.labels
@@ -95,7 +85,7 @@ def test_labels_override_shares_the_cached_module(demo):
 
 def test_model_key_depends_on_architecture(demo):
     lm, _, _ = demo
-    other = dataclasses.replace(lm, arch="something_else")
+    other = dataclasses.replace(lm, info=dataclasses.replace(lm.info, arch="something_else"))
     assert backend.model_key(other) != backend.model_key(lm)
 
 
@@ -105,16 +95,56 @@ def test_target_out_of_range_is_a_readable_error(demo):
         backend.conductance(lm, image, prep, "block3", AttributionSettings(target=lm.num_classes))
 
 
-def test_the_model_is_left_as_it_was_found(demo):
-    lm, prep, image = demo
-    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    grads = [p.requires_grad for p in lm.model.parameters()]
-    backend.conductance(lm, image, prep, "block3", AttributionSettings(n_steps=9))
-    backend.neuron_gradients(lm, image, prep, "block3", [(0, 0, 0)])
-    assert not lm.model.training
-    assert [p.requires_grad for p in lm.model.parameters()] == grads
-    after = lm.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+_SERVER_SCRIPT = """
+import gc, sys, warnings
+import torch
+sys.path.insert(0, {tests!r})
+from apphelpers import pixel_model_bytes
+from explainer.demo import sample_image_paths
+from webapp import backend
+from webapp.state import AttributionSettings, ImageEntry, ModelRef, PrepSpec
+
+lm = backend.resolve_model(ModelRef())
+prep = backend.preprocessing(PrepSpec(), lm)
+path = sample_image_paths()[0]
+image = ImageEntry.from_bytes(path.name, path.read_bytes(), source="sample")
+backend.conductance(lm, image, prep, "block3", AttributionSettings(n_steps=9))
+backend.neuron_gradients(lm, image, prep, "block3", [(0, 0, 0)])
+backend.predictions(lm, image, prep)
+upload = backend.resolve_model(
+    ModelRef(kind="upload", digest="x", filename="pixels.pt2", data=pixel_model_bytes())
+)
+backend.tree(upload)
+gc.collect()
+with warnings.catch_warnings():  # isinstance() on some torch objects warns of deprecations
+    warnings.simplefilter("ignore")
+    found = [
+        type(o).__name__ for o in gc.get_objects()
+        if isinstance(o, torch.nn.Module) and any(True for _ in o.parameters())
+    ]
+print("modules with weights:", found)
+sys.exit(1 if found else 0)
+"""
+
+
+def test_the_server_process_never_holds_a_model():
+    """Loading, predicting and explaining happen in workers: in a fresh server process that
+    explains the built-in model and loads an upload, no module with weights ever exists."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    script = _SERVER_SCRIPT.format(tests=tests)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "modules with weights: []" in done.stdout
 
 
 def test_default_layer_has_a_spatial_map(demo):
@@ -125,8 +155,8 @@ def test_default_layer_has_a_spatial_map(demo):
 
 
 def test_sessions_computing_at_once_get_their_solo_results(demo):
-    """Several sessions computing on the one cached model at the same time (different layers,
-    targets, images) get exactly what each would get alone, and leave no hooks behind."""
+    """Several sessions computing on the model's one worker at the same time (different layers,
+    targets, images) get exactly what each would get alone."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -147,18 +177,20 @@ def test_sessions_computing_at_once_get_their_solo_results(demo):
         )
     for alone, shared in zip(solo, together, strict=True):
         np.testing.assert_allclose(shared.attributions, alone, rtol=1e-6, atol=1e-7)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
 
 
 def test_soak_of_hundreds_of_requests_keeps_memory_bounded(demo, monkeypatch):
     """Three hundred different conductance and gradient requests through the service: the cache
-    stays within its bounds and the process does not keep growing (no leak per request)."""
+    stays within its bounds, and neither the server nor the model's worker keeps growing."""
     from explainer.cache import ContentCache
 
-    def rss_mib() -> float:
-        with open("/proc/self/status") as fh:
+    def rss_mib(pid: str | int = "self") -> float:
+        with open(f"/proc/{pid}/status") as fh:
             line = next(row for row in fh if row.startswith("VmRSS:"))
         return int(line.split()[1]) / 1024
+
+    def worker_pid() -> int:
+        return next(w.pid for w in backend.executor().workers() if w.model_key == lm.source.key)
 
     lm, prep, _ = demo
     cache = ContentCache(max_bytes=16 * 2**20, max_entries=64)
@@ -177,9 +209,9 @@ def test_soak_of_hundreds_of_requests_keeps_memory_bounded(demo, monkeypatch):
         stats = cache.stats()
         assert stats["bytes"] <= 16 * 2**20 and stats["entries"] <= 64
         if i in (50, 299):
-            levels.append(rss_mib())
-    assert levels[1] - levels[0] < 150, levels
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+            levels.append((rss_mib(), rss_mib(worker_pid())))
+    assert levels[1][0] - levels[0][0] < 150, levels  # the server
+    assert levels[1][1] - levels[0][1] < 150, levels  # the model's worker
 
 
 def test_score_shape_is_read_from_the_model_or_probed_once(demo, monkeypatch):
@@ -187,10 +219,11 @@ def test_score_shape_is_read_from_the_model_or_probed_once(demo, monkeypatch):
     assert lm.output_shape is None  # the demo's loader does not record it: one probe reads it
     assert backend.score_shape(lm) == (lm.num_classes,)
     assert not backend.per_position(lm)
-    calls = []
-    monkeypatch.setattr(analysis, "score_shape", lambda *a: calls.append(a) or (0,))
+    calls = count_jobs(monkeypatch, "score_shape")
     assert backend.score_shape(lm) == (lm.num_classes,)  # cached
-    stated = dataclasses.replace(lm, sha256="other", output_shape=(3, 5, 7))
+    stated = dataclasses.replace(
+        lm, info=dataclasses.replace(lm.info, sha256="other", output_shape=(3, 5, 7))
+    )
     assert backend.score_shape(stated) == (3, 5, 7) and backend.per_position(stated)
     assert calls == []
 
@@ -198,10 +231,11 @@ def test_score_shape_is_read_from_the_model_or_probed_once(demo, monkeypatch):
 def test_per_position_targets_are_resolved_in_full_and_keyed_by_position(monkeypatch):
     from apphelpers import pixel_model_bytes
 
-    from explainer.models import load_model
-
     backend.result_cache().clear()  # count computations from a clean slate
-    lm = dataclasses.replace(load_model(pixel_model_bytes()), output_shape=None)  # probed
+    served = backend.resolve_model(
+        ModelRef(kind="upload", digest="x", filename="pixels.pt2", data=pixel_model_bytes())
+    )
+    lm = dataclasses.replace(served, info=dataclasses.replace(served.info, output_shape=None))
     prep = backend.preprocessing(PrepSpec(), lm)
     image = ImageEntry.from_bytes("square.png", png_bytes())
     assert backend.score_shape(lm) == (2, 32, 32)
@@ -212,11 +246,7 @@ def test_per_position_targets_are_resolved_in_full_and_keyed_by_position(monkeyp
     chosen = AttributionSettings(target=1, position=(4, None))
     assert backend.resolve_target(lm, image, prep, chosen) == (1, 4, int(scores[1, 4].argmax()))
 
-    calls = []
-    real = analysis.compute_conductance
-    monkeypatch.setattr(
-        analysis, "compute_conductance", lambda *a, **k: calls.append(a[3]) or real(*a, **k)
-    )
+    calls = count_jobs(monkeypatch, "conductance")
     row = int(scores[1, :, 9].argmax())  # where class 1 scores highest in column 9
     settings = AttributionSettings(target=1, position=(row, 9), n_steps=8)
     first = backend.conductance(lm, image, prep, "conv", settings)
@@ -231,7 +261,7 @@ def test_per_position_targets_are_resolved_in_full_and_keyed_by_position(monkeyp
         lm, image, prep, "conv", dataclasses.replace(settings, position=(None, 9))
     )
     assert again is first
-    assert calls == [(1, row, 9), (1, other, 9)]
+    assert [c["target"] for c in calls] == [(1, row, 9), (1, other, 9)]
     view = backend.score_view(lm, image, prep, first.target)
     assert view.shape == (32, 32) and view[row, 9] == pytest.approx(float(scores[1, row, 9]))
     with pytest.raises(ValueError, match="row 40 is not between 0 and 31"):
@@ -245,12 +275,13 @@ def test_models_scoring_every_position_see_the_whole_image_not_its_centre():
     image for segmentation models, whose map should cover all of it."""
     import torchvision
 
-    from explainer.models import load_model
+    from explainer.intake import load_model
 
     def lm_of(model: torch.nn.Module, arch: str):
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
-        return load_model(buffer.getvalue(), arch=arch)
+        source = ModelSource("file", buffer.getvalue(), "weights.pt", arch=arch)
+        return backend.ServedModel(load_model(source.data, arch=arch).info(), source)
 
     torch.manual_seed(0)
     seg = lm_of(

@@ -8,20 +8,21 @@ from apphelpers import (
     PAGE_CONDUCTANCE,
     PAGE_NEURON,
     TIMEOUT,
+    count_jobs,
     error_text,
     open_page,
     plotly_specs,
     values,
+    visible,
     widget,
 )
 from streamlit.testing.v1 import AppTest
 
-from explainer import analysis
 from webapp.state import AttributionSettings, GridView
 
 
 def _metrics(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
+    return {m.label: visible(m.value) for m in at.metric}
 
 
 def test_default_view_explains_the_predicted_class(app):
@@ -102,14 +103,7 @@ def test_injected_neuron_is_shown_and_previewed(app):
 
 
 def test_selection_and_revisits_never_recompute_conductance(app, monkeypatch):
-    calls = []
-    real = analysis.compute_conductance
-
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(analysis, "compute_conductance", counting)
+    calls = count_jobs(monkeypatch, "conductance")
     # Settings no other test uses, so the shared cache cannot already hold the result.
     app.session_state["attr_settings"] = AttributionSettings(n_steps=23, baseline="zeros")
     open_page(app, PAGE_CONDUCTANCE)

@@ -185,3 +185,23 @@ def test_prediction_bars_say_what_the_share_is():
     fig = F.prediction_bars(preds, hover_suffix=" of the output")
     assert fig.data[0].hovertemplate == "%{y}: %{x:.2%} of the output<extra></extra>"
     assert list(fig.data[0].y) == ["sky (#1)", "road (#0)"]
+
+
+def test_class_and_title_text_is_escaped_for_plotly():
+    import html
+
+    names = ['<a href="https://example.invalid">x</a>', "<b>bold</b> & 'quoted'", "plain"]
+    fig = F.prediction_bars([(n, i, 0.3) for i, n in enumerate(names)])
+    labels = list(fig.data[0].y)
+    assert not any(set("<>\"'") & set(label) for label in labels), labels
+    assert [html.unescape(label) for label in labels] == [
+        f"{n} (#{i})" for i, n in reversed(list(enumerate(names)))
+    ]
+    fig = F.spatial_map(np.zeros((2, 2)), channel=0, title="<img src=x> layer")
+    assert fig.layout.title.text == "&lt;img src=x&gt; layer"
+    fig = F.gradient_channels(np.zeros((2, 2, 2)), names=("<b>a</b>", "b"))
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["&lt;b&gt;a&lt;/b&gt;", "b"]
+    assert all("<b>" not in t.hovertemplate for t in fig.data)
+    fig = F.convergence_plot([("<i>m</i>", 4, 0.1)], method_names={})
+    assert fig.data[0].name == "&lt;i&gt;m&lt;/i&gt;" and "<i>" not in fig.data[0].hovertemplate

@@ -12,7 +12,7 @@ from apphelpers import (
     widget,
 )
 
-from explainer.demo import load_demo_model
+from explainer.intake import load_demo_model
 
 
 def test_tree_shows_every_top_level_module_and_suggestions(app):

@@ -17,7 +17,8 @@ from apphelpers import (
     widget,
 )
 
-from explainer.demo import DEMO_LABELS, load_demo_model, sample_image_paths
+from explainer.demo import DEMO_LABELS, sample_image_paths
+from explainer.intake import load_demo_model
 
 
 def test_opens_on_builtin_model_with_samples_and_predictions(app):

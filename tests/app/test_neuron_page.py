@@ -45,8 +45,10 @@ def test_gradient_matches_the_service(app):
     active = app.session_state["active_image"]
     image = next(e for e in app.session_state["images"] if e.digest == active)
     prep = backend.preprocessing(app.session_state["prep"], lm)
-    expected = analysis.compute_neuron_gradient(
-        lm.model, "block2", backend.model_input(lm, image, prep), (1, 2, 2)
+    from explainer.intake import load_demo_model
+
+    expected = analysis.compute_neuron_gradient(  # the same neuron, computed in this process
+        load_demo_model().model, "block2", backend.input_tensor(image, prep), (1, 2, 2)
     )
     assert activation == pytest.approx(expected.activation, rel=1e-3, abs=1e-3)
     drawn = values(plotly_specs(app)["ng_signed"]["data"][1]["z"])

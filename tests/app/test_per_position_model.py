@@ -21,13 +21,14 @@ from apphelpers import (
     plotly_specs,
     upload_model,
     values,
+    visible,
     widget,
 )
 from streamlit.testing.v1 import AppTest
 
 from explainer.baselines import make_baseline
 from explainer.images import Preprocessing, load_image, preprocess
-from explainer.models import load_model
+from explainer.intake import load_model
 from webapp.state import AttributionSettings
 
 
@@ -51,13 +52,13 @@ def _scores_and_input(app: AppTest) -> tuple[np.ndarray, torch.Tensor, Preproces
 
 
 def _metrics(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
+    return {m.label: visible(m.value) for m in at.metric}
 
 
 def _target(at: AppTest) -> str:
     """The Target metric in full: the class, then the output position under it."""
     metric = next(m for m in at.metric if m.label == "Target")
-    return f"{metric.value} {metric.delta}"
+    return visible(f"{metric.value} {metric.delta}")
 
 
 def test_the_model_page_shows_shares_of_the_output(pixel_app):
@@ -104,7 +105,7 @@ def test_every_page_explains_the_model_at_the_top_score_position(pixel_app):
     np.testing.assert_allclose(values(heat["z"]), scores[top], rtol=1e-4, atol=1e-5)
     marker = figure["data"][-1]
     assert (marker["x"], marker["y"]) == ([col], [row])
-    assert "chosen automatically" in " ".join(str(m.value) for m in app.markdown)
+    assert "chosen automatically" in visible(" ".join(str(m.value) for m in app.markdown))
 
     open_page(app, PAGE_NEURON)
     assert not app.error, error_text(app)
@@ -138,7 +139,7 @@ def test_the_chosen_class_and_position_are_explained(pixel_app):
     with torch.no_grad():
         expected = float(lm.model(x)[0, 1, 5, 7] - lm.model(baseline)[0, 1, 5, 7])
     assert float(metrics["F(image) − F(baseline)"]) == pytest.approx(expected, rel=1e-3)
-    assert "the position you chose" in " ".join(str(m.value) for m in app.markdown)
+    assert "the position you chose" in visible(" ".join(str(m.value) for m in app.markdown))
     marker = plotly_specs(app)["cond_scores"]["data"][-1]
     assert (marker["x"], marker["y"]) == ([7], [5])
 

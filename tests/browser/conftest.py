@@ -28,6 +28,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 START_TIMEOUT_S = 90
+# The running server of this test session: {"url": ..., "process": subprocess.Popen}.
+SERVER: dict[str, object] = {}
 
 
 def _free_port() -> int:
@@ -87,8 +89,10 @@ def app_url() -> Iterator[str]:
             if time.monotonic() > deadline:
                 pytest.fail(f"streamlit did not answer within {START_TIMEOUT_S} s; see {log_path}")
             time.sleep(0.5)
+        SERVER.update(url=url, process=process)
         yield url
     finally:
+        SERVER.clear()
         process.terminate()
         try:
             process.wait(timeout=15)
@@ -124,3 +128,11 @@ def page(browser, app_url: str):
         yield tab
     finally:
         context.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(app_url: str) -> tuple[str, subprocess.Popen]:
+    """The app's address and its ``streamlit run`` process (for watching its worker processes)."""
+    process = SERVER["process"]
+    assert isinstance(process, subprocess.Popen)
+    return app_url, process

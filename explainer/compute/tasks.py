@@ -1,0 +1,207 @@
+"""What a compute worker does: load one model, then answer operations on it with plain data.
+
+This module is the same for every executor: a local worker process holds one
+:class:`ModelSession`, and so would a cluster actor. Operations take plain data and numpy
+arrays and return numpy arrays and the small result dataclasses of :mod:`explainer.analysis` and
+:mod:`explainer.tree` (everything :mod:`explainer.compute.wire` can carry).
+
+:func:`cancellable` makes a running computation stop at the next module it enters once its
+event is set, so a superseded request ends within about one layer's time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from explainer import analysis
+from explainer.compute.jobs import ModelSource
+from explainer.errors import AttributionError, JobCancelled
+
+__all__ = ["DEVICE_ENV", "OPERATIONS", "ModelSession", "cancellable", "load_source"]
+
+DEVICE_ENV = "EXPLAINER_DEVICE"
+"""Where workers run models: ``auto`` (CUDA when available, the default), ``cpu`` or ``cuda``."""
+
+Progress = Callable[[int, int], None]
+
+
+def _device() -> torch.device:
+    wanted = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        raise AttributionError(
+            f"The server setting {DEVICE_ENV}={wanted!r} names no device; use auto, cpu or cuda."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AttributionError(
+            f"The server setting {DEVICE_ENV}={wanted!r} asks for CUDA, which this machine lacks."
+        )
+    return device
+
+
+def load_source(source: ModelSource) -> Any:
+    """Load the model a source names with every intake check: a LoadedModel in eval mode."""
+    from explainer.intake import load_demo_model, load_model
+
+    if source.kind == "builtin":
+        return load_demo_model()
+    return load_model(
+        source.data,
+        filename=source.filename or None,
+        arch=source.arch,
+        num_classes=source.num_classes,
+    )
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """While the block runs, every module forward in this process checks ``event`` first and
+    raises :class:`~explainer.errors.JobCancelled` once it is set."""
+
+    def check(module: torch.nn.Module, args: Any) -> None:
+        if event.is_set():
+            raise JobCancelled("The request was cancelled.")
+
+    handle = register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _tensor(value: Any, name: str) -> torch.Tensor:
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+        raise AttributionError(f"The {name} must be an array of floats.")
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+
+
+def _target(value: Any) -> analysis.Target:
+    return tuple(int(i) for i in value) if isinstance(value, (tuple, list)) else int(value)
+
+
+class ModelSession:
+    """One loaded model and the operations a server may ask of it.
+
+    Parameters
+    ----------
+    source : ModelSource
+        The model to load (all intake checks apply).
+    """
+
+    def __init__(self, source: ModelSource) -> None:
+        loaded = load_source(source)
+        self.device = _device()
+        self.model = loaded.model.to(self.device).eval()
+        self.info = loaded.info()
+        self._operations: dict[str, Callable[..., Any]] = {
+            "info": self._info,
+            "tree": self._tree,
+            "score_shape": self._score_shape,
+            "scores": self._scores,
+            "conductance": self._conductance,
+            "neuron_gradients": self._neuron_gradients,
+            "activation": self._activation,
+            "sweep": self._sweep,
+        }
+
+    def run(self, op: str, args: Mapping[str, Any], progress: Progress | None = None) -> Any:
+        """Run operation ``op`` with ``args``; ``progress(done, total)`` where it reports it."""
+        operation = self._operations.get(op)
+        if operation is None:
+            raise AttributionError(f"Unknown operation {op!r}.")
+        return operation(progress=progress, **dict(args))
+
+    # --- operations (keyword arguments are the wire arguments)
+    def _info(self, progress: Progress | None = None) -> Any:
+        return self.info
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros((1, *self.info.input_size), device=self.device)
+
+    def _tree(self, progress: Progress | None = None) -> Any:
+        from explainer.tree import module_tree
+
+        return module_tree(self.model, self._zeros())
+
+    def _score_shape(self, progress: Progress | None = None) -> tuple[int, ...]:
+        return analysis.score_shape(self.model, self._zeros())
+
+    def _scores(self, x: Any, progress: Progress | None = None) -> np.ndarray:
+        return analysis.class_scores(self.model, _tensor(x, "image"))
+
+    def _conductance(
+        self,
+        layer: str,
+        x: Any,
+        target: Any,
+        baseline: Any,
+        method: str,
+        n_steps: int,
+        internal_batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> analysis.ConductanceResult:
+        return analysis.compute_conductance(
+            self.model,
+            layer,
+            _tensor(x, "image"),
+            _target(target),
+            _tensor(baseline, "baseline"),
+            method=method,
+            n_steps=int(n_steps),
+            internal_batch_size=internal_batch_size,
+            progress=progress,
+        )
+
+    def _neuron_gradients(
+        self, layer: str, x: Any, neurons: Any, progress: Progress | None = None
+    ) -> list[analysis.NeuronGradientResult]:
+        chosen = [tuple(int(i) for i in n) for n in neurons]
+        return analysis.compute_neuron_gradients(self.model, layer, _tensor(x, "image"), chosen)
+
+    def _activation(self, layer: str, x: Any, progress: Progress | None = None) -> np.ndarray:
+        return analysis.layer_activation(self.model, layer, _tensor(x, "image"))
+
+    def _sweep(
+        self,
+        layer: str,
+        x: Any,
+        target: Any,
+        baseline: Any,
+        methods: Any,
+        steps: Any,
+        progress: Progress | None = None,
+    ) -> list[analysis.ConvergencePoint]:
+        return analysis.convergence_sweep(
+            self.model,
+            layer,
+            _tensor(x, "image"),
+            _target(target),
+            _tensor(baseline, "baseline"),
+            [str(m) for m in methods],
+            [int(s) for s in steps],
+            progress=progress,
+        )
+
+
+OPERATIONS: tuple[str, ...] = (
+    "info",
+    "tree",
+    "score_shape",
+    "scores",
+    "conductance",
+    "neuron_gradients",
+    "activation",
+    "sweep",
+)
+"""The operations a :class:`ModelSession` answers."""

@@ -1,0 +1,203 @@
+"""Local compute workers: results equal in-process ones; limits, cancellation and crashes end
+in messages while the server and the other workers carry on."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+from hostile import Bomb, Spin, export_bytes
+
+from explainer import analysis
+from explainer.baselines import make_baseline
+from explainer.compute import LocalExecutor, ModelSource
+from explainer.demo import sample_image_paths
+from explainer.errors import JobCancelled, ModelLoadError, WorkerLimitError
+from explainer.images import Preprocessing, load_image, preprocess
+from explainer.intake import load_demo_model
+
+BUILTIN = ModelSource("builtin")
+START_S = 120  # a worker imports torch before it can answer
+
+
+@pytest.fixture(scope="module")
+def pool():
+    executor = LocalExecutor(max_workers=2, timeout_s=120)
+    yield executor
+    executor.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    lm = load_demo_model()
+    prep = Preprocessing.for_model(lm.input_size, lm.mean, lm.std)
+    x = preprocess(load_image(sample_image_paths()[0]), prep)
+    baseline = make_baseline("black", x, prep)
+    return lm, x, baseline
+
+
+def _conductance_args(x, baseline, **extra):
+    args = {
+        "layer": "block2",
+        "x": x.numpy(),
+        "target": 1,
+        "baseline": baseline.numpy(),
+        "method": "gausslegendre",
+        "n_steps": 16,
+        "internal_batch_size": None,
+    }
+    args.update(extra)
+    return args
+
+
+def _pid(executor: LocalExecutor, source: ModelSource) -> int | None:
+    return next((w.pid for w in executor.workers() if w.model_key == source.key), None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
+        return stat.read().split()[2] != "Z"
+
+
+def test_results_equal_in_process_results(pool, demo):
+    lm, x, baseline = demo
+    info = pool.submit(BUILTIN, "info").result(START_S)
+    assert info == lm.info()
+    scores = pool.submit(BUILTIN, "scores", {"x": x.numpy()}).result(60)
+    np.testing.assert_allclose(scores, analysis.class_scores(lm.model, x), rtol=1e-5, atol=1e-6)
+
+    handle = pool.submit(BUILTIN, "conductance", _conductance_args(x, baseline))
+    result = handle.result(60)
+    solo = analysis.compute_conductance(lm.model, "block2", x, 1, baseline, n_steps=16)
+    np.testing.assert_allclose(result.attributions, solo.attributions, rtol=1e-4, atol=1e-6)
+    assert result.delta == pytest.approx(solo.delta, abs=1e-5)
+    assert handle.progress is not None and handle.progress[0] == handle.progress[1]
+
+    tree = pool.submit(BUILTIN, "tree").result(60)
+    assert "block2" in tree.nodes and tree.nodes["block2"].usable
+    grads = pool.submit(
+        BUILTIN, "neuron_gradients", {"layer": "block1", "x": x.numpy(), "neurons": [(0, 1, 1)]}
+    ).result(60)
+    expected = analysis.compute_neuron_gradients(lm.model, "block1", x, [(0, 1, 1)])[0]
+    np.testing.assert_allclose(grads[0].gradient, expected.gradient, rtol=1e-4, atol=1e-7)
+
+
+def test_a_project_error_in_the_worker_comes_back_as_itself(pool, demo):
+    _, x, baseline = demo
+    handle = pool.submit(BUILTIN, "conductance", _conductance_args(x, baseline, layer="nope"))
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        handle.result(60)
+
+
+def test_cancel_stops_a_running_job_and_keeps_the_worker(pool, demo):
+    _, x, baseline = demo
+    pid = _pid(pool, BUILTIN)
+    args = _conductance_args(x, baseline, n_steps=1024, internal_batch_size=1, layer="conv1")
+    handle = pool.submit(BUILTIN, "conductance", args)
+    deadline = time.monotonic() + 60
+    while handle.progress is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handle.progress is not None and not handle.done()
+    asked = time.monotonic()
+    handle.cancel()
+    with pytest.raises(JobCancelled):
+        handle.result(30)
+    print(f"cancelled job ended {time.monotonic() - asked:.2f} s after cancel()")
+    assert _pid(pool, BUILTIN) == pid and _alive(pid)  # stopped cooperatively: no restart
+    scores = pool.submit(BUILTIN, "scores", {"x": x.numpy()}).result(60)
+    assert scores.shape == (8,)
+
+
+def test_a_worker_killed_mid_request_is_restarted_and_the_job_retried(pool, demo):
+    lm, x, baseline = demo
+    args = _conductance_args(x, baseline, n_steps=256, internal_batch_size=1, layer="conv1")
+    handle = pool.submit(BUILTIN, "conductance", args)
+    deadline = time.monotonic() + 60
+    while handle.progress is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = _pid(pool, BUILTIN)
+    os.kill(pid, 9)
+    result = handle.result(START_S)
+    solo = analysis.compute_conductance(
+        lm.model, "conv1", x, 1, baseline, n_steps=256, internal_batch_size=1
+    )
+    np.testing.assert_allclose(result.attributions, solo.attributions, rtol=1e-4, atol=1e-6)
+    status = next(w for w in pool.workers() if w.model_key == BUILTIN.key)
+    assert status.restarts == 1 and status.pid != pid and not _alive(pid)
+
+
+def test_a_pickle_payload_never_runs_in_a_worker(pool, tmp_path):
+    marker = tmp_path / "owned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    buffer = io.BytesIO()
+    torch.save({"fc.weight": Payload()}, buffer)
+    source = ModelSource("file", buffer.getvalue(), "weights.pt", arch="demo_cnn")
+    with pytest.raises(ModelLoadError):
+        pool.submit(source, "info").result(START_S)
+    assert not marker.exists()
+    bare = ModelSource("file", pickle.dumps(Payload()), "model.pkl")
+    with pytest.raises(ModelLoadError):
+        pool.submit(bare, "info").result(START_S)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_hanging_model_hits_the_time_limit_and_the_rest_carries_on(demo):
+    _, x, _ = demo
+    executor = LocalExecutor(max_workers=2, timeout_s=25)
+    try:
+        assert executor.submit(BUILTIN, "info").result(START_S) is not None
+        spin = ModelSource("file", export_bytes(Spin()), "spin.pt2")
+        assert executor.submit(spin, "info").result(START_S).arch == "custom"
+        pid = _pid(executor, spin)
+        with pytest.raises(WorkerLimitError, match="EXPLAINER_REQUEST_TIMEOUT_S") as caught:
+            executor.submit(spin, "scores", {"x": np.zeros((1, 3, 8, 8), np.float32)}).result(60)
+        assert caught.value.limit == "time"
+        assert not _alive(pid)  # no busy process is left behind
+        scores = executor.submit(BUILTIN, "scores", {"x": x.numpy()}).result(60)
+        assert scores.shape == (8,)
+    finally:
+        executor.shutdown()
+
+
+@pytest.mark.slow
+def test_a_memory_bomb_hits_the_memory_limit_and_the_server_stays_small(demo):
+    _, x, _ = demo
+    executor = LocalExecutor(max_workers=1, timeout_s=120, memory_bytes=2 * 2**30)
+    try:
+        bomb = ModelSource("file", export_bytes(Bomb()), "bomb.pt2")
+        assert executor.submit(bomb, "info").result(START_S).arch == "custom"
+        with pytest.raises(WorkerLimitError, match="EXPLAINER_WORKER_MEMORY_MB") as caught:
+            executor.submit(bomb, "scores", {"x": np.zeros((1, 3, 8, 8), np.float32)}).result(60)
+        assert caught.value.limit == "memory"
+        # One worker at most: the built-in model takes the bomb's place and answers.
+        scores = executor.submit(BUILTIN, "scores", {"x": x.numpy()}).result(START_S)
+        assert scores.shape == (8,)
+        assert [w.model_key for w in executor.workers()] == [BUILTIN.key]
+    finally:
+        executor.shutdown()
+
+
+def test_a_model_that_cannot_load_reports_why_and_frees_its_worker(pool):
+    source = ModelSource("file", b"not a model at all", "junk.pt")
+    with pytest.raises(ModelLoadError, match="junk.pt"):
+        pool.submit(source, "info").result(START_S)
+    assert source.key not in [w.model_key for w in pool.workers()]
+
+
+def test_an_unknown_operation_is_refused(pool):
+    with pytest.raises(ValueError, match="Unknown operation"):
+        pool.submit(BUILTIN, "format_disk").result(60)
