@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import hostile
 import numpy as np
 import torch
 from PIL import Image
@@ -125,14 +126,7 @@ def upload_model(
 
 def export_bytes(module: torch.nn.Module, size: int = 32) -> bytes:
     """``module`` exported with ``torch.export`` (dynamic batch) for ``(3, size, size)`` images."""
-    program = torch.export.export(
-        module.eval(),
-        (torch.rand(2, 3, size, size),),
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-    )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return buffer.getvalue()
+    return hostile.export_bytes(module, size)
 
 
 class PixelScores(torch.nn.Module):

@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from apphelpers import APP, TIMEOUT
-from streamlit.testing.v1 import AppTest
 
 # tests/hostile.py (hostile files shared with the library tests) is imported from tests/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apphelpers import APP, TIMEOUT  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402
 
 
 @pytest.fixture

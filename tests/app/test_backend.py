@@ -98,7 +98,7 @@ def test_target_out_of_range_is_a_readable_error(demo):
 _SERVER_SCRIPT = """
 import gc, sys, warnings
 import torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {hostile!r}]
 from apphelpers import pixel_model_bytes
 from explainer.demo import sample_image_paths
 from webapp import backend
@@ -134,8 +134,8 @@ def test_the_server_process_never_holds_a_model():
     import sys
     from pathlib import Path
 
-    tests = str(Path(__file__).resolve().parent)
-    script = _SERVER_SCRIPT.format(tests=tests)
+    here = Path(__file__).resolve().parent
+    script = _SERVER_SCRIPT.format(tests=str(here), hostile=str(here.parent))
     done = subprocess.run(
         [sys.executable, "-c", script],
         cwd=Path(__file__).resolve().parents[2],
