@@ -70,9 +70,10 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
             st.info("The previous model is still in use.")
             return
         labels = S.LabelsOverride(labels_file.name, tuple(names))
-    ok, _ = W.attempt("Checking the model on a test input", backend.tree, lm)
-    if ok:
-        ok, _ = W.attempt("Checking the model's scores", backend.score_shape, lm)
+    with st.spinner("Checking the model on a test input..."):
+        ok, _ = W.attempt("Checking the model on a test input", backend.tree, lm)
+        if ok:
+            ok, _ = W.attempt("Checking the model's scores", backend.score_shape, lm)
     if not ok:
         backend.unload(lm)
         st.info("The previous model is still in use.")

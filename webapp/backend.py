@@ -159,7 +159,13 @@ def resolve_model(ref: ModelRef, labels: LabelsOverride | None = None) -> Served
             executor().forget(source)
             raise
 
-    info = result_cache().get_or_compute(digest("info", source.key), load)
+    key = digest("info", source.key)
+    cache = result_cache()
+    if key in cache or get_script_run_ctx(suppress_warning=True) is None:
+        info = cache.get_or_compute(key, load)
+    else:
+        with st.spinner("Starting the model's worker and loading the model..."):
+            info = cache.get_or_compute(key, load)
     if labels is not None and len(labels.labels) == info.num_classes:
         info = dataclasses.replace(info, labels=tuple(labels.labels))
     return ServedModel(info, source)

@@ -124,20 +124,31 @@ def _rss_bytes(pid: int) -> tuple[int, int]:
     return rss, peak
 
 
-def _memory_message(limit: int, what: str) -> str:
+_ATTRIBUTIONS = frozenset({"conductance", "sweep", "neuron_gradients", "activation"})
+
+
+def _advice(op: str) -> str:
+    if op in _ATTRIBUTIONS:
+        return "Use fewer steps, a smaller batch size or an earlier layer"
     return (
-        f"{what} needed more memory than a worker may use ({format_mib(limit)}), so its worker "
-        "was stopped. Use fewer steps, a smaller batch size or an earlier layer, or ask the "
-        "server's operator to raise EXPLAINER_WORKER_MEMORY_MB (or lower "
-        "EXPLAINER_MEMORY_BUDGET_MB, which sizes each attribution pass). The server and your "
-        "other work are unaffected."
+        "The model itself needs that much for one image: check that it is the model you meant "
+        "to load"
     )
 
 
-def _time_message(timeout: float, what: str) -> str:
+def _memory_message(limit: int, op: str) -> str:
     return (
-        f"{what} took longer than the {timeout:g} s a request may run, so its worker was "
-        "stopped. Use fewer steps or an earlier layer, or ask the server's operator to raise "
+        f"{_what(op)} needed more memory than a worker may use ({format_mib(limit)}), so its "
+        f"worker was stopped. {_advice(op)}, or ask the server's operator to raise "
+        "EXPLAINER_WORKER_MEMORY_MB (or lower EXPLAINER_MEMORY_BUDGET_MB, which sizes each "
+        "attribution pass). The server and your other work are unaffected."
+    )
+
+
+def _time_message(timeout: float, op: str) -> str:
+    return (
+        f"{_what(op)} took longer than the {timeout:g} s a request may run, so its worker was "
+        f"stopped. {_advice(op)}, or ask the server's operator to raise "
         "EXPLAINER_REQUEST_TIMEOUT_S. The server and your other work are unaffected."
     )
 
@@ -295,7 +306,7 @@ class _Slot:
         message = str(error.get("message") or "")
         if error.get("limit") == "memory":
             return errors.WorkerLimitError(
-                _memory_message(self.owner.memory_bytes(), _what(job.handle.op))
+                _memory_message(self.owner.memory_bytes(), job.handle.op)
                 + (f" ({message})" if message else ""),
                 "memory",
             )
@@ -433,7 +444,8 @@ class _Slot:
         """Wait for the reply to the load (``job_id`` None) or to job ``job_id``, enforcing the
         time and memory limits and the job's cancellation."""
         handle = job.handle
-        what = _what("load" if job_id is None else handle.op)
+        op = "load" if job_id is None else handle.op
+        what = _what(op)
         limit = self.owner.memory_bytes()
         cancel_sent: float | None = None
         while True:
@@ -442,7 +454,7 @@ class _Slot:
             except queue.Empty:
                 message = None
             if message is _EOF:
-                raise self._died(what, limit)
+                raise self._died(op, limit)
             if isinstance(message, tuple):
                 self._kill()
                 raise _Stopped(errors.WorkerError(
@@ -471,15 +483,15 @@ class _Slot:
                     raise _Stopped(errors.JobCancelled("The request was cancelled."))
             if now > deadline:
                 self._kill()
-                raise _Stopped(errors.WorkerLimitError(_time_message(job.timeout_s, what), "time"))
+                raise _Stopped(errors.WorkerLimitError(_time_message(job.timeout_s, op), "time"))
             if self.proc is not None:
                 rss, peak = _rss_bytes(self.proc.pid)
                 self.peak_rss = max(self.peak_rss, rss, peak)
                 if rss > limit:
                     self._kill()
-                    raise _Stopped(errors.WorkerLimitError(_memory_message(limit, what), "memory"))
+                    raise _Stopped(errors.WorkerLimitError(_memory_message(limit, op), "memory"))
 
-    def _died(self, what: str, limit: int) -> _Stopped:
+    def _died(self, op: str, limit: int) -> _Stopped:
         proc = self.proc
         code = None
         if proc is not None:
@@ -492,7 +504,7 @@ class _Slot:
         if self.closed:
             return _Stopped(errors.JobCancelled(self.close_reason))
         if self.peak_rss >= 0.7 * limit:
-            return _Stopped(errors.WorkerLimitError(_memory_message(limit, what), "memory"))
+            return _Stopped(errors.WorkerLimitError(_memory_message(limit, op), "memory"))
         if code is not None and code < 0:
             try:
                 how = f"signal {signal.Signals(-code).name}"
@@ -504,9 +516,9 @@ class _Slot:
         LOG.warning("Worker for %s stopped (%s). Last output: %s", self.key[:12], how, tail)
         return _Stopped(
             errors.WorkerError(
-                f"{what} failed: the model's worker stopped unexpectedly ({how}). It is started "
-                "again for the next request; if this happens again, the model itself is the "
-                "cause."
+                f"{_what(op)} failed: the model's worker stopped unexpectedly ({how}). It is "
+                "started again for the next request; if this happens again, the model itself is "
+                "the cause."
             ),
             retry=True,
         )
