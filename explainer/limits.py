@@ -24,8 +24,9 @@ EXPLAINER_MAX_WORKERS            3           compute worker processes (one per m
 EXPLAINER_ALLOW_PICKLE           off         "1" lets trusted pickled modules load
 ===============================  ==========  ===============================================
 
-Not a limit but set the same way: ``EXPLAINER_DEVICE`` (``auto``, ``cpu`` or ``cuda``), where
-the compute workers run models (:mod:`explainer.compute.tasks`).
+Set the same way, read where they are used: ``EXPLAINER_DEVICE`` (``auto``, ``cpu`` or
+``cuda``), where the compute workers run models (:mod:`explainer.compute.tasks`), and
+``EXPLAINER_WORKER_CGROUP``, a control group every worker joins (:mod:`explainer.compute.local`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from explainer import analysis
 from explainer.baselines import make_baseline
 from explainer.compute import LocalExecutor, ModelSource
 from explainer.demo import sample_image_paths
-from explainer.errors import JobCancelled, ModelLoadError, WorkerLimitError
+from explainer.errors import JobCancelled, ModelLoadError, WorkerError, WorkerLimitError
 from explainer.images import Preprocessing, load_image, preprocess
 from explainer.intake import load_demo_model
 
@@ -201,3 +202,83 @@ def test_a_model_that_cannot_load_reports_why_and_frees_its_worker(pool):
 def test_an_unknown_operation_is_refused(pool):
     with pytest.raises(ValueError, match="Unknown operation"):
         pool.submit(BUILTIN, "format_disk").result(60)
+
+
+_CONNECT = """
+import socket, sys
+from explainer.compute.worker import isolate
+cut = isolate()
+probe = socket.socket()
+probe.settimeout(2)
+try:
+    probe.connect(("127.0.0.1", int(sys.argv[1])))
+    print("connected", cut)
+except OSError:
+    print("unreachable", cut)
+"""
+
+
+def test_a_worker_cannot_reach_the_network(pool):
+    import socket
+    import subprocess
+    import sys
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # reachable from here
+        done = subprocess.run(
+            [sys.executable, "-c", _CONNECT, str(port)], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        listener.close()
+    outcome, cut = done.stdout.split()
+    if cut != "True":
+        pytest.skip("this machine cannot give a process a network namespace of its own")
+    assert outcome == "unreachable"
+    pool.submit(BUILTIN, "info").result(START_S)
+    assert all(w.network_isolated for w in pool.workers())
+
+
+def _own_memory_cgroup() -> Path | None:
+    """A fresh memory cgroup (v1) below this process's own, where one can be made."""
+    try:
+        line = next(
+            row for row in Path("/proc/self/cgroup").read_text().splitlines()
+            if row.split(":")[1] == "memory"
+        )  # fmt: skip
+        group = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+        made = group / f"explainer-test-{os.getpid()}"
+        made.mkdir()
+        return made
+    except (StopIteration, IndexError, OSError):
+        return None
+
+
+def test_workers_join_the_operators_control_group(demo, monkeypatch):
+    group = _own_memory_cgroup()
+    if group is None:
+        pytest.skip("no memory control group can be made here")
+    monkeypatch.setenv("EXPLAINER_WORKER_CGROUP", str(group))
+    executor = LocalExecutor(max_workers=1, timeout_s=120)
+    try:
+        executor.submit(BUILTIN, "info").result(START_S)
+        pid = _pid(executor, BUILTIN)
+        assert str(pid) in (group / "cgroup.procs").read_text().split()
+    finally:
+        executor.shutdown()
+        time.sleep(0.5)
+        group.rmdir()
+
+
+def test_a_control_group_that_cannot_be_joined_is_said(monkeypatch, tmp_path):
+    monkeypatch.setenv("EXPLAINER_WORKER_CGROUP", str(tmp_path / "missing"))
+    executor = LocalExecutor(max_workers=1, timeout_s=120)
+    try:
+        with pytest.raises(WorkerError, match="EXPLAINER_WORKER_CGROUP"):
+            executor.submit(BUILTIN, "info").result(START_S)
+        assert not executor.workers() or executor.workers()[0].pid is None
+    finally:
+        executor.shutdown()

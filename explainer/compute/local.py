@@ -84,6 +84,7 @@ class WorkerStatus:
     jobs_done: int
     restarts: int
     peak_rss_bytes: int
+    network_isolated: bool
 
 
 @dataclass
@@ -184,6 +185,7 @@ class _Slot:
         self.io_lock = threading.Lock()
         self.replies: queue.Queue[Any] = queue.Queue()
         self.info: Any = None
+        self.isolated = False
         self.running: _Job | None = None
         self.jobs_done = 0
         self.restarts = 0
@@ -230,12 +232,13 @@ class _Slot:
         with self.cond:
             return WorkerStatus(
                 model_key=self.key,
-                pid=self.proc.pid if self.proc is not None else None,
+                pid=self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
                 busy=self.running is not None,
                 queued=len(self.queue),
                 jobs_done=self.jobs_done,
                 restarts=self.restarts,
                 peak_rss_bytes=self.peak_rss,
+                network_isolated=self.isolated,
             )
 
     def _wake(self) -> None:
@@ -337,6 +340,9 @@ class _Slot:
                 other.handle.set_exception(error)
             raise _Stopped(error)
         self.info = reply.get("info")
+        self.isolated = bool(reply.get("isolated"))
+        if not self.isolated:
+            LOG.warning("A worker runs without network isolation (no network namespace here).")
 
     def _start(self) -> None:
         request_read, request_write = os.pipe()
@@ -367,15 +373,16 @@ class _Slot:
             os.close(reply_write)
         with self.io_lock:
             self.proc, self.request_fd = proc, request_write
-        cgroup = os.environ.get(CGROUP_ENV, "").strip()
-        if cgroup:
-            self._join_cgroup(proc, cgroup)
         self.replies = queue.Queue()
         self.peak_rss = 0
         threading.Thread(
             target=self._read_replies, args=(reply_read, self.replies), daemon=True
         ).start()
         threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
+        # Before the model is sent: nothing from the file has been read yet.
+        cgroup = os.environ.get(CGROUP_ENV, "").strip()
+        if cgroup:
+            self._join_cgroup(proc, cgroup)
 
     def _join_cgroup(self, proc: subprocess.Popen, cgroup: str) -> None:
         """Put the new worker into the operator's control group; a worker that cannot be

@@ -3,8 +3,9 @@
 Started by :class:`explainer.compute.local.LocalExecutor`, one per model. Before it reads a byte
 of its model it limits itself: its data memory (``RLIMIT_DATA``, the operator's
 ``EXPLAINER_WORKER_MEMORY_MB``; skipped on CUDA, whose driver maps large private areas, where the
-server's resident-memory watchdog still applies) and no core dumps. Then it loads the model its
-first message names and answers one job at a time over two pipes, in
+server's resident-memory watchdog still applies), no core dumps, no network (a network namespace
+of its own, see :func:`isolate`) and no privileges gained from programs it might start. Then it
+loads the model its first message names and answers one job at a time over two pipes, in
 :mod:`explainer.compute.wire` frames.
 
 A reader thread takes cancel requests while a job runs (the job stops at the next module it
@@ -24,6 +25,32 @@ from typing import Any
 
 _PROGRESS_INTERVAL_S = 0.1
 _MESSAGE_CHARS = 2000
+
+
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def isolate() -> bool:
+    """Cut this process off the network and from gaining privileges; True if the network is cut.
+
+    The process moves into a network namespace of its own, where no interface is up, so code
+    run by a hostile model cannot reach any address, loopback included (as root, or through a
+    user namespace where the kernel allows unprivileged ones); and ``no_new_privs`` keeps any
+    program it could start from gaining privileges. Called before the process starts threads
+    (a user namespace needs a single thread). Where neither namespace can be made, the worker
+    still runs, with its other limits.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    attempts = (_CLONE_NEWNET, _CLONE_NEWUSER | _CLONE_NEWNET)
+    return any(libc.unshare(flags) == 0 for flags in attempts)
 
 
 def _limit_self(memory_bytes: int | None, cuda: bool) -> None:
@@ -58,7 +85,8 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 class _Worker:
-    def __init__(self, request_fd: int, reply_fd: int) -> None:
+    def __init__(self, request_fd: int, reply_fd: int, isolated: bool) -> None:
+        self.isolated = isolated
         self.request_fd = request_fd
         self.reply_fd = reply_fd
         self.jobs: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -109,7 +137,7 @@ class _Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back as a message
             self.send({"kind": "failed", "error": _error(exc)})
             return
-        self.send({"kind": "ready", "info": session.info})
+        self.send({"kind": "ready", "info": session.info, "isolated": self.isolated})
 
         while True:
             job = self.jobs.get()
@@ -170,6 +198,7 @@ def _cancelled() -> BaseException:
 def main(argv: list[str]) -> None:
     request_fd, reply_fd = int(argv[1]), int(argv[2])
     sys.dont_write_bytecode = True
+    isolated = isolate()
     import torch
 
     from explainer.compute.jobs import MEMORY_ENV
@@ -179,7 +208,7 @@ def main(argv: list[str]) -> None:
     cuda = wanted.startswith("cuda") or (wanted in ("", "auto") and torch.cuda.is_available())
     raw = os.environ.get(MEMORY_ENV, "")
     _limit_self(int(raw) if raw.isdigit() else None, cuda)
-    _Worker(request_fd, reply_fd).serve()
+    _Worker(request_fd, reply_fd, isolated).serve()
 
 
 if __name__ == "__main__":
