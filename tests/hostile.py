@@ -2,7 +2,8 @@
 
 - :class:`RunsCode`: a pickle payload that writes a file when unpickled (the proof that code ran);
 - :func:`two_program_archive` and :func:`outside_folder_archive`: the two ``.pt2`` archives that
-  made ``torch.export.load`` unpickle a payload;
+  made ``torch.export.load`` unpickle a payload; :func:`rewrite_zip` and :func:`json_edit` to
+  tamper with any archive, :func:`with_input_size` for a program declaring a huge input;
 - :class:`Spin` and :class:`Bomb`: models that load fine, then loop forever or allocate GiBs in
   their forward pass (exported with :func:`export_bytes`).
 """
@@ -57,6 +58,28 @@ def rewrite_zip(
         for name, content in (extra or {}).items():
             dst.writestr(name, content)
     return out.getvalue()
+
+
+def json_edit(suffix: str, edit: Callable[[object], object]) -> Callable[[str, bytes], bytes]:
+    """A :func:`rewrite_zip` mutation: ``edit`` the JSON of the entries ending in ``suffix``."""
+
+    def mutate(name: str, content: bytes) -> bytes:
+        if not name.endswith(suffix):
+            return content
+        return json.dumps(edit(json.loads(content))).encode()
+
+    return mutate
+
+
+def with_input_size(pt2: bytes, height: int, width: int) -> bytes:
+    """``pt2`` (a program whose input is named ``x``) declaring a ``height x width`` input."""
+
+    def edit(program):
+        values = program["graph_module"]["graph"]["tensor_values"]
+        values["x"]["sizes"][2:] = [{"as_int": height}, {"as_int": width}]
+        return program
+
+    return rewrite_zip(pt2, json_edit("models/model.json", edit))
 
 
 def two_program_archive(pt2: bytes, target: pathlib.Path) -> bytes:

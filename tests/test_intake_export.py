@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import pathlib
-from collections.abc import Callable
 
 import pytest
 import torch
 from hostile import (
     RunsCode,
+    json_edit,
     outside_folder_archive,
     rewrite_zip,
     torch_save_bytes,
     two_program_archive,
+    with_input_size,
 )
 from torch import nn
 
@@ -50,15 +50,6 @@ def pt2() -> bytes:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
-
-
-def _json_edit(suffix: str, edit: Callable[[object], object]) -> Callable[[str, bytes], bytes]:
-    def mutate(name: str, content: bytes) -> bytes:
-        if not name.endswith(suffix):
-            return content
-        return json.dumps(edit(json.loads(content))).encode()
-
-    return mutate
 
 
 def _torch_export_load_runs_it(data: bytes, target: pathlib.Path) -> bool:
@@ -120,7 +111,7 @@ def test_pickled_weights_are_refused(pt2, tmp_path):
 
     hostile = rewrite_zip(
         pt2,
-        _json_edit("_weights_config.json", flag),
+        json_edit("_weights_config.json", flag),
     )
     hostile = rewrite_zip(
         hostile,
@@ -178,7 +169,7 @@ def _program_variants():
 def test_malformed_program_json_is_a_model_load_error(pt2, variant):
     edit = _program_variants()[variant]
     with pytest.raises(ModelLoadError, match="torch.export archive this server can read"):
-        load_model(rewrite_zip(pt2, _json_edit("models/model.json", edit)))
+        load_model(rewrite_zip(pt2, json_edit("models/model.json", edit)))
 
 
 @pytest.mark.parametrize(
@@ -206,7 +197,7 @@ def test_unreadable_program_json_is_a_model_load_error(pt2, raw):
 )
 def test_malformed_weights_config_is_a_model_load_error(pt2, edit):
     with pytest.raises(ModelLoadError):
-        load_model(rewrite_zip(pt2, _json_edit("_weights_config.json", edit)))
+        load_model(rewrite_zip(pt2, json_edit("_weights_config.json", edit)))
 
 
 def _set_layout(fqn: str, sizes, strides, offset: int = 0):
@@ -217,7 +208,7 @@ def _set_layout(fqn: str, sizes, strides, offset: int = 0):
         meta["storage_offset"] = {"as_int": offset}
         return config
 
-    return _json_edit("_weights_config.json", edit)
+    return json_edit("_weights_config.json", edit)
 
 
 @pytest.mark.parametrize(
@@ -234,18 +225,9 @@ def test_weights_with_unsound_layouts_are_refused(pt2, sizes, strides, offset, p
         load_model(rewrite_zip(pt2, _set_layout("fc.weight", sizes, strides, offset)))
 
 
-def _input_size(height: int, width: int):
-    def edit(program):
-        values = program["graph_module"]["graph"]["tensor_values"]
-        values["x"]["sizes"][2:] = [{"as_int": height}, {"as_int": width}]
-        return program
-
-    return _json_edit("models/model.json", edit)
-
-
 def test_a_huge_input_is_refused_before_anything_is_loaded(pt2):
     with pytest.raises(ModelLoadError, match="EXPLAINER_MAX_INPUT_PIXELS") as info:
-        load_model(rewrite_zip(pt2, _input_size(16000, 16000)))
+        load_model(with_input_size(pt2, 16000, 16000))
     assert "16000x16000" in str(info.value)
 
 

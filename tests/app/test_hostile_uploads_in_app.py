@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 from apphelpers import PAGE_CONDUCTANCE, error_text, open_page, pixel_model_bytes, upload_model
-from hostile import Bomb, Spin, export_bytes, outside_folder_archive, two_program_archive
+from hostile import (
+    Bomb,
+    Spin,
+    export_bytes,
+    json_edit,
+    outside_folder_archive,
+    rewrite_zip,
+    two_program_archive,
+    with_input_size,
+)
 
 from webapp import backend
 
@@ -49,6 +58,36 @@ def test_export_archives_that_smuggle_a_pickle_are_refused_and_it_never_runs(app
     upload_model(app, build(pixel_model_bytes(), marker), "smuggler.pt2", "")
     assert "smuggler.pt2" in error_text(app)
     assert not marker.exists()
+    _still_on_builtin(app)
+
+
+def test_a_program_declaring_a_huge_input_is_refused_before_it_runs(app):
+    upload_model(app, with_input_size(pixel_model_bytes(), 16000, 16000), "huge.pt2", "")
+    text = error_text(app)
+    assert "EXPLAINER_MAX_INPUT_PIXELS" in text and "16000x16000" in text, text
+    _still_on_builtin(app)
+
+
+def test_malformed_json_in_a_program_is_said_plainly(app):
+    def graph_as_list(program):
+        program["graph_module"]["graph"] = [program["graph_module"]["graph"]]
+        return program
+
+    broken = rewrite_zip(pixel_model_bytes(), json_edit("models/model.json", graph_as_list))
+    upload_model(app, broken, "broken.pt2", "")
+    assert "broken.pt2" in error_text(app)
+    assert not app.exception
+    _still_on_builtin(app)
+
+
+def test_an_oversized_labels_file_is_refused_and_the_model_not_switched(app, monkeypatch):
+    from explainer.demo import demo_weights_path
+
+    monkeypatch.setenv("EXPLAINER_MAX_LABELS_MB", "1")
+    labels = "\n".join(f"class number {i} " + "x" * 150 for i in range(8_000)).encode()
+    assert len(labels) > 2**20
+    upload_model(app, demo_weights_path().read_bytes(), "demo.safetensors", "demo_cnn", labels)
+    assert "EXPLAINER_MAX_LABELS_MB" in error_text(app)
     _still_on_builtin(app)
 
 
