@@ -75,7 +75,6 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
         if ok:
             ok, _ = W.attempt("Checking the model's scores", backend.score_shape, lm)
     if not ok:
-        backend.unload(lm)  # it fails the same way for anyone: free its worker at once
         st.info("The previous model is still in use.")
         return
     st.session_state[S.MODEL] = ref

@@ -127,3 +127,12 @@ def test_frames_over_a_pipe_and_the_size_limit():
     with pytest.raises(EOFError):
         wire.read_frame(read_fd)
     os.close(read_fd)
+
+
+def test_a_message_of_many_empty_lists_is_refused_before_it_costs_memory():
+    flood = msgpack.packb([[] for _ in range(wire.MAX_CONTAINERS + 1)])
+    assert len(flood) < 1_000_000
+    with pytest.raises(wire.WireError, match="too many"):
+        wire.decode(flood)
+    nested = wire.encode(tuple((i,) for i in range(1000)))  # well within the budget
+    assert len(wire.decode(nested)) == 1000

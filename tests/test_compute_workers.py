@@ -282,3 +282,51 @@ def test_a_control_group_that_cannot_be_joined_is_said(monkeypatch, tmp_path):
         assert not executor.workers() or executor.workers()[0].pid is None
     finally:
         executor.shutdown()
+
+
+def test_what_a_worker_reports_is_checked_before_the_server_uses_it():
+    import dataclasses
+
+    from explainer.analysis import ConvergencePoint
+    from explainer.compute.tasks import info_problem, result_fits
+
+    info = load_demo_model().info()
+    assert info_problem(info) is None
+    huge = dataclasses.replace(info, input_size=(3, 40_000, 40_000))
+    assert "40000" in info_problem(huge)
+    assert info_problem(dataclasses.replace(info, labels=())) is not None
+    assert info_problem(dataclasses.replace(info, labels=("x" * 5000,) * 8)) is not None
+    assert info_problem(dataclasses.replace(info, output_shape=(3,))) is not None
+    assert info_problem("a string") is not None
+    assert result_fits("scores", np.zeros(8, np.float32))
+    assert not result_fits("scores", [1.0, 2.0])
+    assert result_fits("sweep", [ConvergencePoint("riemann_left", 4, 0.1, 0.1)])
+    assert not result_fits("sweep", [info])
+    assert not result_fits("format_disk", None)
+
+
+def test_a_worker_that_stops_reading_is_stopped_at_the_time_limit(tmp_path):
+    """A worker that never reads its requests cannot stall the dispatcher, the time limit or
+    the executor: its load ends at the limit and other models' submissions go through."""
+    import threading
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 600\n")
+    fake.chmod(0o755)
+    executor = LocalExecutor(max_workers=1, timeout_s=3, python=str(fake))
+    try:
+        big = ModelSource("file", b"\0" * 4_000_000, "big.pt")  # far more than a pipe holds
+        handle = executor.submit(big, "info")
+        with pytest.raises(WorkerLimitError, match="EXPLAINER_REQUEST_TIMEOUT_S"):
+            handle.result(60)
+        stuck = executor.submit(ModelSource("file", b"\0" * 4_000_000, "other.pt"), "info")
+        time.sleep(0.5)  # its load is now blocked on the pipe
+        submitted = threading.Event()
+        threading.Thread(
+            target=lambda: (executor.submit(big, "info"), submitted.set()), daemon=True
+        ).start()
+        assert submitted.wait(30)  # evicting the stuck worker did not block the executor
+        with pytest.raises(Exception, match="make room|cancelled|took longer"):
+            stuck.result(60)
+    finally:
+        executor.shutdown()

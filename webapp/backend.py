@@ -95,6 +95,7 @@ def _source(ref: ModelRef) -> ModelSource:
         filename=ref.filename,
         arch=ref.arch,
         num_classes=ref.num_classes,
+        data_digest=ref.digest,  # computed once, when the file was uploaded
     )
 
 
@@ -153,11 +154,8 @@ def resolve_model(ref: ModelRef, labels: LabelsOverride | None = None) -> Served
     source = _source(ref)
 
     def load() -> ModelInfo:
-        try:
-            return wait(executor().submit(source, "info"))
-        except ExplainerError:
-            executor().forget(source)
-            raise
+        # A model that cannot load stops its own worker; nothing else to clean up here.
+        return wait(executor().submit(source, "info"))
 
     key = digest("info", source.key)
     cache = result_cache()
@@ -172,8 +170,9 @@ def resolve_model(ref: ModelRef, labels: LabelsOverride | None = None) -> Served
 
 
 def model_key(lm: ServedModel) -> str:
-    """Digest naming the computation a model performs (weights, architecture, output size)."""
-    return digest("model", lm.sha256, lm.arch, lm.num_classes, tuple(lm.input_size))
+    """Digest naming the computation a model performs: its source (the file's bytes and the
+    loading options), as the server computed it, never what the model's worker reports."""
+    return digest("model", lm.source.key)
 
 
 # --- preprocessing and inputs -------------------------------------------------------------------
@@ -594,7 +593,3 @@ def sweep_cached(
     target = resolve_target(lm, image, prep, settings)
     return result_cache().get(_sweep_key(lm, image, prep, layer, target, settings, methods, steps))
 
-
-def unload(lm: ServedModel) -> None:
-    """Stop ``lm``'s worker (a model that loaded but cannot be used frees its place at once)."""
-    executor().forget(lm.source)

@@ -10,6 +10,7 @@ processes (:class:`explainer.compute.local.LocalExecutor`), or a cluster.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import threading
@@ -44,6 +45,9 @@ class ModelSource:
         Architecture for weights-only files.
     num_classes : int or None
         Number of classes asked for, or None to read it from the file.
+    data_digest : str
+        The sha256 of ``data`` in hex; computed when not given (pass it when it is known, to
+        avoid hashing a large file again).
     """
 
     kind: str = "builtin"
@@ -51,18 +55,21 @@ class ModelSource:
     filename: str = ""
     arch: str | None = None
     num_classes: int | None = None
+    data_digest: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("builtin", "file"):
             raise ValueError(f"A model source is 'builtin' or 'file', not {self.kind!r}.")
+        if not self.data_digest:  # the sha256 of the bytes, when the caller has not got it yet
+            object.__setattr__(self, "data_digest", hashlib.sha256(self.data).hexdigest())
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """A digest naming the model this source loads (bytes and loading options)."""
         hasher = hashlib.sha256()
-        for part in (self.kind, self.filename, str(self.arch), str(self.num_classes)):
+        parts = (self.kind, self.filename, str(self.arch), str(self.num_classes), self.data_digest)
+        for part in parts:
             hasher.update(part.encode("utf-8", "surrogatepass") + b"\x00")
-        hasher.update(hashlib.sha256(self.data).digest())
         return hasher.hexdigest()
 
     def as_message(self) -> dict[str, Any]:

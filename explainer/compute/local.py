@@ -28,6 +28,7 @@ import collections
 import logging
 import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from typing import Any
 from explainer import errors, limits
 from explainer.compute import wire
 from explainer.compute.jobs import MEMORY_ENV, JobHandle, ModelSource
+from explainer.compute.tasks import info_problem, result_fits
 from explainer.memory import format_mib
 
 __all__ = ["CANCEL_GRACE_S", "CGROUP_ENV", "LocalExecutor", "WorkerStatus"]
@@ -56,6 +58,8 @@ CANCEL_GRACE_S = 1.0
 """How long a cancelled job may take to stop on its own before its worker is killed."""
 
 _POLL_S = 0.05
+_MAX_QUEUED = 256  # replies waiting for the dispatcher; the reader waits beyond that
+_RSS_EVERY_S = 0.1
 _EOF = object()
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -110,6 +114,39 @@ def _operator_settings() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("EXPLAINER_") and k != MEMORY_ENV}
 
 
+def _put_now(replies: queue.Queue, item: Any) -> None:
+    """Queue ``item`` even when the queue is full (the oldest message gives way)."""
+    while True:
+        try:
+            replies.put_nowait(item)
+            return
+        except queue.Full:
+            try:
+                replies.get_nowait()
+            except queue.Empty:
+                pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first found, then theirs), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _rss_bytes(pid: int) -> tuple[int, int]:
     """Resident and peak resident memory of ``pid`` from /proc, or (0, 0) if unreadable."""
     rss = peak = 0
@@ -131,6 +168,8 @@ _ATTRIBUTIONS = frozenset({"conductance", "sweep", "neuron_gradients", "activati
 def _advice(op: str) -> str:
     if op in _ATTRIBUTIONS:
         return "Use fewer steps, a smaller batch size or an earlier layer"
+    if op in ("load", "info"):
+        return "The model file needs that much to load: check that it is the file you meant"
     return (
         "The model itself needs that much for one image: check that it is the model you meant "
         "to load"
@@ -259,6 +298,7 @@ class _Slot:
                 self._serve(job)
             except Exception as exc:  # noqa: BLE001 - the dispatcher must survive anything
                 LOG.exception("Worker dispatcher failed")
+                self._kill()  # a worker nobody watches must not run on
                 job.handle.set_exception(
                     errors.WorkerError(f"{_what(job.handle.op)} failed in the server ({exc}).")
                 )
@@ -270,12 +310,13 @@ class _Slot:
 
     def _serve(self, job: _Job) -> None:
         handle = job.handle
+        deadline = time.monotonic() + job.timeout_s  # for the job and any retry of it
         while True:
             if handle.cancel_requested:
                 handle.set_cancelled()
                 return
             job.tries += 1
-            deadline = time.monotonic() + job.timeout_s
+            self.job_peak = 0
             try:
                 self._ensure_worker(job, deadline)
                 if handle.op == "info":
@@ -288,7 +329,9 @@ class _Slot:
                         "op": handle.op,
                         "args": job.args,
                         "settings": _operator_settings(),
-                    }
+                    },
+                    job,
+                    deadline,
                 )
                 reply = self._await(job, deadline, handle.id)
             except _Stopped as stop:
@@ -298,7 +341,17 @@ class _Slot:
                 handle.set_exception(stop.error)
                 return
             if reply["kind"] == "result":
-                handle.set_result(reply.get("value"))
+                value = reply.get("value")
+                if not result_fits(handle.op, value):
+                    self._kill()
+                    handle.set_exception(
+                        errors.WorkerError(
+                            f"{_what(handle.op)} failed: the worker sent a result of the wrong "
+                            "kind, so it was stopped."
+                        )
+                    )
+                else:
+                    handle.set_result(value)
             else:
                 handle.set_exception(self._error(reply.get("error"), job))
             return
@@ -326,7 +379,7 @@ class _Slot:
             self.restarts += 1
             self._kill()
         self._start()
-        self._send({"kind": "load", "model": self.source.as_message()})
+        self._send({"kind": "load", "model": self.source.as_message()}, job, deadline)
         reply = self._await(job, deadline, None)
         if reply["kind"] == "failed":
             error = self._error(reply.get("error"), _Job(JobHandle("load"), {}, job.timeout_s))
@@ -339,6 +392,15 @@ class _Slot:
             for other in pending:
                 other.handle.set_exception(error)
             raise _Stopped(error)
+        problem = info_problem(reply.get("info"))
+        if problem is not None:
+            self._kill()
+            raise _Stopped(
+                errors.WorkerError(
+                    "Loading the model failed: its worker described it inconsistently "
+                    f"({problem}), so it was stopped."
+                )
+            )
         self.info = reply.get("info")
         self.isolated = bool(reply.get("isolated"))
         if not self.isolated:
@@ -371,12 +433,16 @@ class _Slot:
         finally:
             os.close(request_read)
             os.close(reply_write)
+        os.set_blocking(request_write, False)  # a worker that stops reading cannot stall us
         with self.io_lock:
             self.proc, self.request_fd = proc, request_write
-        self.replies = queue.Queue()
-        self.peak_rss = 0
+        self.replies = queue.Queue(maxsize=_MAX_QUEUED)
+        self.reader_stop = threading.Event()
+        self.job_peak = 0
         threading.Thread(
-            target=self._read_replies, args=(reply_read, self.replies), daemon=True
+            target=self._read_replies,
+            args=(reply_read, self.replies, self.reader_stop),
+            daemon=True,
         ).start()
         threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
         # Before the model is sent: nothing from the file has been read yet.
@@ -398,49 +464,96 @@ class _Slot:
                 )
             ) from exc
 
-    def _read_replies(self, fd: int, replies: queue.Queue) -> None:
+    def _read_replies(self, fd: int, replies: queue.Queue, stop: threading.Event) -> None:
+        """Reader thread: frames from the worker into ``replies`` until EOF or ``stop``.
+
+        It stops when the worker is killed even if something the worker left behind still holds
+        the pipe open, and it waits (the worker then blocks) while the dispatcher has
+        :data:`_MAX_QUEUED` messages to read: what a worker sends cannot pile up here.
+        """
+        buffer = bytearray()
         try:
-            while True:
-                replies.put(wire.read_frame(fd))
-        except EOFError:
-            pass
+            while not stop.is_set():
+                ready, _, _ = select.select([fd], [], [], _POLL_S)
+                if not ready:
+                    continue
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    return
+                buffer += chunk
+                while len(buffer) >= 8:
+                    size = int.from_bytes(buffer[:8], "big")
+                    if size > wire.MAX_FRAME_BYTES:
+                        raise wire.WireError(f"a reply announced {size:,} bytes, over the limit")
+                    if len(buffer) < 8 + size:
+                        break
+                    message = wire.decode(bytes(buffer[8 : 8 + size]))
+                    del buffer[: 8 + size]
+                    while not stop.is_set():
+                        try:
+                            replies.put(message, timeout=_POLL_S)
+                            break
+                        except queue.Full:
+                            continue
         except (wire.WireError, OSError) as exc:
-            replies.put(("malformed", str(exc)))
+            _put_now(replies, ("malformed", str(exc)))
         finally:
             os.close(fd)
-            replies.put(_EOF)
+            _put_now(replies, _EOF)
 
     def _drain(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, b""):
+        for line in iter(lambda: proc.stdout.readline(4096), b""):
             self.output.append(line.decode("utf-8", "replace").rstrip()[:500])
         proc.stdout.close()
 
-    def _send(self, message: Mapping[str, Any]) -> None:
-        # Requests go out only while the worker waits for them (its reader thread drains the
-        # pipe), or are small (cancel), so this write does not block for long.
-        with self.io_lock:
-            if self.request_fd is None:
-                return  # the worker is gone; the reply loop sees it and says why
-            try:
-                wire.write_frame(self.request_fd, message)
-            except OSError:
-                pass
+    def _send(self, message: Mapping[str, Any], job: _Job, deadline: float) -> None:
+        """Write one request; a worker that does not take it before ``deadline`` (or before the
+        job is cancelled or the slot closed) is killed, with the reason as :class:`_Stopped`."""
+        view = memoryview(wire.frame(message))
+        while view:
+            with self.io_lock:
+                fd = self.request_fd
+                if fd is None:
+                    return  # the worker is gone; the reply loop sees it and says why
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            if not view:
+                return
+            if self.closed:
+                self._kill()
+                raise _Stopped(errors.JobCancelled(self.close_reason))
+            if message.get("kind") != "cancel" and job.handle.cancel_requested:
+                self._kill()
+                raise _Stopped(errors.JobCancelled("The request was cancelled."))
+            if time.monotonic() > deadline:
+                self._kill()
+                op = "load" if message.get("kind") == "load" else job.handle.op
+                raise _Stopped(errors.WorkerLimitError(_time_message(job.timeout_s, op), "time"))
+            select.select([], [fd], [], _POLL_S)
 
     def _kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         with self.io_lock:
-            proc, fd = self.proc, self.request_fd
-            self.request_fd = None
+            fd, self.request_fd = self.request_fd, None
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            if proc is not None and proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    proc.kill()
+        stop = getattr(self, "reader_stop", None)
+        if stop is not None:
+            stop.set()
         if proc is not None:
             try:
                 proc.wait(timeout=10)
@@ -455,6 +568,7 @@ class _Slot:
         what = _what(op)
         limit = self.owner.memory_bytes()
         cancel_sent: float | None = None
+        watched = 0.0
         while True:
             try:
                 message = self.replies.get(timeout=_POLL_S)
@@ -474,7 +588,9 @@ class _Slot:
                     return message
                 if message.get("id") == job_id and job_id is not None:
                     if kind == "progress":
-                        handle.set_progress(message.get("done", 0), message.get("total", 0))
+                        done, total = message.get("done"), message.get("total")
+                        if isinstance(done, int) and isinstance(total, int):
+                            handle.set_progress(done, total)
                     elif kind in ("result", "error"):
                         return message
             now = time.monotonic()
@@ -484,16 +600,18 @@ class _Slot:
             if job_id is not None and handle.cancel_requested:
                 if cancel_sent is None:
                     cancel_sent = now
-                    self._send({"kind": "cancel", "id": job_id})
+                    self._send({"kind": "cancel", "id": job_id}, job, now + CANCEL_GRACE_S)
                 elif now - cancel_sent > CANCEL_GRACE_S:
                     self._kill()
                     raise _Stopped(errors.JobCancelled("The request was cancelled."))
             if now > deadline:
                 self._kill()
                 raise _Stopped(errors.WorkerLimitError(_time_message(job.timeout_s, op), "time"))
-            if self.proc is not None:
+            if self.proc is not None and now - watched >= _RSS_EVERY_S:
+                watched = now
                 rss, peak = _rss_bytes(self.proc.pid)
                 self.peak_rss = max(self.peak_rss, rss, peak)
+                self.job_peak = max(self.job_peak, rss)
                 if rss > limit:
                     self._kill()
                     raise _Stopped(errors.WorkerLimitError(_memory_message(limit, op), "memory"))
@@ -510,7 +628,7 @@ class _Slot:
         self._kill()
         if self.closed:
             return _Stopped(errors.JobCancelled(self.close_reason))
-        if self.peak_rss >= 0.7 * limit:
+        if self.job_peak >= 0.7 * limit:  # what this job's worker held, not its lifetime peak
             return _Stopped(errors.WorkerLimitError(_memory_message(limit, op), "memory"))
         if code is not None and code < 0:
             try:
@@ -579,38 +697,37 @@ class LocalExecutor:
         """Queue ``op`` on ``model``'s worker (started on demand); return the job's handle."""
         handle = JobHandle(op)
         job = _Job(handle, dict(args or {}), self.timeout_s())
+        evicted: list[_Slot] = []
         with self._lock:
             if self._closed:
                 handle.set_cancelled("The server is shutting down.")
                 return handle
             slot = self._slots.get(model.key)
             if slot is None or slot.closed:
-                self._make_room()
+                evicted = self._make_room()
                 slot = _Slot(self, model)
                 self._slots[model.key] = slot
             self._slots.move_to_end(model.key)
+        for old in evicted:  # outside the lock: stopping a worker can take a moment
+            old.close(
+                "The model's worker was stopped to make room for another model (this server "
+                f"runs at most {self.max_workers()} at once); run the request again."
+            )
         if op == "info" and slot.info is not None:
             handle.set_result(slot.info)  # known since the model loaded: no need to queue
         else:
             slot.enqueue(job)
         return handle
 
-    def _make_room(self) -> None:
+    def _make_room(self) -> list[_Slot]:
+        """Drop closed slots and take out the least recently used ones beyond the limit (the
+        caller holds the lock, and closes what this returns after releasing it)."""
         for key in [k for k, s in self._slots.items() if s.closed]:
             del self._slots[key]
+        evicted = []
         while len(self._slots) >= self.max_workers():
-            key, slot = self._slots.popitem(last=False)
-            slot.close(
-                "The model's worker was stopped to make room for another model (this server "
-                f"runs at most {self.max_workers()} at once); run the request again."
-            )
-
-    def forget(self, model: ModelSource) -> None:
-        """Stop ``model``'s worker, e.g. after it failed to load."""
-        with self._lock:
-            slot = self._slots.pop(model.key, None)
-        if slot is not None:
-            slot.close("The model was unloaded.")
+            evicted.append(self._slots.popitem(last=False)[1])
+        return evicted
 
     def workers(self) -> list[WorkerStatus]:
         """The status of every worker, least recently used first."""

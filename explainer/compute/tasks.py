@@ -25,7 +25,15 @@ from explainer import analysis
 from explainer.compute.jobs import ModelSource
 from explainer.errors import AttributionError, JobCancelled
 
-__all__ = ["DEVICE_ENV", "OPERATIONS", "ModelSession", "cancellable", "load_source"]
+__all__ = [
+    "DEVICE_ENV",
+    "OPERATIONS",
+    "ModelSession",
+    "cancellable",
+    "info_problem",
+    "load_source",
+    "result_fits",
+]
 
 DEVICE_ENV = "EXPLAINER_DEVICE"
 """Where workers run models: ``auto`` (CUDA when available, the default), ``cpu`` or ``cuda``."""
@@ -205,3 +213,84 @@ OPERATIONS: tuple[str, ...] = (
     "sweep",
 )
 """The operations a :class:`ModelSession` answers."""
+
+
+def _ints(value: Any, length: int | None = None) -> bool:
+    return (
+        isinstance(value, tuple)
+        and (length is None or len(value) == length)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    )
+
+
+def _texts(value: Any, count: int, chars: int) -> bool:
+    return (
+        isinstance(value, tuple)
+        and len(value) <= count
+        and all(isinstance(t, str) and len(t) <= chars for t in value)
+    )
+
+
+def info_problem(info: Any) -> str | None:
+    """Why a worker's description of its model cannot be trusted, or None.
+
+    A worker runs an uploaded model, so the server checks what it reports before it uses it:
+    the input size within the operator's limit (the server preprocesses images to it), the
+    labels and classes within theirs, every field of the right type.
+    """
+    from explainer.intake.loaded import ModelInfo
+    from explainer.limits import MAX_LABEL_CHARS, max_classes, max_input_pixels
+
+    if not isinstance(info, ModelInfo):
+        return "no model description"
+    if not (_ints(info.input_size, 3) and all(info.input_size)):
+        return "an input size that is not three positive whole numbers"
+    channels, height, width = info.input_size
+    if channels > 4 or height * width > max_input_pixels():
+        return f"an input of {channels} x {height} x {width}"
+    if not (1 <= len(info.labels) <= max_classes()):
+        return f"{len(info.labels)} classes"
+    if not _texts(info.labels, max_classes(), MAX_LABEL_CHARS):
+        return "class names that are not short texts"
+    floats = (*info.mean, *info.std)
+    if not (len(info.mean) == len(info.std) == channels) or not all(
+        isinstance(v, float) for v in floats
+    ):
+        return "a normalisation that does not match the input's channels"
+    if not (isinstance(info.name, str) and len(info.name) <= 1000):
+        return "a name that is not a short text"
+    if not (isinstance(info.arch, str) and len(info.arch) <= 100):
+        return "an architecture name that is not a short text"
+    if not _texts(info.notes, 50, 4000):
+        return "notes that are not short texts"
+    if not (isinstance(info.num_params, int) and isinstance(info.sha256, str)):
+        return "a parameter count or digest of the wrong kind"
+    if info.static_batch is not None and not _ints((info.static_batch,)):
+        return "a batch size that is not a whole number"
+    if info.output_shape is not None and not (
+        _ints(info.output_shape) and info.output_shape and info.output_shape[0] == len(info.labels)
+    ):
+        return "an output shape that does not match its classes"
+    return None
+
+
+def result_fits(op: str, value: Any) -> bool:
+    """Whether a worker's result for ``op`` is of the kind that operation returns."""
+    from explainer.intake.loaded import ModelInfo
+    from explainer.tree import ModuleTree
+
+    def all_of(kind: type) -> bool:
+        return isinstance(value, list) and all(isinstance(v, kind) for v in value)
+
+    checks: dict[str, Callable[[], bool]] = {
+        "info": lambda: isinstance(value, ModelInfo),
+        "tree": lambda: isinstance(value, ModuleTree),
+        "score_shape": lambda: _ints(value) and len(value) >= 1,
+        "scores": lambda: isinstance(value, np.ndarray) and value.dtype.kind == "f",
+        "conductance": lambda: isinstance(value, analysis.ConductanceResult),
+        "neuron_gradients": lambda: all_of(analysis.NeuronGradientResult),
+        "activation": lambda: isinstance(value, np.ndarray),
+        "sweep": lambda: all_of(analysis.ConvergencePoint),
+    }
+    check = checks.get(op)
+    return check is not None and check()

@@ -10,9 +10,10 @@ string keys, and three extension types:
 - records: instances of the few result dataclasses in :data:`RECORD_TYPES`, rebuilt through their
   own constructors from exactly their declared fields.
 
-Nothing else decodes: no class is looked up by a name the sender chose outside that table, and no
-code runs while decoding. Each message travels as one frame: an 8-byte big-endian length, then the
-document; frames above :data:`MAX_FRAME_BYTES` are refused before they are read.
+Nothing else decodes: no class is looked up by a name the sender chose outside that table, no
+code runs while decoding, and a message holds at most :data:`MAX_CONTAINERS` containers. Each
+message travels as one frame: an 8-byte big-endian length, then the document; replies above
+:data:`MAX_FRAME_BYTES` are refused before they are read.
 """
 
 from __future__ import annotations
@@ -28,10 +29,25 @@ import numpy as np
 
 from explainer.errors import ExplainerError
 
-__all__ = ["MAX_FRAME_BYTES", "WireError", "decode", "encode", "read_frame", "write_frame"]
+__all__ = [
+    "MAX_CONTAINERS",
+    "MAX_FRAME_BYTES",
+    "WireError",
+    "decode",
+    "encode",
+    "frame",
+    "read_frame",
+    "write_frame",
+]
 
-MAX_FRAME_BYTES = 512 * 2**20
-"""Largest message accepted from either side (a results message of a few maps is a few MiB)."""
+MAX_FRAME_BYTES = 256 * 2**20
+"""Largest message a server accepts from a worker (a results message of a few maps is a few MiB;
+a segmentation model's scores for one image a few tens). Requests to a worker carry the model
+file and are bounded by the upload limit instead."""
+
+MAX_CONTAINERS = 200_000
+"""Most lists, maps, tuples and records one message may hold: MessagePack spends one byte on an
+empty list, Python about 60, so a frame of empty lists would otherwise cost 60 times its size."""
 
 _HEADER = struct.Struct(">Q")
 _TUPLE, _ARRAY, _RECORD = 1, 2, 3
@@ -127,44 +143,69 @@ def _record(payload: Any) -> Any:
         raise WireError(f"A {name} in a worker message is malformed ({exc}).") from exc
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _TUPLE:
-        items = decode(data)
-        if not isinstance(items, list):
-            raise WireError("Malformed tuple in a worker message.")
-        return tuple(items)
-    if code == _ARRAY:
-        return _array(decode(data))
-    if code == _RECORD:
-        return _record(decode(data))
-    raise WireError(f"A worker message holds an unknown extension type {code}.")
+class _Decoder:
+    """One message's decoding, with its budget of containers (nested extensions share it)."""
+
+    def __init__(self, max_containers: int) -> None:
+        self.left = max_containers
+
+    def _count(self, value: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise WireError("A worker message holds too many lists, maps or records.")
+        return value
+
+    def _ext(self, code: int, data: bytes) -> Any:
+        self._count(None)
+        if code == _TUPLE:
+            items = self.decode(data)
+            if not isinstance(items, list):
+                raise WireError("Malformed tuple in a worker message.")
+            return tuple(items)
+        if code == _ARRAY:
+            return _array(self.decode(data))
+        if code == _RECORD:
+            return _record(self.decode(data))
+        raise WireError(f"A worker message holds an unknown extension type {code}.")
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return msgpack.unpackb(
+                data,
+                ext_hook=self._ext,
+                list_hook=self._count,
+                object_hook=self._count,
+                raw=False,
+                strict_map_key=True,
+            )
+        except WireError:
+            raise
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+                msgpack.StackError, RecursionError) as exc:  # fmt: skip
+            raise WireError(f"A worker message could not be decoded ({exc}).") from exc
 
 
-def decode(data: bytes) -> Any:
-    """Rebuild plain data from :func:`encode`'s bytes; anything else raises :class:`WireError`."""
-    try:
-        return msgpack.unpackb(
-            data,
-            ext_hook=_ext_hook,
-            raw=False,
-            strict_map_key=True,
-        )
-    except WireError:
-        raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            RecursionError) as exc:  # fmt: skip
-        raise WireError(f"A worker message could not be decoded ({exc}).") from exc
+def decode(data: bytes, max_containers: int = MAX_CONTAINERS) -> Any:
+    """Rebuild plain data from :func:`encode`'s bytes; anything else raises :class:`WireError`.
+
+    At most ``max_containers`` lists, maps, tuples and records are built, so a small message
+    cannot take much more memory than its size.
+    """
+    return _Decoder(max_containers).decode(data)
 
 
 # --------------------------------------------------------------------------- frames
 
 
-def write_frame(fd: int, value: Any) -> None:
-    """Encode ``value`` and write it to the file descriptor ``fd`` as one frame."""
+def frame(value: Any) -> bytes:
+    """``value`` encoded as one frame: its length, then the document."""
     payload = encode(value)
-    if len(payload) > MAX_FRAME_BYTES:
-        raise WireError(f"A message of {len(payload):,} bytes is too large to send.")
-    view = memoryview(_HEADER.pack(len(payload)) + payload)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def write_frame(fd: int, value: Any) -> None:
+    """Encode ``value`` and write it to the blocking file descriptor ``fd`` as one frame."""
+    view = memoryview(frame(value))
     while view:
         written = os.write(fd, view)
         view = view[written:]
@@ -182,15 +223,19 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def read_frame(fd: int) -> Any:
-    """Read one frame from ``fd`` and decode it; ``EOFError`` when the other side closed it."""
+def read_frame(fd: int, limit: int | None = MAX_FRAME_BYTES) -> Any:
+    """Read one frame from ``fd`` and decode it; ``EOFError`` when the other side closed it.
+
+    A frame announcing more than ``limit`` bytes is refused before it is read (None: no limit,
+    for a worker reading its trusted server's requests).
+    """
     header = _read_exactly(fd, _HEADER.size)
     if header is None:
         raise EOFError("the other side closed the channel")
     (size,) = _HEADER.unpack(header)
-    if size > MAX_FRAME_BYTES:
+    if limit is not None and size > limit:
         raise WireError(f"A message announced {size:,} bytes, more than the limit; it is refused.")
     payload = _read_exactly(fd, size)
     if payload is None:
         raise EOFError("the other side closed the channel mid-message")
-    return decode(payload)
+    return decode(payload, max_containers=MAX_CONTAINERS if limit is not None else 2**62)

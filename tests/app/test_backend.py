@@ -4,6 +4,7 @@ server process that never holds a model."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 
 import pytest
@@ -83,10 +84,18 @@ def test_labels_override_shares_the_worker(demo):
     assert backend.resolve_model(ModelRef(), LabelsOverride("x.txt", ("a",))).labels == lm.labels
 
 
-def test_model_key_depends_on_architecture(demo):
+def test_model_key_comes_from_the_source_not_from_the_worker(demo):
+    """The key names the file and its loading options as the server saw them: a worker that
+    describes its model as another one's (same digest, architecture...) gets its own key."""
     lm, _, _ = demo
-    other = dataclasses.replace(lm, info=dataclasses.replace(lm.info, arch="something_else"))
-    assert backend.model_key(other) != backend.model_key(lm)
+    data = b"weights"
+    digest = hashlib.sha256(data).hexdigest()
+    upload = backend.ServedModel(lm.info, ModelSource("file", data, "w.pt", arch="demo_cnn"))
+    assert backend.model_key(upload) != backend.model_key(lm)
+    other_arch = ModelSource("file", data, "w.pt", arch="resnet18", data_digest=digest)
+    assert backend.model_key(backend.ServedModel(lm.info, other_arch)) != backend.model_key(upload)
+    same = ModelSource("file", data, "w.pt", arch="demo_cnn", data_digest=digest)
+    assert backend.model_key(backend.ServedModel(lm.info, same)) == backend.model_key(upload)
 
 
 def test_target_out_of_range_is_a_readable_error(demo):
@@ -96,7 +105,7 @@ def test_target_out_of_range_is_a_readable_error(demo):
 
 
 _SERVER_SCRIPT = """
-import gc, sys, warnings
+import gc, hashlib, sys, warnings
 import torch
 sys.path[:0] = [{tests!r}, {hostile!r}]
 from apphelpers import pixel_model_bytes
@@ -112,7 +121,12 @@ backend.conductance(lm, image, prep, "block3", AttributionSettings(n_steps=9))
 backend.neuron_gradients(lm, image, prep, "block3", [(0, 0, 0)])
 backend.predictions(lm, image, prep)
 upload = backend.resolve_model(
-    ModelRef(kind="upload", digest="x", filename="pixels.pt2", data=pixel_model_bytes())
+    ModelRef(
+        kind="upload",
+        digest=hashlib.sha256(pixel_model_bytes()).hexdigest(),
+        filename="pixels.pt2",
+        data=pixel_model_bytes(),
+    )
 )
 backend.tree(upload)
 gc.collect()
@@ -233,7 +247,12 @@ def test_per_position_targets_are_resolved_in_full_and_keyed_by_position(monkeyp
 
     backend.result_cache().clear()  # count computations from a clean slate
     served = backend.resolve_model(
-        ModelRef(kind="upload", digest="x", filename="pixels.pt2", data=pixel_model_bytes())
+        ModelRef(
+            kind="upload",
+            digest=hashlib.sha256(pixel_model_bytes()).hexdigest(),
+            filename="pixels.pt2",
+            data=pixel_model_bytes(),
+        )
     )
     lm = dataclasses.replace(served, info=dataclasses.replace(served.info, output_shape=None))
     prep = backend.preprocessing(PrepSpec(), lm)
