@@ -330,3 +330,41 @@ def test_a_worker_that_stops_reading_is_stopped_at_the_time_limit(tmp_path):
             stuck.result(60)
     finally:
         executor.shutdown()
+
+
+_ESCAPING_WORKER = """#!{python}
+import os, sys, time
+sys.path.insert(0, {root!r})
+from explainer.compute.worker import isolate
+isolate()
+if os.fork() == 0:  # detach twice: the grandchild's parent exits, it is nobody's child
+    os.setsid()
+    if os.fork() == 0:
+        open({marker!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    os._exit(0)
+time.sleep(600)
+"""
+
+
+def test_processes_a_worker_started_are_stopped_with_it(tmp_path):
+    import sys
+
+    marker = tmp_path / "escaped.pid"
+    fake = tmp_path / "python"
+    root = str(Path(__file__).resolve().parents[1])
+    fake.write_text(_ESCAPING_WORKER.format(python=sys.executable, root=root, marker=str(marker)))
+    fake.chmod(0o755)
+    executor = LocalExecutor(max_workers=1, timeout_s=5, python=str(fake))
+    try:
+        with pytest.raises(WorkerLimitError):
+            executor.submit(ModelSource("file", b"x", "x.pt"), "info").result(60)
+        assert marker.exists()
+        escaped = int(marker.read_text())
+        for _ in range(50):  # bounded: the kill is synchronous, reaping may lag a little
+            if not _alive(escaped):
+                break
+            time.sleep(0.1)
+        assert not _alive(escaped)
+    finally:
+        executor.shutdown()

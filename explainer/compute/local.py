@@ -539,11 +539,21 @@ class _Slot:
     def _kill(self) -> None:
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            for pid in [*_descendants(proc.pid), proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            # The worker is its descendants' subreaper: while it lives, every process it started
+            # is below it. Stop them (in rounds, in case one forks meanwhile), then the worker.
+            for _ in range(5):
+                below = _descendants(proc.pid)
+                if not below:
+                    break
+                for pid in below:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         with self.io_lock:
             fd, self.request_fd = self.request_fd, None
             if fd is not None:

@@ -30,6 +30,7 @@ _MESSAGE_CHARS = 2000
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def isolate() -> bool:
@@ -37,8 +38,9 @@ def isolate() -> bool:
 
     The process moves into a network namespace of its own, where no interface is up, so code
     run by a hostile model cannot reach any address, loopback included (as root, or through a
-    user namespace where the kernel allows unprivileged ones); and ``no_new_privs`` keeps any
-    program it could start from gaining privileges. Called before the process starts threads
+    user namespace where the kernel allows unprivileged ones); ``no_new_privs`` keeps any
+    program it could start from gaining privileges; and it becomes the subreaper of what it
+    starts, so no descendant can detach from it. Called before the process starts threads
     (a user namespace needs a single thread). Where neither namespace can be made, the worker
     still runs, with its other limits.
     """
@@ -49,6 +51,9 @@ def isolate() -> bool:
     except OSError:
         return False
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    # Orphans of anything this process starts become its children, not init's, so the server
+    # finds every one of them (a process that detached twice included) when it stops the worker.
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     attempts = (_CLONE_NEWNET, _CLONE_NEWUSER | _CLONE_NEWNET)
     return any(libc.unshare(flags) == 0 for flags in attempts)
 
