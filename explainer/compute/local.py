@@ -280,10 +280,6 @@ class _Slot:
                 network_isolated=self.isolated,
             )
 
-    def _wake(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
     # --- the dispatcher thread ----------------------------------------------------------------
     def _dispatch(self) -> None:
         while True:

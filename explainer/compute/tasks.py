@@ -112,15 +112,9 @@ class ModelSession:
         self.device = _device()
         self.model = loaded.model.to(self.device).eval()
         self.info = loaded.info()
+        # Operation "x" is the method "_x"; OPERATIONS lists them.
         self._operations: dict[str, Callable[..., Any]] = {
-            "info": self._info,
-            "tree": self._tree,
-            "score_shape": self._score_shape,
-            "scores": self._scores,
-            "conductance": self._conductance,
-            "neuron_gradients": self._neuron_gradients,
-            "activation": self._activation,
-            "sweep": self._sweep,
+            op: getattr(self, f"_{op}") for op in OPERATIONS
         }
 
     def run(self, op: str, args: Mapping[str, Any], progress: Progress | None = None) -> Any:
