@@ -27,6 +27,7 @@ from explainer.intake import (
     load_model,
 )
 from explainer.integration import METHODS
+from explainer.neuron_conductance import NeuronConductance
 from explainer.tree import ModuleNode, ModuleTree, get_module, module_tree
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "ModelLoadError",
     "ModuleNode",
     "ModuleTree",
+    "NeuronConductance",
     "NeuronGradient",
     "Preprocessing",
     "build_model",

@@ -26,6 +26,8 @@ __all__ = [
     "repeat_target",
     "select_target",
     "dense_baselines",
+    "take_additional_args",
+    "take_target",
 ]
 
 TargetType = None | int | tuple | Tensor | list
@@ -251,3 +253,23 @@ def select_target(output: Tensor, target: TargetType) -> Tensor:
     else:  # check_target rejects everything else first
         raise AttributionTypeError(f"Unsupported target type {type(target).__name__}.")
     return picked.reshape(n, -1).sum(1) if picked.dim() > 0 else picked.reshape(1)
+
+
+def take_additional_args(args: tuple[Any, ...] | None, rows: Tensor) -> tuple[Any, ...] | None:
+    """Extra forward arguments for arbitrary rows: tensors with an example dimension are
+    indexed by ``rows`` (the example of every row); everything else passes unchanged."""
+    if args is None:
+        return None
+    return tuple(
+        a.index_select(0, rows.to(a.device)) if isinstance(a, Tensor) and a.dim() > 0 else a
+        for a in args
+    )
+
+
+def take_target(target: TargetType, rows: Tensor) -> TargetType:
+    """The target for arbitrary rows, ``rows`` holding the example of every row."""
+    if isinstance(target, list):
+        return [target[i] for i in rows.tolist()]
+    if isinstance(target, Tensor) and target.numel() > 1:
+        return target.reshape(-1).index_select(0, rows.to(target.device))
+    return target

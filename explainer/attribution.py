@@ -21,15 +21,17 @@ engine differs where the reference does work it does not need:
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import DataParallel, Module
 
+from explainer.adaptive import AutoSteps, StepsRound, check_auto_arguments
 from explainer.arguments import (
     BaselineType,
     TargetType,
@@ -41,6 +43,8 @@ from explainer.arguments import (
     repeat_additional_args,
     repeat_target,
     select_target,
+    take_additional_args,
+    take_target,
 )
 from explainer.errors import AttributionError, AttributionTypeError
 from explainer.hooks import (
@@ -148,12 +152,79 @@ def _path_points(
     return out.requires_grad_(requires_grad)
 
 
+def _path_rows(
+    inp: Tensor,
+    base: Tensor | int | float,
+    examples: Tensor,
+    alphas: list[float],
+    *,
+    requires_grad: bool = False,
+) -> Tensor:
+    """Path points for arbitrary rows: row ``r`` is ``base + alphas[r] * (inp - base)`` of
+    example ``examples[r]``. The two ends of the path are the baseline and the input exactly."""
+    inp = inp.detach()
+    if not inp.is_floating_point():
+        inp = inp.to(torch.get_default_dtype())
+    x = inp.index_select(0, examples)
+    if isinstance(base, Tensor) and base.dim() > 0:
+        b = base.detach().to(device=inp.device, dtype=inp.dtype)
+        b = b.expand_as(inp).index_select(0, examples) if b.shape[0] == inp.shape[0] else b
+        b = b.expand_as(x)
+    else:
+        value = base.item() if isinstance(base, Tensor) else base
+        b = torch.full_like(x, float(value))
+    coef = torch.tensor(alphas, dtype=inp.dtype, device=inp.device)
+    coef = coef.reshape(len(alphas), *([1] * (x.dim() - 1)))
+    out = _fast_layout(torch.empty_like(x))
+    torch.addcmul(b, coef, x - b, out=out)
+    ends = torch.tensor([a in (0.0, 1.0) for a in alphas], device=inp.device)
+    if bool(ends.any()):
+        exact = torch.where(coef == 1.0, x, b)
+        out[ends] = exact[ends]
+    return out.requires_grad_(requires_grad)
+
+
+def _unconverged_message(status: list[str | None], tolerance: float, max_steps: int) -> str:
+    parts = []
+    for what, text in (
+        ("cap", f"reached the cap of {max_steps} path points"),
+        (
+            "stalled",
+            "have a delta that more points do not reduce: part of the output change "
+            "does not flow through the layer (for instance it bypasses it through a residual "
+            "connection)",
+        ),
+        ("memory", "ran out of memory budget for more points"),
+        ("stopped", "were stopped by the callback"),
+    ):
+        which = [i for i, st in enumerate(status) if st == what]
+        if which:
+            parts.append(f"examples {which} {text}")
+    return (
+        f'n_steps="auto" did not reach the tolerance of {tolerance:g} everywhere: '
+        + "; ".join(parts)
+        + ". The returned delta says how far each example got."
+    )
+
+
 @dataclass
 class _Plan:
     """Example rows of the pass being run (for messages) and the measured cost of one row."""
 
     rows: int
     row_bytes: int | None = None
+
+
+@dataclass
+class _PassState:
+    """What the passes of one call learn as they go: whether the lean graph works, whether
+    the target was checked against the output, and the input layout the model accepts."""
+
+    lean: bool
+    target: TargetType
+    num_examples: int
+    checked: bool = False
+    layout: dict[str, bool] = field(default_factory=dict)
 
 
 @contextmanager
@@ -242,6 +313,56 @@ def _rows_within_budget(
     return max(group_rows, budget // plan.row_bytes // group_rows * group_rows)
 
 
+def _points_per_pass(internal_batch_size: Any, num_examples: int, points: int) -> int:
+    """Path points per pass allowed by ``internal_batch_size`` (all of them for ``None``).
+
+    Like the reference, a size below the number of examples is raised to that number with a
+    warning: every pass holds at least one path point for every example.
+    """
+    if internal_batch_size is None:
+        return points
+    if isinstance(internal_batch_size, bool) or not isinstance(
+        internal_batch_size, numbers.Integral
+    ):
+        raise AttributionTypeError("internal_batch_size must be an int or None.")
+    size = int(internal_batch_size)
+    if size < 1:
+        raise AttributionError(
+            f"internal_batch_size={size} must be a positive number of rows per pass, or None "
+            "to run all path points in one pass."
+        )
+    if size < num_examples:
+        warnings.warn(
+            f"internal_batch_size={size} is below the number of examples ({num_examples}); "
+            f"using {num_examples}, one path point for every example per pass.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return max(1, size // num_examples)
+
+
+_GRAD_ARGUMENTS = ("outputs", "inputs", "grad_outputs", "only_inputs", "is_grads_batched")
+
+
+def _grad_options(grad_kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments for ``torch.autograd.grad``: unused layers give zero gradients unless
+    the caller says otherwise, and what the engine itself decides cannot be overridden."""
+    if grad_kwargs is None:
+        return {"allow_unused": True}
+    if not isinstance(grad_kwargs, dict) or not all(isinstance(k, str) for k in grad_kwargs):
+        raise AttributionTypeError(
+            "grad_kwargs must be a dict of keyword arguments for torch.autograd.grad, not "
+            f"{type(grad_kwargs).__name__}."
+        )
+    fixed = sorted(k for k in grad_kwargs if k in _GRAD_ARGUMENTS)
+    if fixed:
+        raise AttributionError(
+            f"grad_kwargs may not set {', '.join(fixed)}: the engine chooses what is "
+            "differentiated. Pass options such as materialize_grads or retain_graph."
+        )
+    return {"allow_unused": True, **grad_kwargs}
+
+
 def _attribution_total(attributions: Tensor | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     """Sum of all attribution values of each example."""
     attrs = attributions if isinstance(attributions, tuple) else (attributions,)
@@ -267,6 +388,20 @@ class _LayerMethod:
         self.device_ids = device_ids
         self._layers, self._is_list = _layers_of(layer, "layer")
         self._labels = [layer_label(m, _unwrap(forward_func)) for m in self._layers]
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """Whether the attributions are multiplied by ``input - baseline`` (as in Captum)."""
+        return False
+
+    def has_convergence_delta(self) -> bool:
+        """Whether :meth:`attribute` can return a convergence delta (as in Captum)."""
+        return False
+
+    @classmethod
+    def get_name(cls) -> str:
+        """The class name in words, e.g. ``"Layer Conductance"`` (as in Captum)."""
+        return "".join(f" {c}" if c.isupper() and i else c for i, c in enumerate(cls.__name__))
 
     def compute_convergence_delta(
         self,
@@ -321,6 +456,21 @@ class LayerConductance(_LayerMethod):
     References: https://arxiv.org/abs/1805.12233, https://arxiv.org/abs/1807.09946
     """
 
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @staticmethod
+    def interpolate(
+        layer_attribution: Tensor,
+        interpolate_dims: int | tuple[int, ...],
+        interpolate_mode: str = "nearest",
+    ) -> Tensor:
+        """Resize a layer attribution to ``interpolate_dims`` (for instance the input's height
+        and width), as Captum's ``LayerAttribution.interpolate`` does."""
+        return torch.nn.functional.interpolate(
+            layer_attribution, interpolate_dims, mode=interpolate_mode
+        )
+
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -332,16 +482,33 @@ class LayerConductance(_LayerMethod):
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
         *,
+        tolerance: float = 0.01,
+        max_steps: int = 512,
+        callback: Callable[[StepsRound], Any] | None = None,
         progress: ProgressFn | None = None,
     ) -> Any:
         """Compute the conductance of the layer's output (or input) neurons.
 
         Parameters follow the reference. ``internal_batch_size`` bounds how many path points
-        times examples run in one pass; it must be at least the number of examples. Passes are
+        times examples run in one pass; below the number of examples it is raised to that
+        number with a warning, as in the reference. ``grad_kwargs`` are passed on to
+        ``torch.autograd.grad`` (for example ``{"materialize_grads": True}``). Passes are
         also kept within the memory budget (``EXPLAINER_MEMORY_BUDGET_MB``), so they may hold
         fewer rows than asked for; the results do not depend on the split. ``progress``,
         when given, is called as ``progress(done, total)`` in path points after every pass.
+
+        ``n_steps="auto"`` places path points until, for every example,
+        ``|delta| <= tolerance * |F(input) - F(baseline)|``, or ``max_steps`` points are used
+        (see :mod:`explainer.adaptive`; ``method`` is then not used). After every round of
+        points ``callback``, when given, receives a :class:`~explainer.adaptive.StepsRound`
+        with the result so far; returning ``False`` from it stops the refinement there. The
+        returned delta is the delta reached. After any call, ``last_steps`` holds the number
+        of path points each example used and ``last_status`` why each stopped refining
+        (``"converged"``, ``"cap"``, ``"stalled"``, ``"memory"`` or ``"stopped"``; always
+        ``"fixed"`` for a fixed ``n_steps``), and ``last_points`` the path points of each.
+        Examples that end other than converged are named in a warning.
 
         Returns
         -------
@@ -353,27 +520,31 @@ class LayerConductance(_LayerMethod):
         inputs_t = as_input_tuple(inputs)
         baselines_t = format_baselines(baselines, inputs_t)
         check_method(method)
-        if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
-            raise AttributionError(f"n_steps must be a positive integer, got {n_steps!r}.")
-        n_steps = int(n_steps)
         num_examples = inputs_t[0].shape[0]
         if num_examples == 0:
             raise AttributionError("inputs hold no examples (dimension 0 is empty).")
+        if isinstance(n_steps, str) and n_steps == "auto":
+            return self._attribute_auto(
+                inputs_t,
+                baselines_t,
+                target,
+                format_additional_args(additional_forward_args),
+                internal_batch_size,
+                return_convergence_delta,
+                attribute_to_layer_input,
+                _grad_options(grad_kwargs),
+                *check_auto_arguments(tolerance, max_steps, callback),
+                callback,
+                progress,
+            )
+        if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+            raise AttributionError(
+                f'n_steps must be a positive integer or "auto", got {n_steps!r}.'
+            )
+        n_steps = int(n_steps)
         points = n_steps + 1
-        cap = points
-        if internal_batch_size is not None:
-            if isinstance(internal_batch_size, bool) or not isinstance(
-                internal_batch_size, numbers.Integral
-            ):
-                raise AttributionTypeError("internal_batch_size must be an int or None.")
-            internal_batch_size = int(internal_batch_size)
-            if internal_batch_size < num_examples:
-                raise AttributionError(
-                    f"internal_batch_size={internal_batch_size} is smaller than the number of "
-                    f"examples ({num_examples}); use at least {num_examples}, or None to run "
-                    "all path points in one pass."
-                )
-            cap = max(1, internal_batch_size // num_examples)
+        cap = _points_per_pass(internal_batch_size, num_examples, points)
+        grad_options = _grad_options(grad_kwargs)
         args = format_additional_args(additional_forward_args)
         alphas = integration_alphas(method, points)
 
@@ -389,7 +560,11 @@ class LayerConductance(_LayerMethod):
                 plan,
                 attribute_to_layer_input,
                 progress,
+                grad_options,
             )
+        self.last_steps = [points] * num_examples
+        self.last_status = ["fixed"] * num_examples
+        self.last_points = [list(alphas)] * num_examples
         results = [
             tuple(total) if is_tuple else total[0]
             for total, is_tuple in zip(totals, tuple_layers, strict=True)
@@ -402,6 +577,116 @@ class LayerConductance(_LayerMethod):
         deltas = [_attribution_total(r, change.dtype) - change for r in results]
         return attributions, (deltas if self._is_list else deltas[0])
 
+    def _attribute_auto(
+        self,
+        inputs: tuple[Tensor, ...],
+        baselines: tuple[Tensor | int | float, ...],
+        target: TargetType,
+        args: tuple | None,
+        internal_batch_size: int | None,
+        return_delta: bool,
+        use_input: bool,
+        grad_options: dict[str, Any],
+        tolerance: float,
+        max_steps: int,
+        callback: Callable[[StepsRound], Any] | None,
+        progress: ProgressFn | None,
+    ) -> Any:
+        """``n_steps="auto"``: rounds of path points chosen by :class:`AutoSteps`, each round
+        run in passes of rows (example, point) that stay within the memory budget."""
+        forward = _unwrap(self.forward_func)
+        num_examples = inputs[0].shape[0]
+        max_rows = _points_per_pass(internal_batch_size, num_examples, max_steps) * num_examples
+        budget = memory_budget_bytes()
+        auto = AutoSteps(num_examples, tolerance, max_steps, memory_bytes=budget // 2)
+        state = _PassState(lean=not use_input, target=target, num_examples=num_examples)
+        plan = _Plan(rows=num_examples)
+        meter: PassMeter | None = PassMeter.for_model(forward)
+        tuple_layers: list[bool] = [False] * len(self._layers)
+        per_pass, done = num_examples, 0
+        rows = auto.first_rows()
+        with (
+            _out_of_memory_explained("layer conductance", plan),
+            torch.inference_mode(False),
+            tap_layers(self._layers, self._labels, use_input=use_input, mode="root") as tap,
+        ):
+            while rows:
+                start = 0
+                while start < len(rows):
+                    chunk = rows[start : start + per_pass]
+                    plan.rows = len(chunk)
+                    examples = torch.tensor([e for e, _ in chunk], device=inputs[0].device)
+                    alphas = [a for _, a in chunk]
+                    with _measuring(meter, inputs[0].device):
+                        values, grads, outputs = self._pass(
+                            forward,
+                            lambda lean, examples=examples, alphas=alphas: tuple(
+                                _path_rows(inp, base, examples, alphas, requires_grad=not lean)
+                                for inp, base in zip(inputs, baselines, strict=True)
+                            ),
+                            take_additional_args(args, examples),
+                            take_target(target, examples),
+                            tap,
+                            state,
+                            meter,
+                            grad_options,
+                        )
+                    tuple_layers = list(tap.is_tuple)
+                    auto.record(chunk, values, grads, outputs)
+                    del values, grads
+                    start += len(chunk)
+                    done += len(chunk)
+                    if meter is not None:
+                        row_cap = _rows_within_budget(
+                            plan, meter, len(chunk), 1, "layer conductance", len(rows) - start
+                        )
+                        per_pass, meter = max(1, min(max_rows, row_cap)), None
+                    if progress is not None:
+                        progress(done, max(done, num_examples * max_steps))
+                rows = auto.next_rows()
+                if callback is not None and rows:
+                    keep_going = callback(
+                        StepsRound(
+                            round=auto.rounds - 1,
+                            attributions=self._format(auto.results(), tuple_layers),
+                            delta=self._format_deltas(auto.deltas(), inputs[0]),
+                            steps=auto.steps(),
+                            status=auto.status(),
+                        )
+                    )
+                    if keep_going is False:
+                        auto.stop()
+                        rows = []
+        self.last_steps = auto.steps()
+        self.last_status = auto.status()
+        self.last_points = [list(ex.points) for ex in auto.examples]
+        unfinished = [i for i, st in enumerate(self.last_status) if st != "converged"]
+        if unfinished:
+            warnings.warn(
+                _unconverged_message(self.last_status, tolerance, max_steps),
+                UserWarning,
+                stacklevel=3,
+            )
+        attributions = self._format(auto.results(), tuple_layers)
+        if not return_delta:
+            return attributions
+        return attributions, self._format_deltas(auto.deltas(), inputs[0])
+
+    def _format(self, totals: list[list[Tensor]], tuple_layers: list[bool]) -> Any:
+        results = [
+            tuple(t.contiguous() for t in total) if is_tuple else total[0].contiguous()
+            for total, is_tuple in zip(totals, tuple_layers, strict=True)
+        ]
+        return results if self._is_list else results[0]
+
+    def _format_deltas(self, deltas: list[list[float]], like: Tensor) -> Tensor | list[Tensor]:
+        dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        per_layer = [
+            torch.tensor([d[li] for d in deltas], dtype=dtype, device=like.device)
+            for li in range(len(self._layers))
+        ]
+        return per_layer if self._is_list else per_layer[0]
+
     def _integrate(
         self,
         inputs: tuple[Tensor, ...],
@@ -413,6 +698,7 @@ class LayerConductance(_LayerMethod):
         plan: _Plan,
         use_input: bool,
         progress: ProgressFn | None,
+        grad_options: dict[str, Any],
     ) -> tuple[list[list[Tensor]], list[bool]]:
         """Sum over path points i of grad(F)(layer_i) * (layer_{i+1} - layer_i), pass by pass.
 
@@ -426,13 +712,10 @@ class LayerConductance(_LayerMethod):
         total_points = len(alphas)
         sums: list[list[Tensor]] | None = None
         carry: list[list[tuple[Tensor, Tensor]]] | None = None  # (grad, value) at last point
-        checked = False
         tuple_layers = [False] * len(self._layers)
-        layout: dict[str, bool] = {}
-
         # Lean passes record the graph from the layer on; a layer input (or a tensor passed
         # straight through) may have been used before the layer ran, so it needs the full graph.
-        lean = not use_input
+        state = _PassState(lean=not use_input, target=target, num_examples=num_examples)
         meter: PassMeter | None = PassMeter.for_model(forward)
         per_pass, start, looks = 1, 0, 1  # looks: metered passes so far (two at most)
         with (
@@ -444,55 +727,31 @@ class LayerConductance(_LayerMethod):
                 k = len(chunk)
                 plan.rows = k * num_examples
                 with _measuring(meter, inputs[0].device):
-                    while True:
-                        tap.lean = lean
-                        scaled = tuple(
+                    values, grads, _ = self._pass(
+                        forward,
+                        lambda lean, chunk=chunk: tuple(
                             _path_points(inp, base, chunk, requires_grad=not lean)
                             for inp, base in zip(inputs, baselines, strict=True)
-                        )
-                        try:
-                            with torch.set_grad_enabled(not lean), _metering(meter):
-                                output = _run_fast(
-                                    forward, scaled, repeat_additional_args(args, k), layout, tap
-                                )
-                                output = _check_output(output)
-                                if not checked:
-                                    check_target(
-                                        target, (num_examples, *output.shape[1:]), num_examples
-                                    )
-                                    checked = True
-                                picked = select_target(output, repeat_target(target, k)).sum()
-                            break
-                        except NeedsFullGraph:
-                            lean = False
-                            if meter is not None:
-                                meter.forget()  # the retry starts afresh
-                    tap.check_reached()
+                        ),
+                        repeat_additional_args(args, k),
+                        repeat_target(target, k),
+                        tap,
+                        state,
+                        meter,
+                        grad_options,
+                    )
                     tuple_layers = list(tap.is_tuple)
-                    flat = [t for values in tap.values for t in values]
-                    if picked.requires_grad:
-                        grads = torch.autograd.grad(picked, flat, allow_unused=True)
-                    else:  # the output does not depend on any tapped layer
-                        grads = (None,) * len(flat)
-                    grads = [
-                        torch.zeros_like(t) if g is None else g
-                        for g, t in zip(grads, flat, strict=True)
-                    ]
-                    if meter is not None:
-                        meter.add((*scaled, *flat, output))
-                        # Gradients of the layer, and the clones handed on to the network.
-                        meter.add_transient(2 * sum(t.nelement() * t.element_size() for t in flat))
-
-                    pos = 0
                     new_carry: list[list[tuple[Tensor, Tensor]]] = []
                     if sums is None:
                         sums = [[] for _ in self._layers]
-                    for li, values in enumerate(tap.values):
+                    for li, (layer_values, layer_grads) in enumerate(
+                        zip(values, grads, strict=True)
+                    ):
                         layer_carry = []
-                        for ti, value in enumerate(values):
-                            grad = grads[pos]
-                            pos += 1
-                            v = value.detach().reshape(k, num_examples, *value.shape[1:])
+                        for ti, (value, grad) in enumerate(
+                            zip(layer_values, layer_grads, strict=True)
+                        ):
+                            v = value.reshape(k, num_examples, *value.shape[1:])
                             g = grad.reshape(k, num_examples, *value.shape[1:])
                             part = (
                                 (g[:-1] * (v[1:] - v[:-1])).sum(0)
@@ -509,7 +768,7 @@ class LayerConductance(_LayerMethod):
                             layer_carry.append((g[-1].clone(), v[-1].clone()))  # frees the pass
                         new_carry.append(layer_carry)
                     carry = new_carry
-                    del flat, grads, output, picked
+                    del values, grads
                 start += k
                 if progress is not None:
                     progress(start, total_points)
@@ -527,6 +786,62 @@ class LayerConductance(_LayerMethod):
                         meter = None
         assert sums is not None
         return [[t.contiguous() for t in layer] for layer in sums], tuple_layers
+
+    def _pass(
+        self,
+        forward: Callable,
+        make_rows: Callable[[bool], tuple[Tensor, ...]],
+        args: tuple | None,
+        target: TargetType,
+        tap: LayerTap,
+        state: _PassState,
+        meter: PassMeter | None,
+        grad_options: dict[str, Any],
+    ) -> tuple[list[tuple[Tensor, ...]], list[tuple[Tensor, ...]], Tensor]:
+        """One forward and backward pass over a batch of path rows.
+
+        ``make_rows(lean)`` builds the rows (they require grad unless the pass is lean).
+        Returns the layer values and the gradients of the summed target output with respect
+        to them (both detached, per layer), and the target output of every row.
+        """
+        while True:
+            tap.lean = state.lean
+            scaled = make_rows(state.lean)
+            try:
+                with torch.set_grad_enabled(not state.lean), _metering(meter):
+                    output = _check_output(_run_fast(forward, scaled, args, state.layout, tap))
+                    if not state.checked:
+                        n = state.num_examples
+                        check_target(state.target, (n, *output.shape[1:]), n)
+                        state.checked = True
+                    per_row = select_target(output, target)
+                    picked = per_row.sum()
+                break
+            except NeedsFullGraph:
+                state.lean = False
+                if meter is not None:
+                    meter.forget()  # the retry starts afresh
+        tap.check_reached()
+        flat = [t for values in tap.values for t in values]
+        if picked.requires_grad:
+            found = torch.autograd.grad(picked, flat, **grad_options)
+        else:  # the output does not depend on any tapped layer
+            found = (None,) * len(flat)
+        flat_grads = [
+            torch.zeros_like(t) if g is None else g.detach()
+            for g, t in zip(found, flat, strict=True)
+        ]
+        if meter is not None:
+            meter.add((*scaled, *flat, output))
+            # Gradients of the layer, and the clones handed on to the network.
+            meter.add_transient(2 * sum(t.nelement() * t.element_size() for t in flat))
+        values, grads, pos = [], [], 0
+        for layer_values in tap.values:
+            size = len(layer_values)
+            values.append(tuple(v.detach() for v in layer_values))
+            grads.append(tuple(flat_grads[pos : pos + size]))
+            pos += size
+        return values, grads, per_row.detach()
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -732,7 +1047,8 @@ class NeuronGradient(_LayerMethod):
                 )
         return sel
 
-    def _pick(self, layer_arg: Any, selector: Any, label: str) -> Tensor:
+    @classmethod
+    def _pick(cls, layer_arg: Any, selector: Any, label: str) -> Tensor:
         """The selected value(s) of one copy: one per example, or one in total."""
         if callable(selector):
             value = selector(layer_arg)
@@ -752,4 +1068,4 @@ class NeuronGradient(_LayerMethod):
             raise AttributionError(
                 f"Layer {label} has {len(layer_arg)} tensors; use a callable neuron selector."
             )
-        return layer_arg[(slice(None), *self._index(layer_arg, selector, label))]
+        return layer_arg[(slice(None), *cls._index(layer_arg, selector, label))]

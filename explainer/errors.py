@@ -18,8 +18,12 @@ class ExplainerError(Exception):
     """Base class of every error raised on purpose by :mod:`explainer`."""
 
 
-class AttributionError(ExplainerError, ValueError):
-    """An attribution call received values it cannot work with."""
+class AttributionError(ExplainerError, ValueError, AssertionError):
+    """An attribution call received values it cannot work with.
+
+    Also an ``AssertionError``: Captum raises that type for the same mistakes (a target or
+    neuron out of range, a wrong shape), so code written for Captum catches it unchanged.
+    """
 
 
 class AttributionTypeError(ExplainerError, TypeError):

@@ -14,7 +14,7 @@ import numpy as np
 
 from explainer.errors import AttributionError
 
-__all__ = ["METHODS", "alphas", "check_method"]
+__all__ = ["METHODS", "alphas", "check_method", "quadrature"]
 
 
 def _riemann_left(n: int) -> np.ndarray:
@@ -69,3 +69,27 @@ def alphas(method: str, n: int) -> list[float]:
     check_method(method)
     _check_points(n)
     return _ALPHAS[method](int(n)).tolist()
+
+
+def _weights(method: str, n: int) -> np.ndarray:
+    if method == "gausslegendre":
+        return 0.5 * np.polynomial.legendre.leggauss(n)[1]
+    step = np.full(n, 1.0 / n)
+    if method == "riemann_trapezoid":  # the reference halves the end steps of 1/n
+        step[0] /= 2
+        step[-1] /= 2
+    return step
+
+
+def quadrature(method: str, n: int) -> tuple[list[float], list[float]]:
+    """The ``n`` points of ``method`` and their weights (step sizes), as the reference defines
+    them for methods that integrate gradients at the points (neuron conductance). The
+    Gauss-Legendre rule works from one point, the Riemann rules from two."""
+    check_method(method)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise AttributionError(f"n_steps must be a positive integer, got {n!r}.")
+    if n < 2 and method != "gausslegendre":
+        raise AttributionError(
+            f"The {method} rule needs n_steps >= 2 (got {n}); use more steps or gausslegendre."
+        )
+    return _ALPHAS[method](int(n)).tolist(), _weights(method, int(n)).tolist()

@@ -318,11 +318,14 @@ MISUSE = {
     "target arity": (dict(target=(1, 2)), AttributionError, "needs exactly 1"),
     "target missing": (dict(target=None), AttributionError, "No target given"),
     "target list length": (dict(target=[0]), AttributionError, "one target per example"),
-    "small internal batch": (
-        dict(internal_batch_size=1),
+    "no internal batch": (
+        dict(internal_batch_size=0),
         AttributionError,
-        "smaller than the number of examples",
+        "must be a positive number of rows",
     ),
+    "auto tolerance": (dict(n_steps="auto", tolerance=2.0), AttributionError, "between 0 and 1"),
+    "auto cap": (dict(n_steps="auto", max_steps=1), AttributionError, "at least 2"),
+    "steps word": (dict(n_steps="many"), AttributionError, 'or "auto"'),
 }
 
 

@@ -1,0 +1,296 @@
+"""Neuron conductance: how the input features reach the target through one neuron of a layer.
+
+The result matches ``captum.attr.NeuronConductance``: for every path point between the baseline
+and the input, the gradient of the target with respect to the neuron times the gradient of the
+neuron with respect to the inputs, summed over the points with the rule's weights and (by
+default) multiplied by ``input - baseline``.
+
+The engine differs from the reference where that saves work:
+
+* One forward pass along the path and one backward pass from the target to the layer serve
+  every neuron asked for: a list of selectors returns all their maps, and each further neuron
+  costs only a backward pass from the layer to the inputs.
+* The gradient of the target with respect to the neuron already weighs the backward pass from
+  the layer, so no per-neuron products over the inputs are formed afterwards.
+* Passes are kept within the memory budget and the inputs run in the layout the CPU prefers,
+  as for :class:`~explainer.attribution.LayerConductance`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from explainer.arguments import (
+    BaselineType,
+    TargetType,
+    as_input_tuple,
+    check_target,
+    format_additional_args,
+    format_baselines,
+    repeat_additional_args,
+    repeat_target,
+    select_target,
+)
+from explainer.attribution import (
+    NeuronGradient,
+    ProgressFn,
+    Selector,
+    _check_output,
+    _grad_options,
+    _LayerMethod,
+    _measuring,
+    _metering,
+    _out_of_memory_explained,
+    _path_points,
+    _Plan,
+    _points_per_pass,
+    _rows_within_budget,
+    _run_fast,
+    _unwrap,
+    _worth_another_look,
+)
+from explainer.errors import AttributionError, AttributionTypeError
+from explainer.hooks import tap_layers
+from explainer.integration import quadrature
+from explainer.memory import PassMeter
+
+__all__ = ["NeuronConductance"]
+
+
+class NeuronConductance(_LayerMethod):
+    """Conductance of one neuron (or a sum of neurons) broken down by input feature.
+
+    Arguments and results follow ``captum.attr.NeuronConductance``. ``neuron_selector`` may
+    also be a list of selectors: the result then has a new leading dimension, one map per
+    selector, from one forward pass along the path. References:
+    https://arxiv.org/abs/1805.12233
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Module,
+        device_ids: list[int] | None = None,
+        multiply_by_inputs: bool = True,
+    ) -> None:
+        if not isinstance(layer, Module):
+            raise AttributionTypeError(
+                f"layer must be a torch.nn.Module, not {type(layer).__name__}."
+            )
+        super().__init__(forward_func, layer, device_ids)
+        self._multiply_by_inputs = bool(multiply_by_inputs)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        neuron_selector: Selector | list[Selector],
+        baselines: BaselineType = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "riemann_trapezoid",
+        internal_batch_size: int | None = None,
+        attribute_to_neuron_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Attribute the selected neuron's conductance to every input feature.
+
+        ``neuron_selector`` is an int (2-D layers), a tuple of ints and slices (slices sum the
+        neurons they cover), a callable taking the layer's output and returning one value per
+        example, or a list of any of those. The other parameters follow the reference;
+        ``internal_batch_size`` bounds the rows (path points times examples) of one pass, and
+        ``grad_kwargs`` go to ``torch.autograd.grad`` for the gradient at the layer.
+        ``progress``, when given, is called as ``progress(done, total)`` in path points.
+
+        Returns
+        -------
+        Tensors shaped like the inputs (a tuple when ``inputs`` is a tuple); with a list of
+        selectors each has a leading dimension of one entry per selector.
+        """
+        is_tuple = isinstance(inputs, tuple)
+        inputs_t = as_input_tuple(inputs)
+        baselines_t = format_baselines(baselines, inputs_t)
+        many = isinstance(neuron_selector, list)
+        selectors = neuron_selector if many else [neuron_selector]
+        if many and not selectors:
+            raise AttributionError("neuron_selector is an empty list; give at least one selector.")
+        for i, t in enumerate(inputs_t):
+            if not t.is_floating_point():
+                raise AttributionTypeError(
+                    f"inputs[{i}] has dtype {t.dtype}; gradients need floating-point inputs "
+                    "(pass integer arguments such as token ids through additional_forward_args)."
+                )
+        if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+            raise AttributionError(f"n_steps must be a positive integer, got {n_steps!r}.")
+        alphas, weights = quadrature(method, int(n_steps))
+        num_examples = inputs_t[0].shape[0]
+        if num_examples == 0:
+            raise AttributionError("inputs hold no examples (dimension 0 is empty).")
+        cap = _points_per_pass(internal_batch_size, num_examples, len(alphas))
+        grad_options = _grad_options(grad_kwargs)
+        args = format_additional_args(additional_forward_args)
+
+        plan = _Plan(rows=num_examples)
+        with (
+            _out_of_memory_explained("neuron conductance", plan),
+            torch.inference_mode(False),  # the sums are written in place, also under it
+        ):
+            totals = [
+                torch.zeros((len(selectors), *t.shape), dtype=t.dtype, device=t.device)
+                for t in inputs_t
+            ]
+            self._integrate(
+                inputs_t,
+                baselines_t,
+                target,
+                args,
+                selectors,
+                alphas,
+                weights,
+                cap,
+                plan,
+                attribute_to_neuron_input,
+                grad_options,
+                totals,
+                progress,
+            )
+            if self._multiply_by_inputs:
+                for total, inp, base in zip(totals, inputs_t, baselines_t, strict=True):
+                    base_t = base.to(inp.dtype) if isinstance(base, Tensor) else base
+                    total.mul_((inp.detach() - base_t).unsqueeze(0))
+        out = tuple(t if many else t[0] for t in totals)
+        return out if is_tuple else out[0]
+
+    def _integrate(
+        self,
+        inputs: tuple[Tensor, ...],
+        baselines: tuple[Tensor | int | float, ...],
+        target: TargetType,
+        args: tuple | None,
+        selectors: list[Any],
+        alphas: list[float],
+        weights: list[float],
+        cap: int,
+        plan: _Plan,
+        use_input: bool,
+        grad_options: dict[str, Any],
+        totals: list[Tensor],
+        progress: ProgressFn | None,
+    ) -> None:
+        """Add the weighted gradient products of every path point into ``totals``, pass by
+        pass. The first pass holds one path point and is metered; later ones hold as many as
+        the memory budget allows, at most ``cap``."""
+        forward = _unwrap(self.forward_func)
+        num_examples = inputs[0].shape[0]
+        total_points = len(alphas)
+        layout: dict[str, bool] = {}
+        checked = False
+        meter: PassMeter | None = PassMeter.for_model(forward)
+        per_pass, start, looks = 1, 0, 1
+        with torch.inference_mode(False), torch.enable_grad():
+            while start < total_points:
+                chunk = alphas[start : start + per_pass]
+                k = len(chunk)
+                plan.rows = k * num_examples
+                coef = torch.tensor(
+                    weights[start : start + k], dtype=inputs[0].dtype, device=inputs[0].device
+                )
+                with _measuring(meter, inputs[0].device):
+                    scaled = tuple(
+                        _path_points(inp, base, chunk, requires_grad=True)
+                        for inp, base in zip(inputs, baselines, strict=True)
+                    )
+                    with tap_layers(
+                        self._layers, self._labels, use_input=use_input, mode="root"
+                    ) as tap:
+                        with _metering(meter):
+                            output = _check_output(
+                                _run_fast(
+                                    forward, scaled, repeat_additional_args(args, k), layout, tap
+                                )
+                            )
+                        if not checked:
+                            check_target(target, (num_examples, *output.shape[1:]), num_examples)
+                            checked = True
+                        tap.check_reached()
+                        values = tap.values[0]
+                        layer_is_tuple = tap.is_tuple[0]
+                        picked = select_target(output, repeat_target(target, k)).sum()
+                        if picked.requires_grad:
+                            grads = torch.autograd.grad(
+                                picked, values, retain_graph=True, **grad_options
+                            )
+                        else:
+                            grads = (None,) * len(values)
+                        grads = tuple(
+                            torch.zeros_like(v) if g is None else g
+                            for g, v in zip(grads, values, strict=True)
+                        )
+                        if meter is not None:
+                            meter.add((*scaled, *values, output))
+                            meter.add_transient(
+                                sum(t.nelement() * t.element_size() for t in (*values, *scaled))
+                            )
+                        layer_arg = values if layer_is_tuple else values[0]
+                        grad_arg = grads if layer_is_tuple else grads[0]
+                        for j, selector in enumerate(selectors):
+                            neuron = self._select(layer_arg, selector, k * num_examples)
+                            weight = self._select(grad_arg, selector, k * num_examples).detach()
+                            last = j == len(selectors) - 1
+                            if neuron.requires_grad:
+                                parts = torch.autograd.grad(
+                                    neuron,
+                                    scaled,
+                                    grad_outputs=weight.reshape(neuron.shape),
+                                    retain_graph=not last,
+                                    allow_unused=True,
+                                )
+                            else:  # the neuron does not depend on the inputs
+                                parts = (None,) * len(scaled)
+                            for total, part in zip(totals, parts, strict=True):
+                                if part is None:
+                                    continue
+                                part = part.reshape(k, num_examples, *part.shape[1:])
+                                shape = (k, *([1] * (part.dim() - 1)))
+                                total[j] += (part * coef.reshape(shape)).sum(0)
+                        del output, picked, grads, values, layer_arg, grad_arg
+                start += k
+                if progress is not None:
+                    progress(start, total_points)
+                if meter is not None:
+                    left = total_points - start
+                    if looks < 2 and _worth_another_look(
+                        meter, k * num_examples, num_examples, min(cap, left)
+                    ):
+                        meter, looks = PassMeter.for_model(forward), looks + 1
+                    else:
+                        rows = _rows_within_budget(
+                            plan, meter, k * num_examples, num_examples, "neuron conductance", left
+                        )
+                        per_pass = min(cap, rows // num_examples)
+                        meter = None
+
+    def _select(self, layer_arg: Any, selector: Any, rows: int) -> Tensor:
+        """The selected value of every row (summed over slices), as the reference selects
+        both the neuron and its gradient."""
+        value = NeuronGradient._pick(layer_arg, selector, self._labels[0])
+        if value.dim() > 1:
+            value = value.reshape(value.shape[0], -1).sum(1)
+        if value.numel() != rows:
+            raise AttributionError(
+                f"The neuron selector gave {value.numel()} values for {rows} rows (path points "
+                "times examples); return one value per example."
+            )
+        return value.reshape(rows)

@@ -1,0 +1,209 @@
+"""``n_steps="auto"``: path points placed until the convergence delta meets a tolerance.
+
+The checks: the tolerance is met or the reason is reported; the result is exactly the sum a
+fixed-step run gives at the same points; ``last_steps`` counts the rows that went through the
+model; the callback sees rounds in order; examples in one call refine independently.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from explainer import LayerConductance
+from explainer.adaptive import StepsRound, split_points
+from explainer.attribution import _grad_options, _Plan
+
+
+def randn(*shape: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+class Net(nn.Module):
+    """A small ReLU network whose output bends along the path (so steps matter)."""
+
+    def __init__(self, bypass: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+        self.bypass = bypass
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.conv1(x))
+        out = self.conv2(h)
+        if self.bypass:  # part of the change goes around conv2
+            out = out + h
+        return self.head(torch.tanh(out).mean((2, 3)))
+
+
+class Counting(nn.Module):
+    """Counts the rows (path points times examples) that run through the model."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.rows = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows += x.shape[0]
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    torch.manual_seed(3)
+    return Net().double().eval()
+
+
+def change(model, x, target) -> Tensor:
+    with torch.no_grad():
+        return model(x)[:, target] - model(torch.zeros_like(x))[:, target]
+
+
+def test_tolerance_is_met_and_delta_is_the_real_one(net):
+    x = randn(3, 3, 8, 8, seed=1) * 2
+    lc = LayerConductance(net, net.conv2)
+    attr, delta = lc.attribute(
+        x, target=1, n_steps="auto", tolerance=0.01, return_convergence_delta=True
+    )
+    assert lc.last_status == ["converged"] * 3
+    assert (delta.abs() <= 0.01 * change(net, x, 1).abs() + 1e-12).all()
+    direct = lc.compute_convergence_delta(attr, None, x, target=1)
+    torch.testing.assert_close(delta, direct, rtol=1e-6, atol=1e-9)
+    # A tighter tolerance needs more points and still holds.
+    tight = LayerConductance(net, net.conv2)
+    _, d2 = tight.attribute(
+        x, target=1, n_steps="auto", tolerance=0.001, return_convergence_delta=True
+    )
+    assert (d2.abs() <= 0.001 * change(net, x, 1).abs() + 1e-12).all()
+    assert sum(tight.last_steps) > sum(lc.last_steps)
+
+
+def test_result_equals_a_fixed_run_at_the_same_points(net):
+    x = randn(2, 3, 8, 8, seed=2) * 2
+    lc = LayerConductance(net, [net.conv1, net.conv2])
+    attrs = lc.attribute(x, target=[0, 3], n_steps="auto", tolerance=0.005)
+    for e in range(2):
+        points = lc.last_points[e]
+        assert points[0] == 0.0 and points[-1] == 1.0 and points == sorted(points)
+        assert len(points) == lc.last_steps[e] == len(set(points))
+        sums, _ = lc._integrate(
+            (x[e : e + 1],),
+            (0,),
+            [0, 3][e],
+            None,
+            points,
+            len(points),
+            _Plan(rows=1),
+            False,
+            None,
+            _grad_options(None),
+        )
+        for layer_sum, attr in zip(sums, attrs, strict=True):
+            torch.testing.assert_close(attr[e : e + 1], layer_sum[0], rtol=1e-9, atol=1e-12)
+
+
+def test_last_steps_counts_the_rows_run(net):
+    model = Counting(net)
+    x = randn(3, 3, 8, 8, seed=3) * 2
+    lc = LayerConductance(model, net.conv2)
+    lc.attribute(x, target=2, n_steps="auto")
+    assert model.rows == sum(lc.last_steps)
+    assert all(isinstance(s, int) and s >= 2 for s in lc.last_steps)
+    model.rows = 0
+    lc.attribute(x, target=2, n_steps=7)
+    assert lc.last_steps == [8, 8, 8] and lc.last_status == ["fixed"] * 3
+
+
+def test_examples_refine_independently(net):
+    x = randn(3, 3, 8, 8, seed=4) * 2
+    together = LayerConductance(net, net.conv2)
+    attr = together.attribute(x, target=[0, 1, 2], n_steps="auto")
+    for e in range(3):
+        alone = LayerConductance(net, net.conv2)
+        one = alone.attribute(x[e : e + 1], target=[0, 1, 2][e], n_steps="auto")
+        # The same points and result, up to the rounding of batched arithmetic.
+        assert alone.last_points[0] == pytest.approx(together.last_points[e], rel=1e-6)
+        torch.testing.assert_close(one[0], attr[e], rtol=1e-6, atol=1e-9)
+
+
+def test_callback_sees_rounds_in_order(net):
+    x = randn(2, 3, 8, 8, seed=5) * 3
+    seen: list[StepsRound] = []
+    lc = LayerConductance(net, net.conv2)
+    attr, delta = lc.attribute(
+        x,
+        target=0,
+        n_steps="auto",
+        tolerance=1e-3,
+        return_convergence_delta=True,
+        callback=seen.append,
+    )
+    assert len(seen) >= 2
+    assert [r.round for r in seen] == list(range(len(seen)))
+    assert seen[0].steps == [2, 2]
+    for a, b in zip(seen, seen[1:], strict=False):
+        assert all(sb >= sa for sa, sb in zip(a.steps, b.steps, strict=True))
+    for r in seen:  # each intermediate delta is that of its intermediate conductance
+        assert r.attributions.shape == attr.shape
+        total = r.attributions.reshape(2, -1).sum(1)
+        torch.testing.assert_close(r.delta, total - change(net, x, 0), rtol=1e-6, atol=1e-9)
+    assert all(final >= last for final, last in zip(lc.last_steps, seen[-1].steps, strict=True))
+    # The final delta is not worse than the first coarse one.
+    assert (delta.abs() <= seen[0].delta.abs() + 1e-12).all()
+
+
+def test_callback_can_stop_early_with_a_coarse_result(net):
+    x = randn(1, 3, 8, 8, seed=6) * 3
+    lc = LayerConductance(net, net.conv2)
+    with pytest.warns(UserWarning, match="stopped by the callback"):
+        coarse = lc.attribute(x, target=0, n_steps="auto", tolerance=1e-6, callback=lambda r: False)
+    assert lc.last_status == ["stopped"] and lc.last_steps == [2]
+    assert torch.isfinite(coarse).all()
+
+
+def test_a_delta_that_bypasses_the_layer_stalls_instead_of_running_to_the_cap():
+    torch.manual_seed(4)
+    model = Net(bypass=True).double().eval()
+    x = randn(1, 3, 8, 8, seed=7) * 3
+    lc = LayerConductance(model, model.conv2)
+    with pytest.warns(UserWarning, match="more points do not reduce"):
+        _, delta = lc.attribute(x, target=1, n_steps="auto", return_convergence_delta=True)
+    assert lc.last_status == ["stalled"]
+    assert lc.last_steps[0] < 512
+    assert abs(float(delta)) > 0.01 * abs(float(change(model, x, 1)))
+
+
+def test_the_cap_is_reported(net):
+    x = randn(1, 3, 8, 8, seed=8) * 3
+    lc = LayerConductance(net, net.conv2)
+    with pytest.warns(UserWarning, match="cap of 3 path points"):
+        lc.attribute(x, target=0, n_steps="auto", tolerance=1e-6, max_steps=3)
+    assert lc.last_status == ["cap"] and lc.last_steps == [3]
+
+
+def test_no_warning_when_every_example_converges(net):
+    x = randn(2, 3, 8, 8, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LayerConductance(net, net.conv2).attribute(x, target=0, n_steps="auto")
+
+
+def test_split_points_follow_the_errors():
+    # A gradient that jumps right after the start: all error at the left end of [0, 1].
+    new = split_points([0.0, 1.0], [-1.0], [0.0], allowed=0.01, max_new=1)
+    assert new == [pytest.approx(0.02)]
+    # Opposite signs place the point where the two estimates balance.
+    new = split_points([0.0, 1.0], [-0.3], [0.1], allowed=0.01, max_new=1)
+    assert new == [pytest.approx(0.25)]
+    # Intervals of the delta's sign come first; within tolerance nothing is added.
+    new = split_points([0.0, 0.5, 1.0], [0.2, -0.05], [-0.2, 0.05], allowed=0.01, max_new=1)
+    assert len(new) == 1 and 0.0 < new[0] < 0.5
+    assert split_points([0.0, 1.0], [0.001], [-0.001], allowed=0.01, max_new=5) == []
+    assert split_points([0.0, 1.0], [0.5], [-0.5], allowed=0.01, max_new=0) == []
