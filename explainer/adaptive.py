@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["StepsRound", "split_points", "STATUSES"]
+__all__ = [
+    "STATUSES",
+    "AutoSteps",
+    "LayerPath",
+    "NeuronPath",
+    "PathPoints",
+    "StepsRound",
+    "split_points",
+]
 
 STATUSES = ("converged", "cap", "stalled", "memory", "stopped")
 """Why an example stopped: the tolerance was met; the cap on path points was reached; the
@@ -124,42 +132,71 @@ def split_points(
 
 
 @dataclass
-class _Example:
-    """One example's evaluated path points: per point the layer values, the gradients of the
-    target there (per layer, per tensor, without the example dimension) and the output."""
+class Assessment:
+    """Where one example stands: per part (a layer, or a neuron selector) the signed delta and
+    the largest delta allowed; per interval the error of the sum's own rule and of the same
+    rule with the integrand taken at the other end (for the worst part)."""
+
+    deltas: list[float]
+    slacks: list[float]
+    errors: list[float]
+    right_errors: list[float]
+
+
+@dataclass
+class PathPoints:
+    """One example's evaluated path points, ascending, each with what the method stored for
+    it. Subclasses say what the result and the errors are."""
 
     points: list[float] = field(default_factory=list)
-    values: list[list[list[Tensor]]] = field(default_factory=list)
-    grads: list[list[list[Tensor]]] = field(default_factory=list)
-    outputs: list[float] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
     status: str | None = None
     history: list[list[float]] = field(default_factory=list)
 
-    def add(self, alpha: float, values: list[list[Tensor]], grads, output: float) -> None:
+    def add(self, alpha: float, item: Any) -> None:
         at = sum(1 for p in self.points if p < alpha)
         self.points.insert(at, alpha)
-        self.values.insert(at, values)
-        self.grads.insert(at, grads)
-        self.outputs.insert(at, output)
+        self.items.insert(at, item)
 
-    def change(self) -> float:
-        return self.outputs[-1] - self.outputs[0]
+    def assess(self, tolerance: float) -> Assessment:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def result(self) -> list[list[Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes held for the stored points."""
+        return sum(t.nelement() * t.element_size() for item in self.items for t in _tensors(item))
+
+
+def _tensors(item: Any):
+    if isinstance(item, Tensor):
+        yield item
+    elif isinstance(item, (list, tuple)):
+        for x in item:
+            yield from _tensors(x)
+
+
+def slack(tolerance: float, outputs: Sequence[float]) -> float:
+    """The largest delta allowed: ``tolerance`` times the change of the output along the path,
+    plus a rounding allowance for a path along which the output does not change."""
+    scale = max(abs(outputs[0]), abs(outputs[-1]), 1e-30)
+    return tolerance * abs(outputs[-1] - outputs[0]) + 1e-6 * scale
+
+
+class LayerPath(PathPoints):
+    """Layer conductance: per point, per layer, per tensor the layer's value and the gradient
+    of the target there (without the example dimension), and the target output."""
 
     def intervals(self) -> tuple[list[list[float]], list[list[float]]]:
         """Per interval, per layer: the conductance total of that interval with the gradient
         at its left end (the sum's own rule) and at its right end."""
         lefts, rights = [], []
-        for i in range(len(self.points) - 1):
+        for (v0s, g0s, _), (v1s, g1s, _) in zip(self.items, self.items[1:], strict=False):
             left, right = [], []
-            for li in range(len(self.values[0])):
+            for v0l, g0l, v1l, g1l in zip(v0s, g0s, v1s, g1s, strict=True):
                 lo = hi = 0.0
-                for g0, g1, v0, v1 in zip(
-                    self.grads[i][li],
-                    self.grads[i + 1][li],
-                    self.values[i][li],
-                    self.values[i + 1][li],
-                    strict=True,
-                ):
+                for v0, g0, v1, g1 in zip(v0l, g0l, v1l, g1l, strict=True):
                     step = v1 - v0
                     lo += float((g0 * step).sum())
                     hi += float((g1 * step).sum())
@@ -169,137 +206,196 @@ class _Example:
             rights.append(right)
         return lefts, rights
 
-    def conductance(self) -> list[list[Tensor]]:
+    def assess(self, tolerance: float) -> Assessment:
+        outputs = [item[2] for item in self.items]
+        lefts, rights = self.intervals()
+        steps = [b - a for a, b in zip(outputs, outputs[1:], strict=False)]
+        change = outputs[-1] - outputs[0]
+        layers = range(len(lefts[0]))
+        deltas = [sum(p[li] for p in lefts) - change for li in layers]
+        worst = max(layers, key=lambda li: abs(deltas[li]))
+        return Assessment(
+            deltas=deltas,
+            slacks=[slack(tolerance, outputs)] * len(deltas),
+            errors=[p[worst] - d for p, d in zip(lefts, steps, strict=True)],
+            right_errors=[r[worst] - d for r, d in zip(rights, steps, strict=True)],
+        )
+
+    def result(self) -> list[list[Tensor]]:
         """Per layer, per tensor: the conductance from the points evaluated so far."""
-        layers = []
-        for li in range(len(self.values[0])):
-            tensors = []
-            for ti in range(len(self.values[0][li])):
-                total = torch.zeros_like(self.values[0][li][ti])
-                for i in range(len(self.points) - 1):
-                    total += self.grads[i][li][ti] * (
-                        self.values[i + 1][li][ti] - self.values[i][li][ti]
-                    )
-                tensors.append(total)
-            layers.append(tensors)
+        first = self.items[0][0]
+        layers = [[torch.zeros_like(t) for t in layer] for layer in first]
+        for (v0s, g0s, _), (v1s, _, _) in zip(self.items, self.items[1:], strict=False):
+            for total, v0l, g0l, v1l in zip(layers, v0s, g0s, v1s, strict=True):
+                for t, v0, g0, v1 in zip(total, v0l, g0l, v1l, strict=True):
+                    t += g0 * (v1 - v0)
         return layers
 
-    def nbytes(self) -> int:
-        if not self.values:
-            return 0
-        one = sum(t.nelement() * t.element_size() for layer in self.values[0] for t in layer)
-        return 2 * one * len(self.points)
+
+class NeuronPath(PathPoints):
+    """Neuron conductance: per point the target output and, per selector, the gradient of the
+    target with respect to the neuron, the neuron's value, the rate ``m * ds/dalpha`` at which
+    its conductance accrues, and the weighted input gradients (without the example dimension).
+
+    The map is the trapezoid rule over the points. Its sum equals that rule applied to the
+    rate, so it is checked against the neuron's conductance along the same points taken the
+    other way, ``sum((m(a) + m(b)) / 2 * (s(b) - s(a)))``: both converge to the same integral.
+    """
+
+    def assess(self, tolerance: float) -> Assessment:
+        outputs = [item[0] for item in self.items]
+        change = abs(outputs[-1] - outputs[0])
+        rounding = 1e-6 * max(abs(outputs[0]), abs(outputs[-1]), 1e-30)
+        deltas, slacks, per_selector = [], [], []
+        for j in range(len(self.items[0][1])):
+            errors, total = [], 0.0
+            for (a, (_, sel_a)), (b, (_, sel_b)) in zip(
+                zip(self.points, self.items, strict=True),
+                zip(self.points[1:], self.items[1:], strict=True),
+                strict=False,
+            ):
+                m_a, s_a, q_a, _ = sel_a[j]
+                m_b, s_b, q_b, _ = sel_b[j]
+                flow = 0.5 * (m_a + m_b) * (s_b - s_a)
+                errors.append(0.5 * (b - a) * (q_a + q_b) - flow)
+                total += flow
+            deltas.append(sum(errors))
+            slacks.append(tolerance * max(abs(total), tolerance * change) + rounding)
+            per_selector.append(errors)
+        worst = max(range(len(deltas)), key=lambda j: abs(deltas[j]) / slacks[j])
+        errors = per_selector[worst]
+        return Assessment(
+            deltas=deltas, slacks=slacks, errors=errors, right_errors=[-e for e in errors]
+        )
+
+    def result(self) -> list[list[Tensor]]:
+        """Per selector, per input tensor: the trapezoid sum of the weighted input gradients."""
+        p = self.points
+        weights = [((p[min(i + 1, len(p) - 1)] - p[max(i - 1, 0)]) / 2) for i in range(len(p))]
+        out = []
+        for j in range(len(self.items[0][1])):
+            sums = [torch.zeros_like(t) for t in self.items[0][1][j][3]]
+            for w, (_, per_selector) in zip(weights, self.items, strict=True):
+                for total, part in zip(sums, per_selector[j][3], strict=True):
+                    total.add_(part, alpha=w)
+            out.append(sums)
+        return out
 
 
 @dataclass
 class AutoSteps:
-    """The state of one ``n_steps="auto"`` call across its rounds."""
+    """The rounds of one ``n_steps="auto"`` call: which points each example needs next."""
 
-    num_examples: int
+    paths: list[PathPoints]
     tolerance: float
     max_steps: int
     memory_bytes: int
-    examples: list[_Example] = field(default_factory=list)
     rounds: int = 0
-
-    def __post_init__(self) -> None:
-        self.examples = [_Example() for _ in range(self.num_examples)]
 
     def first_rows(self) -> list[tuple[int, float]]:
         """Both ends of the path for every example: the first round."""
-        return [(e, a) for a in (0.0, 1.0) for e in range(self.num_examples)]
+        return [(e, a) for a in (0.0, 1.0) for e in range(len(self.paths))]
 
-    def record(self, rows: list[tuple[int, float]], values, grads, outputs: Tensor) -> None:
-        """Store what one pass found for its rows (values and grads per layer, per tensor,
-        with the rows as dimension 0)."""
-        out = outputs.tolist()
-        for r, (e, alpha) in enumerate(rows):
-            row_values = [[t[r].clone() for t in layer] for layer in values]
-            row_grads = [[t[r].clone() for t in layer] for layer in grads]
-            self.examples[e].add(alpha, row_values, row_grads, float(out[r]))
-
-    def _slack(self, ex: _Example) -> float:
-        scale = max(abs(ex.outputs[0]), abs(ex.outputs[-1]), 1e-30)
-        return self.tolerance * abs(ex.change()) + 1e-6 * scale
+    def record(self, rows: list[tuple[int, float]], items: list[Any]) -> None:
+        """Store what a pass found for each of its rows."""
+        for (e, alpha), item in zip(rows, items, strict=True):
+            self.paths[e].add(alpha, item)
 
     def deltas(self) -> list[list[float]]:
-        """Per example, per layer: the signed delta of the sum over the points so far."""
-        out = []
-        for ex in self.examples:
-            parts, _ = ex.intervals()
-            change = ex.change()
-            out.append([sum(p[li] for p in parts) - change for li in range(len(parts[0]))])
-        return out
+        """Per example, per part: the signed delta over the points so far."""
+        return [path.assess(self.tolerance).deltas for path in self.paths]
 
     def next_rows(self) -> list[tuple[int, float]]:
         """Decide which examples are done and which points the others need next."""
         self.rounds += 1
         rows: list[tuple[int, float]] = []
-        stored = sum(ex.nbytes() for ex in self.examples)
-        for e, ex in enumerate(self.examples):
-            if ex.status is not None:
+        stored = sum(path.nbytes() for path in self.paths)
+        for e, path in enumerate(self.paths):
+            if path.status is not None:
                 continue
-            parts, rights = ex.intervals()
-            change = ex.change()
-            layers = range(len(parts[0]))
-            totals = [sum(p[li] for p in parts) for li in layers]
-            deltas = [totals[li] - change for li in layers]
-            slack = self._slack(ex)
-            if all(abs(d) <= slack for d in deltas):
-                ex.status = "converged"
+            state = path.assess(self.tolerance)
+            pairs = list(zip(state.deltas, state.slacks, strict=True))
+            if all(abs(d) <= s for d, s in pairs):
+                path.status = "converged"
                 continue
-            ex.history.append(deltas)
-            if len(ex.history) >= 4 and all(abs(d) > _STALL * slack for d in deltas):
+            path.history.append(state.deltas)
+            if len(path.history) >= 4 and all(abs(d) > _STALL * s for d, s in pairs):
                 # Three rounds of points that leave a large delta (nearly) where it was: the
                 # delta does not come from the spacing of the points.
-                last = ex.history[-4:]
+                last = path.history[-4:]
                 if all(
-                    abs(b[li] - a[li]) <= _STEADY * abs(b[li])
+                    abs(b[i] - a[i]) <= _STEADY * abs(b[i])
                     for a, b in zip(last, last[1:], strict=False)
-                    for li in layers
+                    for i in range(len(pairs))
                 ):
-                    ex.status = "stalled"
+                    path.status = "stalled"
                     continue
-            room = self.max_steps - len(ex.points)
+            room = self.max_steps - len(path.points)
             if room <= 0:
-                ex.status = "cap"
+                path.status = "cap"
                 continue
-            per_point = ex.nbytes() // max(len(ex.points), 1)
+            per_point = path.nbytes() // max(len(path.points), 1)
             fits = (self.memory_bytes - stored) // max(per_point, 1)
             if fits <= 0:
-                ex.status = "memory"
+                path.status = "memory"
                 continue
-            steps = [ex.outputs[i + 1] - ex.outputs[i] for i in range(len(parts))]
-            worst = max(layers, key=lambda li: abs(deltas[li]))
-            errors = [p[worst] - step for p, step in zip(parts, steps, strict=True)]
-            right_errors = [r[worst] - step for r, step in zip(rights, steps, strict=True)]
-            budget = min(room, fits, max(3, len(ex.points)))
-            new = split_points(ex.points, errors, right_errors, _AIM * slack, budget)
+            allowed = min(s for _, s in pairs)
+            budget = min(room, fits, max(3, len(path.points)))
+            new = split_points(
+                path.points, state.errors, state.right_errors, _AIM * allowed, budget
+            )
             if not new:
-                ex.status = "stalled"
+                path.status = "stalled"
                 continue
             stored += per_point * len(new)
             rows.extend((e, a) for a in new)
         return rows
 
     def stop(self) -> None:
-        for ex in self.examples:
-            if ex.status is None:
-                ex.status = "stopped"
+        for path in self.paths:
+            if path.status is None:
+                path.status = "stopped"
 
     def steps(self) -> list[int]:
-        return [len(ex.points) for ex in self.examples]
+        return [len(path.points) for path in self.paths]
 
     def status(self) -> list[str | None]:
-        return [ex.status for ex in self.examples]
+        return [path.status for path in self.paths]
+
+    def points(self) -> list[list[float]]:
+        return [list(path.points) for path in self.paths]
 
     def results(self) -> list[list[Tensor]]:
-        """Per layer, per tensor: the conductance of all examples (examples as dimension 0)."""
-        per_example = [ex.conductance() for ex in self.examples]
+        """Per part, per tensor: the result of all examples (examples as dimension 0)."""
+        per_example = [path.result() for path in self.paths]
         return [
-            [torch.stack([pe[li][ti] for pe in per_example]) for ti in range(len(layer))]
-            for li, layer in enumerate(per_example[0])
+            [torch.stack([pe[li][ti] for pe in per_example]) for ti in range(len(part))]
+            for li, part in enumerate(per_example[0])
         ]
+
+
+def unconverged_message(status: list[str | None], tolerance: float, max_steps: int) -> str:
+    """The warning for examples that ended other than converged."""
+    parts = []
+    for what, text in (
+        ("cap", f"reached the cap of {max_steps} path points"),
+        (
+            "stalled",
+            "have a delta that more points do not reduce: part of the output change "
+            "does not flow through the layer (for instance it bypasses it through a residual "
+            "connection)",
+        ),
+        ("memory", "ran out of memory budget for more points"),
+        ("stopped", "were stopped by the callback"),
+    ):
+        which = [i for i, st in enumerate(status) if st == what]
+        if which:
+            parts.append(f"examples {which} {text}")
+    return (
+        f'n_steps="auto" did not reach the tolerance of {tolerance:g} everywhere: '
+        + "; ".join(parts)
+        + ". The returned delta says how far each example got."
+    )
 
 
 def check_auto_arguments(tolerance: Any, max_steps: Any, callback: Any) -> tuple[float, int]:

@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 from torch.nn import DataParallel, Module
 
-from explainer.adaptive import AutoSteps, StepsRound, check_auto_arguments
+from explainer.adaptive import (
+    AutoSteps,
+    LayerPath,
+    StepsRound,
+    check_auto_arguments,
+    unconverged_message,
+)
 from explainer.arguments import (
     BaselineType,
     TargetType,
@@ -182,29 +188,6 @@ def _path_rows(
         exact = torch.where(coef == 1.0, x, b)
         out[ends] = exact[ends]
     return out.requires_grad_(requires_grad)
-
-
-def _unconverged_message(status: list[str | None], tolerance: float, max_steps: int) -> str:
-    parts = []
-    for what, text in (
-        ("cap", f"reached the cap of {max_steps} path points"),
-        (
-            "stalled",
-            "have a delta that more points do not reduce: part of the output change "
-            "does not flow through the layer (for instance it bypasses it through a residual "
-            "connection)",
-        ),
-        ("memory", "ran out of memory budget for more points"),
-        ("stopped", "were stopped by the callback"),
-    ):
-        which = [i for i, st in enumerate(status) if st == what]
-        if which:
-            parts.append(f"examples {which} {text}")
-    return (
-        f'n_steps="auto" did not reach the tolerance of {tolerance:g} everywhere: '
-        + "; ".join(parts)
-        + ". The returned delta says how far each example got."
-    )
 
 
 @dataclass
@@ -598,7 +581,9 @@ class LayerConductance(_LayerMethod):
         num_examples = inputs[0].shape[0]
         max_rows = _points_per_pass(internal_batch_size, num_examples, max_steps) * num_examples
         budget = memory_budget_bytes()
-        auto = AutoSteps(num_examples, tolerance, max_steps, memory_bytes=budget // 2)
+        auto = AutoSteps(
+            [LayerPath() for _ in range(num_examples)], tolerance, max_steps, budget // 2
+        )
         state = _PassState(lean=not use_input, target=target, num_examples=num_examples)
         plan = _Plan(rows=num_examples)
         meter: PassMeter | None = PassMeter.for_model(forward)
@@ -632,7 +617,18 @@ class LayerConductance(_LayerMethod):
                             grad_options,
                         )
                     tuple_layers = list(tap.is_tuple)
-                    auto.record(chunk, values, grads, outputs)
+                    out = outputs.tolist()
+                    auto.record(
+                        chunk,
+                        [
+                            (
+                                [[t[r].clone() for t in layer] for layer in values],
+                                [[t[r].clone() for t in layer] for layer in grads],
+                                float(out[r]),
+                            )
+                            for r in range(len(chunk))
+                        ],
+                    )
                     del values, grads
                     start += len(chunk)
                     done += len(chunk)
@@ -659,11 +655,11 @@ class LayerConductance(_LayerMethod):
                         rows = []
         self.last_steps = auto.steps()
         self.last_status = auto.status()
-        self.last_points = [list(ex.points) for ex in auto.examples]
+        self.last_points = auto.points()
         unfinished = [i for i, st in enumerate(self.last_status) if st != "converged"]
         if unfinished:
             warnings.warn(
-                _unconverged_message(self.last_status, tolerance, max_steps),
+                unconverged_message(self.last_status, tolerance, max_steps),
                 UserWarning,
                 stacklevel=3,
             )

@@ -19,6 +19,7 @@ The engine differs from the reference where that saves work:
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,13 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from explainer.adaptive import (
+    AutoSteps,
+    NeuronPath,
+    StepsRound,
+    check_auto_arguments,
+    unconverged_message,
+)
 from explainer.arguments import (
     BaselineType,
     TargetType,
@@ -36,6 +44,8 @@ from explainer.arguments import (
     repeat_additional_args,
     repeat_target,
     select_target,
+    take_additional_args,
+    take_target,
 )
 from explainer.attribution import (
     NeuronGradient,
@@ -47,7 +57,9 @@ from explainer.attribution import (
     _measuring,
     _metering,
     _out_of_memory_explained,
+    _PassState,
     _path_points,
+    _path_rows,
     _Plan,
     _points_per_pass,
     _rows_within_budget,
@@ -57,7 +69,8 @@ from explainer.attribution import (
 )
 from explainer.errors import AttributionError, AttributionTypeError
 from explainer.hooks import tap_layers
-from explainer.integration import quadrature
+from explainer.integration import check_method, quadrature
+from explainer.limits import memory_budget_bytes
 from explainer.memory import PassMeter
 
 __all__ = ["NeuronConductance"]
@@ -103,6 +116,9 @@ class NeuronConductance(_LayerMethod):
         attribute_to_neuron_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
         *,
+        tolerance: float = 0.01,
+        max_steps: int = 512,
+        callback: Callable[[StepsRound], Any] | None = None,
         progress: ProgressFn | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         """Attribute the selected neuron's conductance to every input feature.
@@ -113,6 +129,14 @@ class NeuronConductance(_LayerMethod):
         ``internal_batch_size`` bounds the rows (path points times examples) of one pass, and
         ``grad_kwargs`` go to ``torch.autograd.grad`` for the gradient at the layer.
         ``progress``, when given, is called as ``progress(done, total)`` in path points.
+
+        ``n_steps="auto"`` places path points (``method`` is then not used) until, for every
+        example and selector, the sum of the map differs from the neuron's conductance at the
+        same points by at most ``tolerance`` times that conductance (and never less than
+        ``tolerance`` squared times ``|F(input) - F(baseline)|``), or ``max_steps`` points are
+        used. The map is the trapezoid rule over the points used (``last_points``);
+        ``callback``, ``last_steps`` and ``last_status`` work as for
+        :meth:`LayerConductance.attribute`.
 
         Returns
         -------
@@ -132,12 +156,37 @@ class NeuronConductance(_LayerMethod):
                     f"inputs[{i}] has dtype {t.dtype}; gradients need floating-point inputs "
                     "(pass integer arguments such as token ids through additional_forward_args)."
                 )
-        if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
-            raise AttributionError(f"n_steps must be a positive integer, got {n_steps!r}.")
-        alphas, weights = quadrature(method, int(n_steps))
         num_examples = inputs_t[0].shape[0]
         if num_examples == 0:
             raise AttributionError("inputs hold no examples (dimension 0 is empty).")
+        if isinstance(n_steps, str) and n_steps == "auto":
+            check_method(method)
+            tolerance, max_steps = check_auto_arguments(tolerance, max_steps, callback)
+            plan = _Plan(rows=num_examples)
+            with _out_of_memory_explained("neuron conductance", plan):
+                maps = self._attribute_auto(
+                    inputs_t,
+                    baselines_t,
+                    target,
+                    format_additional_args(additional_forward_args),
+                    selectors,
+                    internal_batch_size,
+                    attribute_to_neuron_input,
+                    _grad_options(grad_kwargs),
+                    tolerance,
+                    max_steps,
+                    callback,
+                    progress,
+                    many,
+                    is_tuple,
+                    plan,
+                )
+            return _as_returned(maps, many, is_tuple)
+        if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+            raise AttributionError(
+                f'n_steps must be a positive integer or "auto", got {n_steps!r}.'
+            )
+        alphas, weights = quadrature(method, int(n_steps))
         cap = _points_per_pass(internal_batch_size, num_examples, len(alphas))
         grad_options = _grad_options(grad_kwargs)
         args = format_additional_args(additional_forward_args)
@@ -170,8 +219,10 @@ class NeuronConductance(_LayerMethod):
                 for total, inp, base in zip(totals, inputs_t, baselines_t, strict=True):
                     base_t = base.to(inp.dtype) if isinstance(base, Tensor) else base
                     total.mul_((inp.detach() - base_t).unsqueeze(0))
-        out = tuple(t if many else t[0] for t in totals)
-        return out if is_tuple else out[0]
+        self.last_steps = [len(alphas)] * num_examples
+        self.last_status = ["fixed"] * num_examples
+        self.last_points = [list(alphas)] * num_examples
+        return _as_returned(totals, many, is_tuple)
 
     def _integrate(
         self,
@@ -195,11 +246,10 @@ class NeuronConductance(_LayerMethod):
         forward = _unwrap(self.forward_func)
         num_examples = inputs[0].shape[0]
         total_points = len(alphas)
-        layout: dict[str, bool] = {}
-        checked = False
+        state = _PassState(lean=False, target=target, num_examples=num_examples)
         meter: PassMeter | None = PassMeter.for_model(forward)
         per_pass, start, looks = 1, 0, 1
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False):
             while start < total_points:
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
@@ -208,64 +258,26 @@ class NeuronConductance(_LayerMethod):
                     weights[start : start + k], dtype=inputs[0].dtype, device=inputs[0].device
                 )
                 with _measuring(meter, inputs[0].device):
-                    scaled = tuple(
-                        _path_points(inp, base, chunk, requires_grad=True)
-                        for inp, base in zip(inputs, baselines, strict=True)
+                    _, found = self._pass(
+                        forward,
+                        tuple(
+                            _path_points(inp, base, chunk, requires_grad=True)
+                            for inp, base in zip(inputs, baselines, strict=True)
+                        ),
+                        repeat_additional_args(args, k),
+                        repeat_target(target, k),
+                        selectors,
+                        use_input,
+                        state,
+                        meter,
+                        grad_options,
                     )
-                    with tap_layers(
-                        self._layers, self._labels, use_input=use_input, mode="root"
-                    ) as tap:
-                        with _metering(meter):
-                            output = _check_output(
-                                _run_fast(
-                                    forward, scaled, repeat_additional_args(args, k), layout, tap
-                                )
-                            )
-                        if not checked:
-                            check_target(target, (num_examples, *output.shape[1:]), num_examples)
-                            checked = True
-                        tap.check_reached()
-                        values = tap.values[0]
-                        layer_is_tuple = tap.is_tuple[0]
-                        picked = select_target(output, repeat_target(target, k)).sum()
-                        if picked.requires_grad:
-                            grads = torch.autograd.grad(
-                                picked, values, retain_graph=True, **grad_options
-                            )
-                        else:
-                            grads = (None,) * len(values)
-                        grads = tuple(
-                            torch.zeros_like(v) if g is None else g
-                            for g, v in zip(grads, values, strict=True)
-                        )
-                        if meter is not None:
-                            meter.add((*scaled, *values, output))
-                            meter.add_transient(
-                                sum(t.nelement() * t.element_size() for t in (*values, *scaled))
-                            )
-                        layer_arg = values if layer_is_tuple else values[0]
-                        grad_arg = grads if layer_is_tuple else grads[0]
-                        for j, selector in enumerate(selectors):
-                            neuron = self._select(layer_arg, selector, k * num_examples)
-                            weight = self._select(grad_arg, selector, k * num_examples).detach()
-                            last = j == len(selectors) - 1
-                            if neuron.requires_grad:
-                                parts = torch.autograd.grad(
-                                    neuron,
-                                    scaled,
-                                    grad_outputs=weight.reshape(neuron.shape),
-                                    retain_graph=not last,
-                                    allow_unused=True,
-                                )
-                            else:  # the neuron does not depend on the inputs
-                                parts = (None,) * len(scaled)
-                            for total, part in zip(totals, parts, strict=True):
-                                if part is None:
-                                    continue
-                                part = part.reshape(k, num_examples, *part.shape[1:])
-                                shape = (k, *([1] * (part.dim() - 1)))
-                                total[j] += (part * coef.reshape(shape)).sum(0)
-                        del output, picked, grads, values, layer_arg, grad_arg
+                for j, (_, _, parts) in enumerate(found):
+                    for total, part in zip(totals, parts, strict=True):
+                        part = part.reshape(k, num_examples, *part.shape[1:])
+                        shape = (k, *([1] * (part.dim() - 1)))
+                        total[j] += (part * coef.reshape(shape)).sum(0)
+                del found
                 start += k
                 if progress is not None:
                     progress(start, total_points)
@@ -282,6 +294,217 @@ class NeuronConductance(_LayerMethod):
                         per_pass = min(cap, rows // num_examples)
                         meter = None
 
+    def _pass(
+        self,
+        forward: Callable,
+        scaled: tuple[Tensor, ...],
+        args: tuple | None,
+        target: TargetType,
+        selectors: list[Any],
+        use_input: bool,
+        state: _PassState,
+        meter: PassMeter | None,
+        grad_options: dict[str, Any],
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor, tuple[Tensor, ...]]]]:
+        """One forward pass over path rows that require grad, one backward pass to the layer,
+        and per selector one backward pass from the layer to the inputs.
+
+        Returns the target output of every row and, per selector: the gradient of the target
+        with respect to the selected neuron, the neuron's value, and the input gradients of
+        the neuron weighed by that gradient (all per row, detached).
+        """
+        rows = scaled[0].shape[0]
+        with (
+            torch.enable_grad(),
+            tap_layers(self._layers, self._labels, use_input=use_input, mode="root") as tap,
+        ):
+            with _metering(meter):
+                output = _check_output(_run_fast(forward, scaled, args, state.layout, tap))
+            if not state.checked:
+                n = state.num_examples
+                check_target(state.target, (n, *output.shape[1:]), n)
+                state.checked = True
+            tap.check_reached()
+            values = tap.values[0]
+            layer_is_tuple = tap.is_tuple[0]
+            per_row = select_target(output, target)
+            picked = per_row.sum()
+            if picked.requires_grad:
+                grads = torch.autograd.grad(picked, values, retain_graph=True, **grad_options)
+            else:
+                grads = (None,) * len(values)
+            grads = tuple(
+                torch.zeros_like(v) if g is None else g for g, v in zip(grads, values, strict=True)
+            )
+            if meter is not None:
+                meter.add((*scaled, *values, output))
+                meter.add_transient(
+                    sum(t.nelement() * t.element_size() for t in (*values, *scaled))
+                )
+            layer_arg = values if layer_is_tuple else values[0]
+            grad_arg = grads if layer_is_tuple else grads[0]
+            found = []
+            for j, selector in enumerate(selectors):
+                neuron = self._select(layer_arg, selector, rows)
+                weight = self._select(grad_arg, selector, rows).detach()
+                last = j == len(selectors) - 1
+                if neuron.requires_grad:
+                    parts = torch.autograd.grad(
+                        neuron,
+                        scaled,
+                        grad_outputs=weight.reshape(neuron.shape),
+                        retain_graph=not last,
+                        allow_unused=True,
+                    )
+                else:  # the neuron does not depend on the inputs
+                    parts = (None,) * len(scaled)
+                parts = tuple(
+                    torch.zeros_like(t) if g is None else g.detach()
+                    for g, t in zip(parts, scaled, strict=True)
+                )
+                found.append((weight, neuron.detach().reshape(rows), parts))
+        return per_row.detach(), found
+
+    def _attribute_auto(
+        self,
+        inputs: tuple[Tensor, ...],
+        baselines: tuple[Tensor | int | float, ...],
+        target: TargetType,
+        args: tuple | None,
+        selectors: list[Any],
+        internal_batch_size: int | None,
+        use_input: bool,
+        grad_options: dict[str, Any],
+        tolerance: float,
+        max_steps: int,
+        callback: Callable[[StepsRound], Any] | None,
+        progress: ProgressFn | None,
+        many: bool,
+        is_tuple: bool,
+        plan: _Plan,
+    ) -> list[Tensor]:
+        """``n_steps="auto"``: rounds of path points chosen by :class:`AutoSteps`, each run in
+        passes of rows (example, point) within the memory budget. Returns, per input tensor,
+        the trapezoid sums over the points used (not yet multiplied by the inputs)."""
+        forward = _unwrap(self.forward_func)
+        num_examples = inputs[0].shape[0]
+        max_rows = _points_per_pass(internal_batch_size, num_examples, max_steps) * num_examples
+        diffs = [
+            (inp.detach() - (base.to(inp.dtype) if isinstance(base, Tensor) else base))
+            if self._multiply_by_inputs
+            else None
+            for inp, base in zip(inputs, baselines, strict=True)
+        ]
+        full = [
+            inp.detach() - (base.to(inp.dtype) if isinstance(base, Tensor) else base)
+            for inp, base in zip(inputs, baselines, strict=True)
+        ]
+        auto = AutoSteps(
+            [NeuronPath() for _ in range(num_examples)],
+            tolerance,
+            max_steps,
+            memory_budget_bytes() // 2,
+        )
+        state = _PassState(lean=False, target=target, num_examples=num_examples)
+        meter: PassMeter | None = PassMeter.for_model(forward)
+        per_pass, done = num_examples, 0
+        rows = auto.first_rows()
+        with torch.inference_mode(False):
+            while rows:
+                start = 0
+                while start < len(rows):
+                    chunk = rows[start : start + per_pass]
+                    plan.rows = len(chunk)
+                    examples = torch.tensor([e for e, _ in chunk], device=inputs[0].device)
+                    alphas = [a for _, a in chunk]
+                    with _measuring(meter, inputs[0].device):
+                        outputs, found = self._pass(
+                            forward,
+                            tuple(
+                                _path_rows(inp, base, examples, alphas, requires_grad=True)
+                                for inp, base in zip(inputs, baselines, strict=True)
+                            ),
+                            take_additional_args(args, examples),
+                            take_target(target, examples),
+                            selectors,
+                            use_input,
+                            state,
+                            meter,
+                            grad_options,
+                        )
+                    out = outputs.tolist()
+                    items = []
+                    for r, (e, _) in enumerate(chunk):
+                        per_selector = []
+                        for weight, neuron, parts in found:
+                            rate = sum(
+                                float((p[r] * d[e]).sum()) for p, d in zip(parts, full, strict=True)
+                            )
+                            per_selector.append(
+                                (
+                                    float(weight[r]),
+                                    float(neuron[r]),
+                                    rate,
+                                    tuple(p[r].clone() for p in parts),
+                                )
+                            )
+                        items.append((float(out[r]), per_selector))
+                    auto.record(chunk, items)
+                    del found
+                    start += len(chunk)
+                    done += len(chunk)
+                    if meter is not None:
+                        row_cap = _rows_within_budget(
+                            plan, meter, len(chunk), 1, "neuron conductance", len(rows) - start
+                        )
+                        per_pass, meter = max(1, min(max_rows, row_cap)), None
+                    if progress is not None:
+                        progress(done, max(done, num_examples * max_steps))
+                rows = auto.next_rows()
+                if callback is not None and rows:
+                    keep_going = callback(
+                        StepsRound(
+                            round=auto.rounds - 1,
+                            attributions=_as_returned(
+                                self._finish(auto.results(), diffs), many, is_tuple
+                            ),
+                            delta=self._deltas(auto.deltas(), inputs[0], many),
+                            steps=auto.steps(),
+                            status=auto.status(),
+                        )
+                    )
+                    if keep_going is False:
+                        auto.stop()
+                        rows = []
+        self.last_steps = auto.steps()
+        self.last_status = auto.status()
+        self.last_points = auto.points()
+        if any(st != "converged" for st in self.last_status):
+            warnings.warn(
+                unconverged_message(self.last_status, tolerance, max_steps),
+                UserWarning,
+                stacklevel=3,
+            )
+        return self._finish(auto.results(), diffs)
+
+    @staticmethod
+    def _finish(sums: list[list[Tensor]], diffs: list[Tensor | None]) -> list[Tensor]:
+        """Per input tensor, the maps of every selector (selectors first), multiplied by
+        ``input - baseline`` when the method does."""
+        out = []
+        for i, diff in enumerate(diffs):
+            stacked = torch.stack([per_selector[i] for per_selector in sums], dim=0)
+            if diff is not None:
+                stacked = stacked * diff.unsqueeze(0)
+            out.append(stacked)
+        return out
+
+    @staticmethod
+    def _deltas(deltas: list[list[float]], like: Tensor, many: bool) -> Tensor:
+        """Per example and selector: the signed delta (selectors first when there are many)."""
+        table = torch.tensor(deltas, dtype=like.dtype, device=like.device).T
+        return table if many else table[0]
+
     def _select(self, layer_arg: Any, selector: Any, rows: int) -> Tensor:
         """The selected value of every row (summed over slices), as the reference selects
         both the neuron and its gradient."""
@@ -294,3 +517,9 @@ class NeuronConductance(_LayerMethod):
                 "times examples); return one value per example."
             )
         return value.reshape(rows)
+
+
+def _as_returned(maps: list[Tensor], many: bool, is_tuple: bool) -> Any:
+    """Maps per input tensor (selectors first) in the form the caller's arguments call for."""
+    out = tuple(m if many else m[0] for m in maps)
+    return out if is_tuple else out[0]

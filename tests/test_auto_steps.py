@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from explainer import LayerConductance
+from explainer import LayerConductance, NeuronConductance
 from explainer.adaptive import StepsRound, split_points
 from explainer.attribution import _grad_options, _Plan
 
@@ -207,3 +207,73 @@ def test_split_points_follow_the_errors():
     assert len(new) == 1 and 0.0 < new[0] < 0.5
     assert split_points([0.0, 1.0], [0.001], [-0.001], allowed=0.01, max_new=5) == []
     assert split_points([0.0, 1.0], [0.5], [-0.5], allowed=0.01, max_new=0) == []
+
+
+# --------------------------------------------------------------------------------------------
+# NeuronConductance
+
+
+def trapezoid_weights(points: list[float]) -> list[float]:
+    """Independent of the engine: the composite trapezoid rule on uneven points."""
+    n = len(points)
+    return [(points[min(i + 1, n - 1)] - points[max(i - 1, 0)]) / 2 for i in range(n)]
+
+
+def test_neuron_conductance_auto_meets_the_tolerance(net):
+    x = randn(2, 3, 8, 8, seed=10) * 2
+    nc = NeuronConductance(net, net.conv2)
+    maps = nc.attribute(x, (1, 3, 3), target=2, n_steps="auto", tolerance=0.01)
+    assert nc.last_status == ["converged", "converged"]
+    # The maps add up to the neuron's conductance, computed independently with many steps.
+    cond = LayerConductance(net, net.conv2).attribute(x, target=2, n_steps=4000)[:, 1, 3, 3]
+    totals = maps.reshape(2, -1).sum(1)
+    assert ((totals - cond).abs() <= 0.03 * cond.abs() + 1e-9).all()
+    # Tighter tolerance: more points, closer sums.
+    tight = NeuronConductance(net, net.conv2)
+    finer = tight.attribute(x, (1, 3, 3), target=2, n_steps="auto", tolerance=0.001)
+    assert sum(tight.last_steps) > sum(nc.last_steps)
+    err_fine = (finer.reshape(2, -1).sum(1) - cond).abs()
+    assert (err_fine <= 0.005 * cond.abs() + 1e-9).all()
+
+
+def test_neuron_conductance_auto_equals_the_rule_at_its_points(net):
+    model = Counting(net)
+    x = randn(2, 3, 8, 8, seed=11) * 2
+    nc = NeuronConductance(model, net.conv2)
+    maps = nc.attribute(x, [(0, 2, 2), (5, 4, 1)], target=[1, 3], n_steps="auto")
+    assert maps.shape == (2, 2, 3, 8, 8)
+    assert model.rows == sum(nc.last_steps)
+    for e in range(2):
+        points = nc.last_points[e]
+        assert points[0] == 0.0 and points[-1] == 1.0 and points == sorted(points)
+        totals = [torch.zeros(2, 1, 3, 8, 8, dtype=torch.float64)]
+        nc._integrate(
+            (x[e : e + 1],),
+            (0,),
+            [1, 3][e],
+            None,
+            [(0, 2, 2), (5, 4, 1)],
+            points,
+            trapezoid_weights(points),
+            len(points),
+            _Plan(rows=1),
+            False,
+            _grad_options(None),
+            totals,
+            None,
+        )
+        expected = totals[0][:, 0] * x[e]
+        torch.testing.assert_close(maps[:, e], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_neuron_conductance_auto_callback_and_cap(net):
+    x = randn(1, 3, 8, 8, seed=12) * 3
+    seen: list[StepsRound] = []
+    nc = NeuronConductance(net, net.conv2)
+    nc.attribute(x, (2, 2, 2), target=0, n_steps="auto", tolerance=1e-3, callback=seen.append)
+    assert [r.round for r in seen] == list(range(len(seen)))
+    assert seen and seen[0].steps == [2]
+    assert all(r.attributions.shape == x.shape and r.delta.shape == (1,) for r in seen)
+    with pytest.warns(UserWarning, match="cap of 3 path points"):
+        nc.attribute(x, (2, 2, 2), target=0, n_steps="auto", tolerance=1e-6, max_steps=3)
+    assert nc.last_status == ["cap"] and nc.last_steps == [3]
