@@ -11,6 +11,7 @@ from explainer.cache import ContentCache, digest
 from explainer.demo import sample_image_paths
 from explainer.errors import (
     AttributionError,
+    AttributionIndexError,
     AttributionTypeError,
     ExplainerError,
     ImageLoadError,
@@ -34,6 +35,7 @@ __all__ = [
     "BASELINE_KINDS",
     "METHODS",
     "AttributionError",
+    "AttributionIndexError",
     "AttributionTypeError",
     "ContentCache",
     "ExplainerError",

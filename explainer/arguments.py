@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explainer.errors import AttributionError, AttributionTypeError
+from explainer.errors import AttributionError, AttributionIndexError, AttributionTypeError
 
 __all__ = [
     "BaselineType",
@@ -127,7 +127,7 @@ def repeat_additional_args(args: tuple[Any, ...] | None, times: int) -> tuple[An
 
 def _check_int(value: Any, size: int, where: str) -> None:
     if not -size <= int(value) < size:
-        raise AttributionError(
+        raise AttributionIndexError(
             f"Target index {int(value)} is out of range for {where} of size {size}; "
             f"choose an index from 0 to {size - 1}."
         )

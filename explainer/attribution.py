@@ -20,6 +20,7 @@ engine differs where the reference does work it does not need:
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,7 @@ from explainer.arguments import (
     take_additional_args,
     take_target,
 )
-from explainer.errors import AttributionError, AttributionTypeError
+from explainer.errors import AttributionError, AttributionIndexError, AttributionTypeError
 from explainer.hooks import (
     LayerTap,
     NeedsFullGraph,
@@ -325,6 +326,7 @@ def _points_per_pass(internal_batch_size: Any, num_examples: int, points: int) -
 
 
 _GRAD_ARGUMENTS = ("outputs", "inputs", "grad_outputs", "only_inputs", "is_grads_batched")
+_GRAD_PARAMETERS = frozenset(inspect.signature(torch.autograd.grad).parameters)
 
 
 def _grad_options(grad_kwargs: Any) -> dict[str, Any]:
@@ -336,6 +338,13 @@ def _grad_options(grad_kwargs: Any) -> dict[str, Any]:
         raise AttributionTypeError(
             "grad_kwargs must be a dict of keyword arguments for torch.autograd.grad, not "
             f"{type(grad_kwargs).__name__}."
+        )
+    known = _GRAD_PARAMETERS
+    unknown = sorted(k for k in grad_kwargs if k not in known)
+    if unknown:
+        raise AttributionTypeError(
+            f"grad_kwargs has {', '.join(unknown)}, which torch.autograd.grad does not take; "
+            f"its options are {', '.join(sorted(known - set(_GRAD_ARGUMENTS)))}."
         )
     fixed = sorted(k for k in grad_kwargs if k in _GRAD_ARGUMENTS)
     if fixed:
@@ -1037,7 +1046,7 @@ class NeuronGradient(_LayerMethod):
                     "must be positive whole numbers."
                 )
             if isinstance(s, int) and not -size <= s < size:
-                raise AttributionError(
+                raise AttributionIndexError(
                     f"neuron_selector {selector!r} is out of range for layer {label} with neuron "
                     f"shape {dims}; each index must be below its dimension's size."
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ExplainerError",
     "AttributionError",
+    "AttributionIndexError",
     "AttributionTypeError",
     "ModelLoadError",
     "ImageLoadError",
@@ -23,6 +24,13 @@ class AttributionError(ExplainerError, ValueError, AssertionError):
 
     Also an ``AssertionError``: Captum raises that type for the same mistakes (a target or
     neuron out of range, a wrong shape), so code written for Captum catches it unchanged.
+    """
+
+
+class AttributionIndexError(AttributionError, IndexError):
+    """A target or neuron index is out of range for the output or layer.
+
+    Also an ``IndexError``, what Captum's indexing raises in the same case.
     """
 
 

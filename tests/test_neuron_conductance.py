@@ -529,7 +529,7 @@ def test_selector_list_tuple_inputs(multiply):
 
 def test_resnet_layers_float64(resnet):
     x = randn(2, 3, 32, 32, seed=50)
-    kwargs = dict(target=[3, 8], n_steps=3)
+    kwargs = dict(target=[3, 8], n_steps=2)
     check_nc(resnet, resnet.layer1[0].conv1, x, (6, 3, 3), **kwargs)
     check_nc(resnet, resnet.layer2, x, (slice(0, 8), 1, slice(None)), **kwargs)
     check_nc(resnet, resnet.layer3[1].bn2, x, lambda t: t[:, 7, 1, 0], **kwargs)
@@ -755,12 +755,7 @@ def test_model_unchanged_after_success_and_after_errors():
 
 
 @pytest.mark.parametrize(
-    "ctx",
-    [
-        torch.no_grad,
-        torch.inference_mode,
-    ],
-    ids=["no_grad", "inference_mode"],
+    "ctx", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"]
 )
 def test_callers_without_grad(ctx):
     """Like the other methods, the call works inside the caller's no-grad block, gives the
@@ -825,10 +820,11 @@ def test_memory_budget_splits_passes_without_changing_the_result(monkeypatch):
     monkeypatch.delenv(BUDGET, raising=False)
     full_calls: list[int] = []
     full = nc.attribute(x, selectors, progress=lambda d, t: full_calls.append(d), **kwargs)
-    monkeypatch.setenv(BUDGET, "16")
+    monkeypatch.setenv(BUDGET, "8")
     split_calls: list[int] = []
     split = nc.attribute(x, selectors, progress=lambda d, t: split_calls.append(d), **kwargs)
-    assert len(split_calls) > len(full_calls) and len(split_calls) >= 3, split_calls
+    # After at most two metered one-point passes, the rest no longer fits in one pass.
+    assert len(split_calls) >= 4 and len(full_calls) <= 3, (split_calls, full_calls)
     assert split_calls[-1] == full_calls[-1] == 20
     scale = float(full.abs().max())
     assert scale > 0
