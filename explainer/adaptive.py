@@ -152,6 +152,7 @@ class PathPoints:
     items: list[Any] = field(default_factory=list)
     status: str | None = None
     history: list[list[float]] = field(default_factory=list)
+    cache: dict[tuple[float, float], Any] = field(default_factory=dict, repr=False)
 
     def add(self, alpha: float, item: Any) -> None:
         at = sum(1 for p in self.points if p < alpha)
@@ -192,7 +193,15 @@ class LayerPath(PathPoints):
         """Per interval, per layer: the conductance total of that interval with the gradient
         at its left end (the sum's own rule) and at its right end."""
         lefts, rights = [], []
-        for (v0s, g0s, _), (v1s, g1s, _) in zip(self.items, self.items[1:], strict=False):
+        cache = self.cache  # per interval (a, b): its sums never change once computed
+        for a, b, (v0s, g0s, _), (v1s, g1s, _) in zip(
+            self.points, self.points[1:], self.items, self.items[1:], strict=False
+        ):
+            if (a, b) in cache:
+                left, right = cache[(a, b)]
+                lefts.append(left)
+                rights.append(right)
+                continue
             left, right = [], []
             for v0l, g0l, v1l, g1l in zip(v0s, g0s, v1s, g1s, strict=True):
                 lo = hi = 0.0
@@ -202,6 +211,7 @@ class LayerPath(PathPoints):
                     hi += float((g1 * step).sum())
                 left.append(lo)
                 right.append(hi)
+            cache[(a, b)] = (left, right)
             lefts.append(left)
             rights.append(right)
         return lefts, rights
