@@ -23,7 +23,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from explainer import analysis
 from explainer.compute.jobs import ModelSource
-from explainer.errors import AttributionError, JobCancelled
+from explainer.errors import AttributionError, ExplainerError, JobCancelled
 
 __all__ = [
     "DEVICE_ENV",
@@ -195,6 +195,59 @@ class ModelSession:
             progress=progress,
         )
 
+    def _dataset_record(
+        self,
+        images: Any,
+        targets: Any,
+        layers: Any,
+        baseline: Any,
+        method: str,
+        n_steps: Any,
+        tolerance: Any = None,
+        maps: bool = False,
+        progress: Progress | None = None,
+    ) -> list[dict[str, Any]]:
+        """Dataset mode: one record per image (see :func:`explainer.batch.record.image_record`).
+
+        An image the model cannot explain (NaN scores, a target out of range) gets a record
+        of the reason instead, so the other images of the request are kept.
+        """
+        from explainer.batch.record import error_record, image_record
+
+        if not isinstance(images, list) or not isinstance(targets, list):
+            raise AttributionError("dataset_record takes a list of images and one of targets.")
+        if len(images) != len(targets):
+            raise AttributionError("dataset_record needs one target (or None) per image.")
+        steps = n_steps if n_steps == "auto" else int(n_steps)
+        records: list[dict[str, Any]] = []
+        for done, (image, target) in enumerate(zip(images, targets, strict=True)):
+            if progress is not None:
+                progress(done, len(images))
+            try:
+                records.append(
+                    image_record(
+                        self.model,
+                        self.info,
+                        _tensor(image, "image"),
+                        layers=[str(name) for name in layers],
+                        target_class=None if target is None else int(target),
+                        baseline=dict(baseline),
+                        method=str(method),
+                        n_steps=steps,
+                        tolerance=None if tolerance is None else float(tolerance),
+                        maps=bool(maps),
+                    )
+                )
+            except JobCancelled:
+                raise
+            except ExplainerError as exc:
+                if _out_of_memory(exc):
+                    raise  # the worker's limits, not the image: the job fails, to be retried
+                records.append(error_record(exc))
+        if progress is not None:
+            progress(len(images), len(images))
+        return records
+
 
 OPERATIONS: tuple[str, ...] = (
     "info",
@@ -205,8 +258,24 @@ OPERATIONS: tuple[str, ...] = (
     "neuron_gradients",
     "activation",
     "sweep",
+    "dataset_record",
 )
 """The operations a :class:`ModelSession` answers."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether an allocation failure lies behind ``exc`` (the engine wraps them in its own
+    message)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        text = str(cause)
+        if isinstance(cause, MemoryError) or (
+            isinstance(cause, RuntimeError)
+            and ("can't allocate memory" in text or "out of memory" in text.lower())
+        ):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _ints(value: Any, length: int | None = None) -> bool:
@@ -285,6 +354,7 @@ def result_fits(op: str, value: Any) -> bool:
         "neuron_gradients": lambda: all_of(analysis.NeuronGradientResult),
         "activation": lambda: isinstance(value, np.ndarray),
         "sweep": lambda: all_of(analysis.ConvergencePoint),
+        "dataset_record": lambda: all_of(dict),
     }
     check = checks.get(op)
     return check is not None and check()
