@@ -592,4 +592,3 @@ def sweep_cached(
     """The sweep if it was computed already, else ``None`` (never computes)."""
     target = resolve_target(lm, image, prep, settings)
     return result_cache().get(_sweep_key(lm, image, prep, layer, target, settings, methods, steps))
-

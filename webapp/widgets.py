@@ -37,6 +37,7 @@ PAGE_LAYER = "pages/2_layer_picker.py"
 PAGE_CONDUCTANCE = "pages/3_layer_conductance.py"
 PAGE_NEURON = "pages/4_neuron_gradient.py"
 PAGE_CONVERGENCE = "pages/5_convergence.py"
+PAGE_DATASET = "pages/6_dataset.py"
 
 PAGES: list[tuple[str, str, str]] = [
     (PAGE_MODEL, "Model & images", ":material/image:"),
@@ -44,6 +45,7 @@ PAGES: list[tuple[str, str, str]] = [
     (PAGE_CONDUCTANCE, "Layer conductance", ":material/grid_on:"),
     (PAGE_NEURON, "Neuron gradient", ":material/my_location:"),
     (PAGE_CONVERGENCE, "Convergence", ":material/trending_down:"),
+    (PAGE_DATASET, "Dataset", ":material/dataset:"),
 ]
 """(path, title, icon) of every page, in the order of the journey."""
 

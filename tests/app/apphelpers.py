@@ -23,7 +23,15 @@ PAGE_LAYER = "pages/2_layer_picker.py"
 PAGE_CONDUCTANCE = "pages/3_layer_conductance.py"
 PAGE_NEURON = "pages/4_neuron_gradient.py"
 PAGE_CONVERGENCE = "pages/5_convergence.py"
-ALL_PAGES = [PAGE_MODEL, PAGE_LAYER, PAGE_CONDUCTANCE, PAGE_NEURON, PAGE_CONVERGENCE]
+PAGE_DATASET = "pages/6_dataset.py"
+ALL_PAGES = [
+    PAGE_MODEL,
+    PAGE_LAYER,
+    PAGE_CONDUCTANCE,
+    PAGE_NEURON,
+    PAGE_CONVERGENCE,
+    PAGE_DATASET,
+]
 
 TIMEOUT = 120  # the first run imports torch and torchvision
 
@@ -164,4 +172,3 @@ def count_jobs(monkeypatch, op: str) -> list[dict]:
 
     monkeypatch.setattr(backend, "run", counting)
     return calls
-
