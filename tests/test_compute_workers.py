@@ -355,10 +355,12 @@ def test_processes_a_worker_started_are_stopped_with_it(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     fake.write_text(_ESCAPING_WORKER.format(python=sys.executable, root=root, marker=str(marker)))
     fake.chmod(0o755)
-    executor = LocalExecutor(max_workers=1, timeout_s=5, python=str(fake))
+    # The time limit must leave the fake worker time to import the package (about 5 s on a
+    # loaded 2-core machine) and start its escaping grandchild before the kill.
+    executor = LocalExecutor(max_workers=1, timeout_s=20, python=str(fake))
     try:
         with pytest.raises(WorkerLimitError):
-            executor.submit(ModelSource("file", b"x", "x.pt"), "info").result(60)
+            executor.submit(ModelSource("file", b"x", "x.pt"), "info").result(90)
         assert marker.exists()
         escaped = int(marker.read_text())
         for _ in range(50):  # bounded: the kill is synchronous, reaping may lag a little
