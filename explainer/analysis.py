@@ -48,6 +48,7 @@ __all__ = [
     "convergence_sweep",
     "default_target",
     "layer_activation",
+    "negligible_difference",
     "neighbours",
     "position_names",
     "rank_classes",
@@ -290,6 +291,22 @@ def top_predictions(
     logits, _ = _forward(model, x)
     values = logits.detach().to(device="cpu", dtype=torch.float64).numpy()
     return [rank_classes(row, labels, k) for row in values]
+
+
+NEGLIGIBLE_DIFFERENCE = 1e-5
+"""Score differences at most this fraction of the largest score are rounding noise: float32
+keeps about 7 significant digits, and a forward pass loses a few of them."""
+
+
+def negligible_difference(output_diff: float, score_scale: float) -> bool:
+    """Whether ``F(x) - F(baseline)`` (``output_diff``) is too small next to the scores
+    (``score_scale``, the largest ``|score|`` of the image) for its attributions to be more than
+    rounding noise: ``|output_diff| <= NEGLIGIBLE_DIFFERENCE * score_scale``, and a difference of
+    exactly zero."""
+    diff, scale = abs(float(output_diff)), abs(float(score_scale))
+    if not (np.isfinite(diff) and np.isfinite(scale)):
+        return False
+    return diff == 0.0 or diff <= NEGLIGIBLE_DIFFERENCE * scale
 
 
 def position_names(ndim: int) -> tuple[str, ...]:

@@ -23,12 +23,30 @@ from torch import nn
 
 from explainer.errors import AttributionError, AttributionTypeError
 
-__all__ = ["MAX_SUGGESTED", "ModuleNode", "ModuleTree", "get_module", "module_tree"]
+__all__ = [
+    "MAX_SUGGESTED",
+    "ORIGINAL_TYPE",
+    "ModuleNode",
+    "ModuleTree",
+    "get_module",
+    "module_tree",
+    "type_name",
+]
 
 #: Most layers :attr:`ModuleTree.suggested` lists.
 MAX_SUGGESTED = 8
 
 NOT_REACHED = "not reached by the forward pass"
+
+ORIGINAL_TYPE = "_explainer_original_type"
+"""Attribute naming a module's original class when the module was rebuilt from a program (a
+``.pt2`` file's modules are all ``InterpreterModule``); :func:`type_name` shows it."""
+
+
+def type_name(module: nn.Module) -> str:
+    """The class name to show for ``module``: its original class for a rebuilt module."""
+    original = module.__dict__.get(ORIGINAL_TYPE)
+    return original if isinstance(original, str) and original else type(module).__name__
 
 
 @dataclass
@@ -328,7 +346,7 @@ def module_tree(
             reason = record.problem
         nodes[name] = ModuleNode(
             name=name,
-            type=type(module).__name__,
+            type=type_name(module),
             depth=0 if name == "" else name.count(".") + 1,
             parent=None if name == "" else name.rpartition(".")[0],
             children=children_of[name],

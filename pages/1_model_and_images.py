@@ -12,8 +12,8 @@ import webapp
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
 from explainer.intake import describe_model, list_architectures, load_labels, pickle_allowed
-from explainer.limits import max_image_bytes, max_images, max_session_image_bytes
-from webapp import backend
+from explainer.limits import max_image_bytes, max_images, max_label_bytes, max_session_image_bytes
+from webapp import backend, urlstate
 from webapp import figures as F
 from webapp import state as S
 from webapp import widgets as W
@@ -41,6 +41,36 @@ def _use_builtin() -> None:
         st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None, position=None)
         S.set_layer(None)
         S.flash("success", "Switched to the built-in demo model.")
+        if not S.get(S.IMAGES):
+            st.session_state[S.IMAGES] = W.load_samples()
+            st.session_state.pop("_w_samples", None)  # the picker shows them again
+
+
+def _set_samples_aside() -> None:
+    """Sample images are drawings of shapes made for the demo model: with the user's own model
+    and images of their own, they leave the working set (nothing is computed for them), and the
+    page says how to bring them back. Until the user has an image, they stay."""
+    images = list(S.get(S.IMAGES))
+    samples = [e for e in images if e.source == "sample"]
+    if not samples:
+        return
+    if all(e.source == "sample" for e in images):
+        S.flash(
+            "info",
+            "The demo model's sample images stay until you upload images of your own; they are "
+            "drawings of shapes made for the built-in model, so expect odd predictions on them.",
+        )
+        return
+    st.session_state[S.IMAGES] = [e for e in images if e.source != "sample"]
+    st.session_state["_w_samples"] = []
+    count = len(samples)
+    S.flash(
+        "info",
+        f"The {count} sample image{'s' if count != 1 else ''} of the demo model "
+        f"{'were' if count != 1 else 'was'} set aside: they are drawings of shapes made for the "
+        "built-in model. Upload your own images below, or pick samples again under "
+        "**Sample images**.",
+    )
 
 
 def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
@@ -69,7 +99,11 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
         if not ok or names is None:
             st.info("The previous model is still in use.")
             return
-        labels = S.LabelsOverride(labels_file.name, tuple(names))
+        labels = S.LabelsOverride(
+            labels_file.name,
+            tuple(names),
+            digest=hashlib.sha256(labels_file.getvalue()).hexdigest(),
+        )
     with st.spinner("Checking the model on a test input..."):
         ok, _ = W.attempt("Checking the model on a test input", backend.tree, lm)
         if ok:
@@ -77,8 +111,14 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
     if not ok:
         st.info("The previous model is still in use.")
         return
+    # Kept on disk by digest, so a reload, a restart or a shared link finds the files again.
+    urlstate.keep_upload(data, "model", file.name)
+    if labels is not None:
+        urlstate.keep_upload(labels_file.getvalue(), "labels", labels_file.name)
+    urlstate.model_loaded(ref)
     st.session_state[S.MODEL] = ref
     st.session_state[S.LABELS] = labels
+    _set_samples_aside()
     st.session_state[S.SETTINGS] = replace(S.get(S.SETTINGS), target=None, position=None)
     S.set_layer(None)
     S.flash("success", f"Loaded **{md(file.name)}** ({md(lm.arch)}, {lm.num_params:,} parameters).")
@@ -104,7 +144,24 @@ with left:
             "architecture picked below, or a whole model exported with `torch.export` (`.pt2`)."
             + (" Pickled modules are allowed on this server." if pickle_allowed() else "")
         )
-        model_file = st.file_uploader("Model file", type=MODEL_TYPES, key="_w_model_file")
+        limit_mb = W.upload_limit_mb()
+        model_file = st.file_uploader(
+            "Model file",
+            type=MODEL_TYPES,
+            key="_w_model_file",
+            max_upload_size=limit_mb,
+            help=None
+            if limit_mb is None
+            else f"Files up to {limit_mb} MB. The operator of this server sets this limit with "
+            "the environment variable EXPLAINER_MAX_UPLOAD_MB.",
+        )
+        if limit_mb is not None:
+            st.caption(
+                f"Model files up to **{limit_mb} MB** on this server (a full-precision vit_b_16 "
+                "is 346 MB). The operator raises the limit with the environment variable "
+                "`EXPLAINER_MAX_UPLOAD_MB`, e.g. `EXPLAINER_MAX_UPLOAD_MB=2000 streamlit run "
+                "app.py`."
+            )
         c1, c2 = st.columns([3, 2])
         arch = c1.selectbox(
             "Architecture (weights-only files)",
@@ -126,6 +183,7 @@ with left:
             "Class names (optional: one per line, or a JSON list)",
             type=LABEL_TYPES,
             key="_w_labels_file",
+            max_upload_size=W.upload_limit_mb(max_label_bytes),
         )
         if st.button("Load model", type="primary", disabled=model_file is None):
             _load_upload(model_file, arch, num_classes, labels_file)
@@ -323,6 +381,7 @@ def _on_upload_images() -> None:
             rejected.setdefault(reason, []).append(file.name)
             continue
         images.append(entry)
+        urlstate.keep_upload(data, "image", file.name)  # for links and reloads
         known.add(entry.digest)
         held += len(data)
         added = entry
@@ -330,6 +389,8 @@ def _on_upload_images() -> None:
     st.session_state[S.UPLOAD_ERRORS] = _rejection_messages(rejected)
     if added is not None:
         st.session_state[S.ACTIVE_IMAGE] = added.digest
+        if S.get(S.MODEL).kind != "builtin":
+            _set_samples_aside()
 
 
 def _set_active(digest: str) -> None:

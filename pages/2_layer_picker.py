@@ -8,6 +8,7 @@ import streamlit as st
 import webapp
 from explainer.tree import ModuleNode, ModuleTree
 from webapp import backend
+from webapp import layouts as L
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
@@ -133,8 +134,16 @@ with st.container(border=True):
         c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
         c1.metric("Chosen layer", md(layer))
         c2.metric("Type", md(node.type))
-        c3.metric("Output (C×H×W)", shape_text(node))
+        one = node.usable and len(node.output_shapes) == 1
+        layout = L.layer_layout(ctx.lm, layer, node.output_shapes[0][1:]) if one else None
+        c3.metric(
+            f"Output ({layout.dims})" if layout is not None and layout.dims else "Output",
+            shape_text(node),
+            help="The shape of its output for one image.",
+        )
         c4.metric("Parameters", f"{node.num_params:,}")
+        if one:
+            L.layout_choice(ctx.lm, layer, node.output_shapes[0][1:], "picker")
     else:
         st.markdown("No layer chosen yet.")
 

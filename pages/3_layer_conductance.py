@@ -9,10 +9,14 @@ import numpy as np
 import streamlit as st
 
 import webapp
-from explainer.analysis import ConductanceResult, position_names
+from explainer.analysis import ConductanceResult, negligible_difference, position_names
 from explainer.images import resize_map
+from explainer.layout import Layout
 from webapp import backend
 from webapp import figures as F
+from webapp import glossary as G
+from webapp import layouts as L
+from webapp import report as RP
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
@@ -54,16 +58,43 @@ else:
     m1.metric("Target", md(W.target_label(lm, result.target)))
 m2.metric("F(image) − F(baseline)", f"{result.output_diff:.4g}")
 m3.metric("Sum of conductance", f"{total:.4g}")
+tolerance = float(S.get(S.TOLERANCE))
+converged = result.relative_delta <= tolerance
 m4.metric(
     "Convergence delta",
     f"{result.delta:.2g}",
-    delta=f"{result.relative_delta:.2%} of the difference",
-    delta_color="off",
+    delta=f"{result.relative_delta:.2%} of the difference "
+    f"({'within' if converged else 'above'} your {tolerance:.2%} tolerance)",
+    delta_color="green" if converged else "red",
     delta_arrow="off",
-    help="Sum of conductance minus the score difference. Small is good; the Convergence page "
-    "shows how it shrinks with more steps.",
+    help="Sum of conductance minus the score difference. Small is good; the tolerance is set "
+    "on the Convergence page, which also shows how the delta shrinks with more steps.",
 )
-if not np.any(result.attributions):
+G.explain("score-difference", "conductance", "delta", label="What do these numbers mean?")
+if not converged:
+    st.warning(
+        f"The conductance misses the score difference by {result.relative_delta:.1%}, more than "
+        f"your tolerance of {tolerance:.2%}: the maps below are not reliable yet. Raise the "
+        "number of steps or switch to Gauss-Legendre above; the Convergence page shows how many "
+        "steps this image needs."
+    )
+ok_scores, image_scores = W.attempt("Reading the model's scores", backend.scores, lm, image, prep)
+score_scale = float(np.max(np.abs(image_scores))) if ok_scores and image_scores is not None else 0.0
+if result.output_diff == 0:
+    st.info(
+        "The target's score is exactly the same for the image and the baseline, so there is "
+        "nothing to explain: conductance shares out F(image) − F(baseline), which is zero here. "
+        "This happens when the model gives this class the same score whatever the input (for "
+        "example a head that scores every class alike) or when the baseline equals the image. "
+        "Try another baseline or another target class."
+    )
+elif negligible_difference(result.output_diff, score_scale):
+    st.warning(
+        f"The score difference F(image) − F(baseline) is {result.output_diff:.2g}, negligible "
+        f"next to the scores themselves (up to {score_scale:.2g}): the maps below show rounding "
+        "noise, not what the model uses. Try another baseline or target class."
+    )
+elif not np.any(result.attributions):
     if result.layer_moves:
         st.info(
             "Every unit of this layer has zero conductance: its output changes between the "
@@ -203,7 +234,14 @@ def _pager(count: int, view: S.GridView) -> tuple[int, int]:
     return start, min(count, start + view.page_size)
 
 
-def _neuron_preview(lm: backend.ServedModel, layer: str, neuron: tuple[int, ...]) -> None:
+def _neuron_preview(
+    lm: backend.ServedModel, layer: str, neuron: tuple[int, ...], layout: Layout | None = None
+) -> None:
+    """The input gradient of ``neuron`` (in the layout's view terms; the engine gets its raw
+    index)."""
+    raw = layout.to_raw(neuron) if layout is not None else neuron
+    # A short title: the plot can be narrow.
+    short = f"neuron {tuple(neuron)}"
     ok, grads = W.attempt(
         "Computing the neuron's gradient",
         backend.neuron_gradients,
@@ -211,7 +249,7 @@ def _neuron_preview(lm: backend.ServedModel, layer: str, neuron: tuple[int, ...]
         image,
         prep,
         layer,
-        [neuron],
+        [raw],
     )
     if not ok or not grads:
         return
@@ -226,7 +264,7 @@ def _neuron_preview(lm: backend.ServedModel, layer: str, neuron: tuple[int, ...]
                 pixels,
                 g.gradient.sum(axis=0),
                 signed=True,
-                title=f"Input gradient of neuron {neuron}",
+                title=f"Input gradient: {short}",
                 height=340,
             ),
             key="cond_preview",
@@ -248,6 +286,55 @@ def _neuron_preview(lm: backend.ServedModel, layer: str, neuron: tuple[int, ...]
         )
 
 
+def _on_position_click(chart_key: str, channel: int) -> None:
+    """A clicked position of the selected channel's profile selects ``(channel, position)``."""
+    event = st.session_state.get(chart_key) or {}
+    try:
+        points = event["selection"]["points"]
+        position = int(round(float(points[0]["customdata"][0])))
+    except (KeyError, IndexError, TypeError, ValueError):
+        return
+    S.select_neuron((channel, position))
+
+
+def _sequence_views(
+    lm: backend.ServedModel,
+    result: ConductanceResult,
+    layout: Layout,
+    attributions: np.ndarray,
+    totals: np.ndarray,
+    channel: int,
+    neuron: tuple[int, ...] | None,
+) -> None:
+    """A layer without a map: bars per channel, then the selected channel along its positions."""
+    word = layout.channel_word
+    top_max = max(1, min(totals.size, 100))
+    ranked = F.rank_channels(totals, "abs")[:top_max]
+    st.subheader(f"Conductance per {word}")
+    st.caption(
+        f"{md(layout.describe())} Each bar is one {word}'s total over every position; click a "
+        f"bar to select the {word}."
+    )
+    W.plotly_click(
+        F.channel_bars(ranked, totals, selected=channel, height=320),
+        "cond_bars",
+        W.on_click_channel("cond_bars"),
+    )
+    if len(layout.view_shape) != 2:
+        st.caption("This layer's output has more dimensions than the maps can show.")
+        return
+    place = "token" if layout.kind == "tokens" else "position"
+    st.markdown(f"**{word.capitalize()} {channel}** at every {place}")
+    st.caption(f"Click a bar to select the neuron of {word} {channel} at that {place}.")
+    selected = neuron[1] if neuron is not None and neuron[0] == channel else None
+    figure = F.feature_strip(attributions[channel], selected=selected, yaxis_title="conductance")
+    figure.update_xaxes(title=place)
+    W.plotly_click(figure, "cond_positions", lambda: _on_position_click("cond_positions", channel))
+    if neuron is not None:
+        st.subheader("Selected neuron")
+        _neuron_preview(lm, result.layer, neuron, layout)
+
+
 @st.fragment
 def views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     """Charts and selection; a click reruns only this fragment (the result is an argument)."""
@@ -255,31 +342,43 @@ def views(lm: backend.ServedModel, result: ConductanceResult) -> None:
         _views(lm, result)
     except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay as they were
         W.show_error(exc, "Drawing the conductance views")
+    st.divider()
+    W.view_actions("cond", lambda: RP.conductance_view(ctx, result))
 
 
 def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
-    totals = np.asarray(result.channel_totals, dtype=np.float64)
+    # The page works on the layout's channels-first view: (C, H, W) maps with the class token
+    # of a vision transformer beside them, (C, L) sequences or (C,) vectors.
+    layout = L.layout_choice(lm, result.layer, result.attributions.shape, "cond")
+    lv = layout.view(result.attributions)
+    attributions, spatial, is_spatial = lv.values, lv.spatial, layout.is_grid
+    word = layout.channel_word
+    totals = lv.channel_totals
     num_channels = totals.size
     channel = st.session_state.get(S.CHANNEL)
     if channel is None or not 0 <= int(channel) < num_channels:
         channel = F.rank_channels(totals, "abs")[0] if num_channels else 0
         st.session_state[S.CHANNEL] = channel
     neuron = st.session_state.get(S.NEURON)
-    shape = tuple(result.attributions.shape)
-    if neuron is not None and (
-        len(neuron) != len(shape) or any(not 0 <= i < s for i, s in zip(neuron, shape, strict=True))
-    ):
+    if neuron is not None and not layout.fits(neuron):
         st.warning(
-            f"The selected neuron {tuple(neuron)} does not exist in this layer (shape "
-            f"{'×'.join(map(str, shape))}); pick another one."
+            f"The selected neuron {tuple(neuron)} does not exist in this layer "
+            f"({layout.ranges_text()}); pick another one."
         )
         neuron = None
+    if neuron is not None:
+        neuron = tuple(int(i) for i in neuron)
 
-    label = f"channel **{channel}**" if result.is_spatial else f"unit **{channel}**"
-    chosen = f" · neuron **{tuple(neuron)}**" if neuron is not None else ""
+    label = f"{word} **{channel}**" if layout.kind != "flat" else f"unit **{channel}**"
+    chosen = (
+        f" · neuron **{neuron}** ({md(layout.neuron_text(neuron))})" if neuron is not None else ""
+    )
     st.info(f"Selected: {label}{chosen}", icon=":material/ads_click:")
 
-    if not result.is_spatial:
+    if not is_spatial and len(layout.view_shape) != 1:
+        _sequence_views(lm, result, layout, attributions, totals, channel, neuron)
+        return
+    if not is_spatial:
         top_max = max(1, min(num_channels, 512))
         ranked = F.rank_channels(totals, "abs")[:top_max]
         st.subheader("Conductance per unit")
@@ -299,19 +398,22 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
         if len(ranked) < num_channels:
             st.caption(f"Showing the {top_max} units with the largest |conductance|.")
         if neuron is not None:
-            _neuron_preview(lm, result.layer, tuple(neuron))
+            _neuron_preview(lm, result.layer, tuple(neuron), layout)
         return
 
     view, only = _grid_controls(num_channels)
     ranked = F.rank_channels(totals, view.rank, only)
-    zmax = F.symmetric_limit(result.attributions)
+    zmax = F.symmetric_limit(
+        attributions if lv.class_token is None else np.append(attributions, lv.class_token)
+    )
 
     left, right = st.columns([2, 3], gap="medium")
     with left:
-        st.markdown("**Total conductance per channel**")
+        st.markdown(f"**Total conductance per {word}**")
         st.caption(
-            f"The {min(view.top_k, len(ranked))} channels with the {F.RANKINGS[view.rank]} "
-            f"of {num_channels}. Click a bar to select its channel."
+            f"The {min(view.top_k, len(ranked))} {word}s with the {F.RANKINGS[view.rank]} "
+            f"of {num_channels}. Click a bar to select its {word}."
+            + (" Totals include the class token." if layout.has_class_token else "")
         )
         W.plotly_click(
             F.channel_bars(ranked[: view.top_k], totals, selected=channel, height=420),
@@ -319,15 +421,17 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
             W.on_click_channel("cond_bars"),
         )
     with right:
-        st.markdown("**Channel maps** (one shared colour scale)")
+        st.markdown(f"**{word.capitalize()} maps** (one shared colour scale)")
         start, stop = _pager(len(ranked), view)
         st.caption(
-            f"Channels {start + 1}–{stop} of {len(ranked)} in this order; each tile is where in "
-            "the image the channel's conductance sits. Click a tile to select its channel."
+            f"{word.capitalize()}s {start + 1}–{stop} of {len(ranked)} in this order; each tile "
+            f"is where in the image the {word}'s conductance sits"
+            + (" (over the patch grid)" if layout.is_tokens else "")
+            + f". Click a tile to select its {word}."
         )
         W.plotly_click(
             F.channel_grid(
-                result.attributions,
+                attributions,
                 ranked[start:stop],
                 totals,
                 zmax=zmax,
@@ -343,38 +447,67 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     ok, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
     a, b = st.columns(2, gap="medium")
     with a:
-        st.markdown(f"**Channel {channel}** at the layer's resolution")
-        st.caption("Click a cell to select that neuron (channel, y, x).")
-        W.plotly_click(
-            F.spatial_map(
-                result.attributions[channel],
-                channel=channel,
-                selected_cell=cell if neuron is not None and neuron[0] == channel else None,
-                zmax=zmax,
-            ),
-            "cond_channel_map",
-            W.on_click_neuron("cond_channel_map"),
-        )
+        where = "over the patch grid" if layout.is_tokens else "at the layer's resolution"
+        st.markdown(f"**{word.capitalize()} {channel}** {where}")
+        if layout.has_class_token:
+            st.caption("Click a patch to select that neuron, or the class token beside the grid.")
+            grid_col, token_col = st.columns([4, 1], gap="small")
+        else:
+            st.caption(f"Click a cell to select that neuron ({word}, row, column).")
+            grid_col = token_col = None
+        with grid_col if grid_col is not None else st.container():
+            W.plotly_click(
+                F.spatial_map(
+                    attributions[channel],
+                    channel=channel,
+                    selected_cell=cell if neuron is not None and neuron[0] == channel else None,
+                    zmax=zmax,
+                ),
+                "cond_channel_map",
+                W.on_click_neuron("cond_channel_map"),
+            )
+        if token_col is not None and lv.class_token is not None:
+            with token_col:
+                st.markdown("**Class token**")
+                W.plotly_click(
+                    F.class_token_cell(
+                        float(lv.class_token[channel]),
+                        channel=channel,
+                        selected=neuron is not None and neuron == (channel,),
+                        zmax=zmax,
+                        height=110,
+                    ),
+                    "cond_class_token",
+                    W.on_click_neuron("cond_class_token"),
+                )
+                st.caption(f"{float(lv.class_token[channel]):.3g}")
+        if lv.class_token is not None and not np.any(attributions) and np.any(lv.class_token):
+            st.info(
+                "All of this layer's conductance sits in the class token: the classifier reads "
+                "only the class token, and after this layer nothing mixes the patches into it "
+                "(the last block). Pick an earlier block to see which patches matter.",
+                icon=":material/info:",
+            )
     with b:
-        st.markdown("**All channels summed**, upsampled over the image")
-        st.caption(f"Click a cell to select the neuron of channel {channel} at that position.")
-        if ok and pixels is not None and result.spatial is not None:
-            up = resize_map(result.spatial, F.overlay_size(pixels.shape[:2]))
+        st.markdown(f"**All {word}s summed**, upsampled over the image")
+        st.caption(f"Click a cell to select the neuron of {word} {channel} at that position.")
+        if ok and pixels is not None and spatial is not None:
+            up = resize_map(spatial, F.overlay_size(pixels.shape[:2]))
             W.plotly_click(
                 F.overlay_map(
                     pixels,
                     up,
-                    result.spatial.shape,
+                    spatial.shape,
                     channel=channel,
                     selected_cell=cell,
-                    layer_values=result.spatial,
+                    layer_values=spatial,
                 ),
                 "cond_overlay",
                 W.on_click_neuron("cond_overlay"),
             )
     if neuron is not None:
         st.subheader("Selected neuron")
-        _neuron_preview(lm, result.layer, tuple(neuron))
+        _neuron_preview(lm, result.layer, tuple(neuron), layout)
     else:
         st.caption("Click a cell of a map above to select a neuron and see its input gradient.")
 

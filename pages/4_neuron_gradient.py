@@ -9,6 +9,8 @@ import webapp
 from explainer.analysis import neighbours
 from webapp import backend
 from webapp import figures as F
+from webapp import layouts as L
+from webapp import report as RP
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
@@ -27,15 +29,18 @@ ok, act = W.attempt("Reading the layer's output", backend.activation, lm, image,
 if not ok or act is None:
     st.stop()
 act = np.asarray(act)
-shape = tuple(int(s) for s in act.shape)
+# Neurons are chosen in the layout's view terms (feature, patch row, column for a vision
+# transformer, or its class token); the engine gets each one's raw index (layout.to_raw).
+layout = L.layout_choice(lm, layer, act.shape, "ng")
+view = layout.view(act)
+act = view.values
+class_token = view.class_token
+shape = layout.view_shape
+word = layout.channel_word
 
 
 def _fits(neuron: tuple[int, ...] | None) -> bool:
-    return (
-        neuron is not None
-        and len(neuron) == len(shape)
-        and all(0 <= int(i) < s for i, s in zip(neuron, shape, strict=True))
-    )
+    return layout.fits(neuron)
 
 
 def _default_neuron() -> tuple[int, ...]:
@@ -50,24 +55,27 @@ def _default_neuron() -> tuple[int, ...]:
 
 
 neuron = S.get(S.NEURON)
-if neuron is not None and not _fits(tuple(neuron)):
-    st.warning(
-        f"The selected neuron {tuple(neuron)} does not exist in layer {md(layer)} (output "
-        f"{'×'.join(map(str, shape))}); showing the strongest neuron instead."
-    )
-    neuron = None
-if neuron is None:
+if neuron is None or not _fits(tuple(neuron)):
     S.select_neuron(_default_neuron())
-    if S.get(S.NEURON) is not None:
+    shown = md(layout.neuron_text(S.get(S.NEURON)))
+    if neuron is not None:
+        # One message: the old selection is gone and what is shown instead.
+        st.warning(
+            f"The selected neuron {tuple(neuron)} does not exist in layer {md(layer)} "
+            f"({md(layout.ranges_text())}); showing the most active neuron instead: {shown}."
+        )
+    else:
         st.caption(
-            "No neuron selected yet: showing the most active one. Click a map cell here or on "
-            "the Layer conductance page to choose another."
+            f"No neuron selected yet: showing the most active one ({shown}). Click a map cell "
+            "here or on the Layer conductance page to choose another."
         )
 
 
 def _sync_inputs() -> None:
     ss = st.session_state
     values = [int(ss.get(f"_w_n{i}", 0)) for i in range(len(shape) if len(shape) <= 3 else 1)]
+    if layout.has_class_token and ss.get("_w_ncls"):
+        values = values[:1]
     if len(shape) <= 3 and _fits(tuple(values)):
         S.select_neuron(tuple(values))
 
@@ -78,15 +86,26 @@ def _move(target: tuple[int, ...]) -> None:
 
 def _neighbour_buttons(current: tuple[int, ...]) -> None:
     """One-click steps to the neurons around the current one."""
-    if len(current) == 3:
+    if layout.is_class_token(current):
+        (f,) = current
+        moves = [(f"{word} −1", (f - 1,)), (f"{word} +1", (f + 1,))]
+    elif len(current) == 2:
+        c, p = current
+        moves = [
+            ("← position −1", (c, p - 1)),
+            ("position +1 →", (c, p + 1)),
+            (f"{word} −1", (c - 1, p)),
+            (f"{word} +1", (c + 1, p)),
+        ]
+    elif len(current) == 3:
         c, y, x = current
         moves = [
             ("↑ up", (c, y - 1, x)),
             ("↓ down", (c, y + 1, x)),
             ("← left", (c, y, x - 1)),
             ("→ right", (c, y, x + 1)),
-            ("channel −1", (c - 1, y, x)),
-            ("channel +1", (c + 1, y, x)),
+            (f"{word} −1", (c - 1, y, x)),
+            (f"{word} +1", (c + 1, y, x)),
         ]
     elif len(current) == 1:
         (f,) = current
@@ -112,22 +131,26 @@ def neuron_views(lm: backend.ServedModel) -> None:
         _neuron_views(lm)
     except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay as they were
         W.show_error(exc, "Drawing the neuron views")
+    st.divider()
+    W.view_actions("ng", lambda: RP.neuron_view(ctx, layer))
 
 
 def _neuron_views(lm: backend.ServedModel) -> None:
     current = tuple(int(i) for i in S.get(S.NEURON))
     spatial = len(shape) == 3
+    on_token = layout.is_class_token(current)
 
     # --- choose the neuron by number
     if len(shape) <= 3:
+        rows = "patch row" if layout.is_tokens else "row"
         names = (
-            ["channel", "y", "x"]
+            [word, rows, "column"]
             if spatial
-            else (["unit"] if len(shape) == 1 else ["channel", "position"])
+            else (["unit"] if len(shape) == 1 else [word, "position"])
         )
-        cols = st.columns([1] * len(names) + [3])
+        cols = st.columns([1] * len(names) + ([1.4] if layout.has_class_token else []) + [3])
         for i, name in enumerate(names):
-            W.bind(f"_w_n{i}", int(current[i]))
+            W.bind(f"_w_n{i}", int(current[i]) if i < len(current) else 0)
             cols[i].number_input(
                 name,
                 min_value=0,
@@ -135,13 +158,26 @@ def _neuron_views(lm: backend.ServedModel) -> None:
                 step=1,
                 key=f"_w_n{i}",
                 on_change=_sync_inputs,
+                disabled=on_token and i > 0,
+            )
+        if layout.has_class_token:
+            W.bind("_w_ncls", on_token)
+            cols[len(names)].toggle(
+                "Class token",
+                key="_w_ncls",
+                on_change=_sync_inputs,
+                help="The class token is not a patch: it gathers the whole image.",
             )
         with cols[-1]:
             st.markdown(
-                f"Neuron **{current}** of layer {md(layer)} · output {'×'.join(map(str, shape))}"
+                f"Neuron **{current}** ({md(layout.neuron_text(current))}) of layer "
+                f"{md(layer)} · {md(layout.describe())}"
             )
 
-    others = neighbours(current, shape, radius=1)
+    if on_token:
+        others = [(f,) for f in (current[0] - 1, current[0] + 1) if 0 <= f < shape[0]]
+    else:
+        others = neighbours(current, shape, radius=1)
     with st.spinner("Computing input gradients..."):
         ok, results = W.attempt(
             "Computing the input gradients",
@@ -150,7 +186,7 @@ def _neuron_views(lm: backend.ServedModel) -> None:
             image,
             prep,
             layer,
-            [current, *others],
+            [layout.to_raw(n) for n in (current, *others)],
         )
     if not ok or not results:
         return
@@ -176,19 +212,49 @@ def _neuron_views(lm: backend.ServedModel) -> None:
     a, b, c = st.columns(3, gap="medium")
     with a:
         if spatial:
-            st.markdown(f"**Activation of channel {current[0]}**")
-            st.caption("Click a cell to select that neuron.")
+            st.markdown(f"**Activation of {word} {current[0]}**")
+            st.caption(
+                "Click a patch to select that neuron, or the class token below."
+                if layout.has_class_token
+                else "Click a cell to select that neuron."
+            )
             W.plotly_click(
                 F.spatial_map(
                     act[current[0]],
                     channel=current[0],
-                    selected_cell=(current[1], current[2]),
+                    selected_cell=None if on_token else (current[1], current[2]),
                     colorbar_title="activation",
-                    height=340,
+                    height=300 if class_token is not None else 340,
+                    zmax=F.symmetric_limit(
+                        act[current[0]]
+                        if class_token is None
+                        else np.append(act[current[0]].ravel(), class_token[current[0]])
+                    ),
                 ),
                 "ng_activation",
                 W.on_click_neuron("ng_activation"),
             )
+            if class_token is not None:
+                t1, t2 = st.columns([1, 3], gap="small")
+                with t1:
+                    W.plotly_click(
+                        F.class_token_cell(
+                            float(class_token[current[0]]),
+                            channel=current[0],
+                            selected=on_token,
+                            zmax=F.symmetric_limit(
+                                np.append(act[current[0]].ravel(), class_token[current[0]])
+                            ),
+                            colorbar_title="activation",
+                            height=80,
+                        ),
+                        "ng_class_token",
+                        W.on_click_neuron("ng_class_token"),
+                    )
+                t2.markdown(
+                    f"**Class token**, {word} {current[0]}: {float(class_token[current[0]]):.4g}"
+                    + (" · selected" if on_token else "")
+                )
         elif len(shape) == 1:
             st.markdown("**Activation of every unit**")
             st.caption("Click a bar to select that unit.")
@@ -196,6 +262,15 @@ def _neuron_views(lm: backend.ServedModel) -> None:
                 F.feature_strip(act, selected=current[0], yaxis_title="activation", height=340),
                 "ng_strip",
                 W.on_click_neuron("ng_strip"),
+            )
+        elif len(shape) == 2:
+            st.markdown(f"**Activation of {word} {current[0]}** at every position")
+            st.caption("Use the buttons below to step along the positions.")
+            W.plotly_static(
+                F.feature_strip(
+                    act[current[0]], selected=current[1], yaxis_title="activation", height=340
+                ),
+                key="ng_positions",
             )
         else:
             st.markdown(f"Layer output {shape}: choose the neuron on the Layer conductance page.")
@@ -223,7 +298,7 @@ def _neuron_views(lm: backend.ServedModel) -> None:
 
     st.subheader("Neighbouring neurons")
     st.caption(
-        "The same channel one step up, down, left, right and diagonally, and the channels just "
+        f"The same {word} one step up, down, left, right and diagonally, and the {word}s just "
         "before and after at the same position. Thumbnails show |gradient|, each on its own "
         "scale (black: a neuron that does not respond here). Click one, or use the buttons, "
         "to move there."
@@ -247,6 +322,8 @@ def _neuron_views(lm: backend.ServedModel) -> None:
 if S.get(S.NEURON) is not None:
     neuron_views(lm)
 
+card = "All about this neuron: the Neuron card"
+st.page_link(W.PAGE_NEURON_CARD, label=card, icon=":material/badge:")
 W.next_step(
     W.PAGE_CONVERGENCE,
     "Next: check that the conductance numbers can be trusted",

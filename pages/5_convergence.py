@@ -8,6 +8,8 @@ import streamlit as st
 import webapp
 from webapp import backend
 from webapp import figures as F
+from webapp import glossary as G
+from webapp import report as RP
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
@@ -23,6 +25,9 @@ W.page_header(
     "the conductance of a layer sums to F(image) − F(baseline); the **delta** is how far the "
     "sum misses it. A delta that is small relative to the score difference means the maps can "
     "be trusted; a large one means: use more steps or a better integration method.",
+)
+G.explain(
+    "score-difference", "delta", "steps", "integration-method", label="The words on this page"
 )
 lm, image, prep, layer = W.require_usable_layer(ctx)
 
@@ -52,37 +57,91 @@ st.caption(
     f"{settings.n_steps} steps, baseline: {S.BASELINE_NAMES.get(settings.baseline)}. "
     f"Target: {md(W.target_setting_text(lm, settings))}."
 )
-rows = []
-failures = 0
+request = f"{backend.model_key(lm)}|{ctx.prep!r}|{layer}|{settings!r}"
+checking = st.session_state.get(S.CHECK_ALL) == request
+
+
+def _check_all(on: bool) -> None:
+    st.session_state[S.CHECK_ALL] = request if on else None
+
+
+def _row(entry: S.ImageEntry, result: object) -> dict:
+    passed = result.relative_delta <= tolerance
+    return {
+        "image": entry.name,
+        "target": W.target_label(lm, result.target),
+        "F(x) − F(baseline)": result.output_diff,
+        "sum of conductance": float(result.channel_totals.sum()),
+        "delta": result.delta,
+        "|delta| relative": result.relative_delta,
+        "status": "✓ pass" if passed else "⚠ warn",
+    }
+
+
+results: dict[str, dict] = {}
 shown_errors: set[str] = set()
-for n, entry in enumerate(ctx.images, start=1):
-    with W.progress_bar(f"Image {n} of {len(ctx.images)}: integrating") as report:
+missing: list[S.ImageEntry] = []
+for entry in ctx.images:
+    if entry.digest == image.digest:
+        with W.progress_bar(f"{entry.name}: integrating") as report:
+            ok, result = W.attempt_each(
+                f"Conductance for {entry.name}",
+                shown_errors,
+                backend.conductance,
+                lm,
+                entry,
+                prep,
+                layer,
+                settings,
+                report,
+            )
+    else:
         ok, result = W.attempt_each(
-            f"Conductance for {entry.name}",
+            f"Looking up {entry.name}",
             shown_errors,
-            backend.conductance,
+            backend.conductance_cached,
             lm,
             entry,
             prep,
             layer,
             settings,
-            report,
         )
-    if not ok or result is None:
-        failures += 1
-        continue
-    passed = result.relative_delta <= tolerance
-    rows.append(
-        {
-            "image": entry.name,
-            "target": W.target_label(lm, result.target),
-            "F(x) − F(baseline)": result.output_diff,
-            "sum of conductance": float(result.channel_totals.sum()),
-            "delta": result.delta,
-            "|delta| relative": result.relative_delta,
-            "status": "✓ pass" if passed else "⚠ warn",
-        }
+        if ok and result is None:
+            missing.append(entry)
+            continue
+    if ok and result is not None:
+        results[entry.digest] = _row(entry, result)
+
+if missing and checking:
+    stop_slot = st.empty()
+    stop_slot.button(
+        "Stop checking",
+        icon=":material/stop_circle:",
+        key="stop_checking",
+        on_click=_check_all,
+        args=(False,),
+        help="Stops the image being computed now; the images already checked are kept.",
     )
+    for n, entry in enumerate(missing, start=1):
+        with W.progress_bar(f"Image {n} of {len(missing)} ({entry.name}): integrating") as report:
+            ok, result = W.attempt_each(
+                f"Conductance for {entry.name}",
+                shown_errors,
+                backend.conductance,
+                lm,
+                entry,
+                prep,
+                layer,
+                settings,
+                report,
+            )
+        if ok and result is not None:
+            results[entry.digest] = _row(entry, result)
+    missing = []
+    st.session_state[S.CHECK_ALL] = None
+    stop_slot.empty()
+
+rows = [results[e.digest] for e in ctx.images if e.digest in results]
 if rows:
     table = pd.DataFrame(rows)
     passes = int((table["status"] == "✓ pass").sum())
@@ -96,6 +155,7 @@ if rows:
         table,
         hide_index=True,
         width="stretch",
+        height=W.table_height(len(table)),
         column_config={
             "F(x) − F(baseline)": st.column_config.NumberColumn(format="%.4g"),
             "sum of conductance": st.column_config.NumberColumn(format="%.4g"),
@@ -108,6 +168,23 @@ if rows:
             "For images marked warn, raise n_steps or switch to Gauss-Legendre; the sweep below "
             "shows how many steps are needed."
         )
+if missing and not checking:
+    others = len(missing)
+    st.caption(
+        f"Only the image you are looking at is computed by itself. {others} other "
+        f"image{'s' if others != 1 else ''} of this session "
+        f"{'are' if others != 1 else 'is'} not checked yet with these settings."
+    )
+    st.button(
+        f"Check {'all ' if others > 1 else ''}{others} other image{'s' if others != 1 else ''}",
+        icon=":material/playlist_play:",
+        key="check_all_images",
+        on_click=_check_all,
+        args=(True,),
+        help="Computes the conductance of every image with the settings above, one after "
+        "another, with a Stop button. Results are kept for this session.",
+    )
+
 
 # --- sweep --------------------------------------------------------------------------------------
 st.subheader(f"How many steps are enough? ({md(image.name)})")
@@ -118,13 +195,13 @@ st.caption(
 )
 sweep_settings: S.SweepSettings = S.get(S.SWEEP)
 with st.form("sweep_form"):
-    c1, c2, c3 = st.columns([3, 3, 2])
-    methods = c1.multiselect(
+    methods = st.multiselect(
         "Methods",
         list(S.METHODS),
         default=[m for m in sweep_settings.methods if m in S.METHODS],
         format_func=lambda m: S.METHOD_NAMES.get(m, m),
     )
+    c2, c3 = st.columns([3, 1], vertical_alignment="bottom")
     steps = c2.multiselect(
         "n_steps",
         list(STEP_CHOICES),
@@ -196,6 +273,7 @@ else:
                 else f"- **{name}**: not within tolerance up to {max(sweep_settings.steps)} steps."
             )
         st.markdown("\n".join(verdicts))
+        W.view_actions("conv", lambda: RP.convergence_view(ctx, layer, settings, points, tolerance))
         with st.expander("Sweep values"):
             st.dataframe(
                 pd.DataFrame(
@@ -208,6 +286,7 @@ else:
                 ),
                 hide_index=True,
                 width="stretch",
+                height=W.table_height(len(points)),
                 column_config={
                     "delta": st.column_config.NumberColumn(format="%.3e"),
                     "|delta| relative": st.column_config.NumberColumn(format="percent"),

@@ -212,6 +212,19 @@ if not data.layers or not data.paths:
     st.stop()
 
 layers = list(data.layers)
+focus = st.session_state.pop(D.FOCUS, None)  # sent here by the Neuron card
+if focus is not None and focus[0] in layers:
+    st.session_state[D.NEURON] = (focus[0], int(focus[1]))
+    st.info(
+        f"Opened from the neuron card on layer **{md(focus[0])}**, channel **{int(focus[1])}**: "
+        "the images below are the ones where this channel's conductance is strongest."
+    )
+elif focus is not None:
+    st.info(
+        f"Opened from the neuron card, but this store has no results for layer "
+        f"**{md(focus[0])}**; it holds {md(', '.join(layers))}. Run `explainer batch` with "
+        f"the option {md('--layers ' + str(focus[0]))} to add it, or pick one of these layers."
+    )
 neuron = st.session_state.get(D.NEURON)
 layer_now = neuron[0] if neuron and neuron[0] in layers else layers[-1]
 c1, c2, c3 = st.columns([2, 3, 2])

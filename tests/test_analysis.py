@@ -1116,3 +1116,23 @@ def test_zero_conductance_tells_a_still_layer_from_one_without_gradient():
     assert not blocked.attributions.any() and blocked.layer_moves
     still = compute_conductance(model, "conv", x, 1, x.clone(), n_steps=4)
     assert not still.attributions.any() and not still.layer_moves
+
+
+@pytest.mark.parametrize(
+    ("diff", "scale", "expected"),
+    [
+        (0.0, 0.0, True),  # no difference at all
+        (0.0, 5.0, True),
+        (1e-6, 1.0, True),  # below 1e-5 of the largest score
+        (1e-5, 1.0, True),  # the bound itself
+        (2e-5, 1.0, False),
+        (-3e-4, 30.0, True),  # the sign does not matter
+        (1e-12, 1e-10, False),  # tiny scores: the difference is large next to them
+        (0.3, 2.0, False),
+        (float("nan"), 1.0, False),  # NaN is reported elsewhere, not as noise
+    ],
+)
+def test_negligible_difference_is_relative_to_the_scores(diff, scale, expected):
+    from explainer.analysis import negligible_difference
+
+    assert negligible_difference(diff, scale) is expected

@@ -258,13 +258,32 @@ def test_num_classes_must_be_a_positive_int(bad, mobilenet_sd_bytes):
         load_model(mobilenet_sd_bytes, arch="mobilenet_v3_small", num_classes=bad)
 
 
-def test_missing_architecture_lists_the_fitting_ones(mobilenet_sd_bytes):
+def test_missing_architecture_uses_the_one_that_fits(mobilenet_sd_bytes):
+    lm = load_model(mobilenet_sd_bytes, filename="w.pt")
+    assert lm.arch == "mobilenet_v3_small"  # mobilenet_v3_large: same layer names, other shapes
+    assert any("detected from the file: mobilenet_v3_small" in note for note in lm.notes)
+
+
+def test_missing_architecture_with_several_fits_lists_them(mobilenet_sd_bytes, monkeypatch):
+    from explainer.intake import registry
+
+    monkeypatch.setattr(
+        registry, "_fitting_architectures", lambda shapes: ["mobilenet_v3_small", "resnet18"]
+    )
     with pytest.raises(ModelLoadError, match="pick the architecture") as info:
         load_model(mobilenet_sd_bytes, filename="w.pt")
     message = str(info.value)
     assert "w.pt" in message
-    assert "mobilenet_v3_small" in message
-    assert "mobilenet_v3_large" not in message  # same layer names, other shapes
+    assert "match this file: mobilenet_v3_small, resnet18." in message
+
+
+def test_missing_architecture_with_no_fit_says_so(monkeypatch, mobilenet_sd_bytes):
+    from explainer.intake import registry
+
+    monkeypatch.setattr(registry, "_fitting_architectures", lambda shapes: [])
+    with pytest.raises(ModelLoadError, match="pick the architecture") as info:
+        load_model(mobilenet_sd_bytes, filename="w.pt")
+    assert "export it with torch.export" in str(info.value)
 
 
 def test_key_mismatch_names_keys_and_suggests_fitting_architectures(mobilenet_sd_bytes):
@@ -459,9 +478,8 @@ def test_segmentation_file_under_the_wrong_architecture_names_the_fitting_one(lr
         assert message.endswith(
             "Architectures whose layers match this file: lraspp_mobilenet_v3_large."
         )
-    with pytest.raises(ModelLoadError, match="pick the architecture") as info:
-        load_model(data, filename="seg.pt")
-    assert "match this file: lraspp_mobilenet_v3_large." in str(info.value)
+    detected = load_model(data, filename="seg.pt")
+    assert detected.arch == "lraspp_mobilenet_v3_large"
 
 
 def test_voc_labels_for_21_class_segmentation_files(small_image):

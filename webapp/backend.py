@@ -482,6 +482,27 @@ def conductance(
     return result_cache().get_or_compute(key, compute)
 
 
+def conductance_cached(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+) -> analysis.ConductanceResult | None:
+    """The conductance :func:`conductance` would return, if it was computed already, else
+    ``None``. Never runs the model: where the target depends on scores that were not computed
+    yet, the answer is ``None`` too."""
+    if settings.target is None or per_position(lm):
+        scores_key = digest("scores", model_key(lm), image.digest, prep_key(prep))
+        if result_cache().get(scores_key) is None:
+            return None
+    target = resolve_target(lm, image, prep, settings)
+    key = _conductance_key(
+        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
+    )
+    return result_cache().get(key)
+
+
 def neuron_gradients(
     lm: ServedModel,
     image: ImageEntry,
@@ -592,3 +613,315 @@ def sweep_cached(
     """The sweep if it was computed already, else ``None`` (never computes)."""
     target = resolve_target(lm, image, prep, settings)
     return result_cache().get(_sweep_key(lm, image, prep, layer, target, settings, methods, steps))
+
+
+# --- layer overview and comparisons -------------------------------------------------------------
+def overview_plan(lm: ServedModel) -> tuple[list[str], str]:
+    """The layers the overview shows for ``lm`` and the rule that chose them, in words (see
+    :func:`explainer.overview.overview_layers`)."""
+    from explainer.overview import overview_layers
+
+    key = digest("overview-plan", model_key(lm))
+    return result_cache().get_or_compute(key, lambda: overview_layers(tree(lm)))
+
+
+def _overview_key(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layers: list[str],
+    target: analysis.Target,
+    settings: AttributionSettings,
+) -> str:
+    return digest(
+        "overview",
+        model_key(lm),
+        image.digest,
+        prep_key(prep),
+        tuple(layers),
+        target_key(target),
+        _baseline_parts(settings),
+        settings.method,
+        int(settings.n_steps),
+    )
+
+
+def layer_overview(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    settings: AttributionSettings,
+    progress: Progress | None = None,
+) -> Any:
+    """Conductance summaries of the overview's layers, from one pass along the path.
+
+    Returns an :class:`explainer.overview.LayerOverview`, computed once per content key.
+    """
+    layers, _ = overview_plan(lm)
+    target = resolve_target(lm, image, prep, settings)
+    key = _overview_key(lm, image, prep, layers, target, settings)
+
+    def compute() -> Any:
+        x = input_tensor(image, prep)
+        args = {
+            "layers": list(layers),
+            "x": _array(x),
+            "target": target,
+            "baseline": _array(baseline_tensor(x, prep, settings)),
+            "method": settings.method,
+            "n_steps": int(settings.n_steps),
+            "internal_batch_size": chunk_size(settings),
+        }
+        result = run(lm, "layer_overview", args, progress)
+        if [s.layer for s in result.layers] != list(layers):
+            raise AttributionError("The worker answered for other layers than were asked for.")
+        return result
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def layer_overview_cached(
+    lm: ServedModel, image: ImageEntry, prep: Preprocessing, settings: AttributionSettings
+) -> Any:
+    """The overview if it was computed already, else ``None`` (never computes)."""
+    layers, _ = overview_plan(lm)
+    target = resolve_target(lm, image, prep, settings)
+    return result_cache().get(_overview_key(lm, image, prep, layers, target, settings))
+
+
+def random_conductance(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+    progress: Progress | None = None,
+) -> analysis.ConductanceResult:
+    """Layer conductance of ``layer`` in a copy of the model whose weights are shuffled with a
+    fixed seed (:func:`explainer.randomise.randomised_copy`), for the same target as the model.
+
+    The copy lives in the model's worker; the served model is never changed.
+    """
+    from explainer.randomise import RANDOM_SEED
+
+    target = resolve_target(lm, image, prep, settings)
+    key = digest(
+        "random-conductance",
+        RANDOM_SEED,
+        _conductance_key(
+            lm, image, prep, layer, target, settings, settings.method, settings.n_steps
+        ),
+    )
+
+    def compute() -> analysis.ConductanceResult:
+        x = input_tensor(image, prep)
+        args = {
+            "layer": layer,
+            "x": _array(x),
+            "target": target,
+            "baseline": _array(baseline_tensor(x, prep, settings)),
+            "method": settings.method,
+            "n_steps": int(settings.n_steps),
+            "seed": RANDOM_SEED,
+            "internal_batch_size": chunk_size(settings),
+        }
+        return run(lm, "random_conductance", args, progress)
+
+    return result_cache().get_or_compute(key, compute)
+
+
+# --- the neuron card (explainer.checks) ---------------------------------------------------------
+RANDOMISATION_STEPS = 16
+"""Most integration steps per map of the randomisation test (it computes one map per stage)."""
+
+
+def _card_parts(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    target: analysis.Target,
+    settings: AttributionSettings,
+) -> tuple[Any, ...]:
+    return (
+        model_key(lm),
+        image.digest,
+        prep_key(prep),
+        layer,
+        target_key(target),
+        _baseline_parts(settings),
+    )
+
+
+def neuron_conductance(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    neuron: tuple[int, ...],
+    settings: AttributionSettings,
+    progress: Progress | None = None,
+) -> Any:
+    """The neuron's conductance per input value (an
+    :class:`explainer.checks.NeuronConductanceResult`), with the settings' target, baseline,
+    rule and steps; computed once per content key."""
+    target = resolve_target(lm, image, prep, settings)
+    chosen = tuple(int(i) for i in neuron)
+    parts = _card_parts(lm, image, prep, layer, target, settings)
+    key = digest("neuron-conductance", *parts, chosen, settings.method, int(settings.n_steps))
+
+    def compute() -> Any:
+        x = input_tensor(image, prep)
+        args = {
+            "layer": layer,
+            "x": _array(x),
+            "target": target,
+            "baseline": _array(baseline_tensor(x, prep, settings)),
+            "neuron": chosen,
+            "method": settings.method,
+            "n_steps": int(settings.n_steps),
+            "internal_batch_size": chunk_size(settings),
+        }
+        result = run(lm, "neuron_conductance", args, progress)
+        if tuple(result.neuron) != chosen or result.attributions.shape != x.shape[1:]:
+            raise AttributionError("The worker answered for another neuron than was asked for.")
+        return result
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def ablation(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+    variants: list[list[tuple[int, ...]]],
+) -> Any:
+    """The scores with units of ``layer`` zeroed, one variant per list of units (an
+    :class:`explainer.checks.AblationResult`); ``(c,)`` zeroes a channel, ``(c, y, x)`` one
+    neuron."""
+    target = resolve_target(lm, image, prep, settings)
+    chosen = [[tuple(int(i) for i in unit) for unit in units] for units in variants]
+    key = digest(
+        "ablate",
+        model_key(lm),
+        image.digest,
+        prep_key(prep),
+        layer,
+        target_key(target),
+        tuple(tuple(units) for units in chosen),
+    )
+
+    def compute() -> Any:
+        args = {
+            "layer": layer,
+            "x": _array(input_tensor(image, prep)),
+            "target": target,
+            "variants": chosen,
+        }
+        result = run(lm, "ablate", args)
+        if len(result.zeroed) != len(chosen) or result.ablated.shape[0] != len(chosen):
+            raise AttributionError("The worker answered for other units than were asked for.")
+        return result
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def flip_search(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+    progress: Progress | None = None,
+) -> Any:
+    """How many channels of ``layer``, zeroed by decreasing conductance, change the predicted
+    class (an :class:`explainer.checks.FlipResult`); the ranking is the layer conductance the
+    settings describe (:func:`conductance`, usually cached)."""
+    from explainer.checks import channel_order
+
+    result = conductance(lm, image, prep, layer, settings)
+    order = channel_order(result.channel_totals)
+    key = digest(
+        "flip",
+        _conductance_key(
+            lm, image, prep, layer, result.target, settings, settings.method, settings.n_steps
+        ),
+    )
+
+    def compute() -> Any:
+        args = {
+            "layer": layer,
+            "x": _array(input_tensor(image, prep)),
+            "target": result.target,
+            "order": tuple(int(c) for c in order),
+        }
+        return run(lm, "flip_search", args, progress)
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def _randomisation_key(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    neuron: tuple[int, ...],
+    target: analysis.Target,
+    settings: AttributionSettings,
+) -> str:
+    from explainer.checks import MAX_STAGES
+
+    parts = _card_parts(lm, image, prep, layer, target, settings)
+    steps = min(int(settings.n_steps), RANDOMISATION_STEPS)
+    return digest("randomisation", *parts, tuple(neuron), settings.method, steps, MAX_STAGES, 0)
+
+
+def randomisation(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    neuron: tuple[int, ...],
+    settings: AttributionSettings,
+    progress: Progress | None = None,
+) -> Any:
+    """The cascading randomisation test of the neuron's conductance map (an
+    :class:`explainer.checks.RandomisationResult`), at most :data:`RANDOMISATION_STEPS` steps
+    per map. The weights are randomised in a copy inside the worker."""
+    target = resolve_target(lm, image, prep, settings)
+    chosen = tuple(int(i) for i in neuron)
+    key = _randomisation_key(lm, image, prep, layer, chosen, target, settings)
+
+    def compute() -> Any:
+        x = input_tensor(image, prep)
+        steps = min(int(settings.n_steps), RANDOMISATION_STEPS)
+        args = {
+            "layer": layer,
+            "x": _array(x),
+            "target": target,
+            "baseline": _array(baseline_tensor(x, prep, settings)),
+            "neuron": chosen,
+            "method": settings.method,
+            "n_steps": steps,
+            "seed": 0,
+            "internal_batch_size": max(1, -(-steps // 2)),
+        }
+        return run(lm, "randomisation", args, progress)
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def randomisation_cached(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    neuron: tuple[int, ...],
+    settings: AttributionSettings,
+) -> Any:
+    """The randomisation test if it was computed already, else ``None`` (never computes)."""
+    target = resolve_target(lm, image, prep, settings)
+    chosen = tuple(int(i) for i in neuron)
+    return result_cache().get(_randomisation_key(lm, image, prep, layer, chosen, target, settings))

@@ -77,6 +77,9 @@ NEURON = "dataset_neuron"
 """``(layer, channel)`` selected on the Dataset page, or absent."""
 JOB = "dataset_job"
 """The :class:`RunJob` of this session's run in progress, or absent."""
+FOCUS = "dataset_focus"
+"""``(layer, channel)`` another page (the Neuron card) asked the Dataset page to open on, or
+absent; the page takes it once a store is shown."""
 
 DATASET_DIR_ENV = "EXPLAINER_DATASET_DIR"
 """The folder of results stores the page lists (and where runs started in the app write)."""

@@ -200,30 +200,67 @@ def _signed_colorbar(title: str) -> dict:
 
 
 # --- predictions --------------------------------------------------------------------------------
+def wrap_label(text: str, width: int = 26) -> list[str]:
+    """``text`` split at spaces into lines of at most ``width`` characters (a longer word keeps a
+    line of its own), so long class names are shown whole instead of clipped."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def prediction_bars(
-    preds: Sequence[tuple[str, int, float]], height: int = 170, hover_suffix: str = ""
+    preds: Sequence[tuple[str, int, float]], height: int | None = None, hover_suffix: str = ""
 ) -> go.Figure:
     """Horizontal bars of the top predictions, the first on top.
 
-    ``hover_suffix`` says what the share is, e.g. ``" of the output"`` for the share of output
-    positions a class covers. Class names are shown as written (escaped for Plotly).
+    Each class name is written in full above its bar (wrapped over several lines when long,
+    never clipped by the axis margin), with its index and share. ``hover_suffix`` says what the
+    share is, e.g. ``" of the output"`` for the share of output positions a class covers. Class
+    names are shown as written (escaped for Plotly). ``height`` defaults to what the rows need.
     """
-    labels = [f"{html(name)} (#{index})" for name, index, _ in preds][::-1]
-    probs = [float(p) for _, _, p in preds][::-1]
+    rows = list(preds)[::-1]
+    names = [wrap_label(f"{name} (#{index})") for name, index, _ in rows]
+    probs = [float(p) for _, _, p in rows]
+    # Row i spans [base[i], base[i] + size[i]): the name's lines, then the bar.
+    size = [len(lines) + 1.2 for lines in names]
+    base = [sum(size[:i]) for i in range(len(size))]
+    centre = [b + 0.6 for b in base]
     fig = go.Figure(
         go.Bar(
             x=probs,
-            y=labels,
+            y=centre,
+            width=0.9,
             orientation="h",
             marker_color=["#9aa5b1"] * (len(probs) - 1) + [POSITIVE_COLOUR] if probs else [],
             text=[f"{p:.1%}" for p in probs],
-            textposition="auto",
-            hovertemplate=f"%{{y}}: %{{x:.2%}}{hover_suffix}<extra></extra>",
+            textposition="outside",
+            cliponaxis=False,
+            customdata=[html(" ".join(lines)) for lines in names],
+            hovertemplate=f"%{{customdata}}: %{{x:.2%}}{hover_suffix}<extra></extra>",
         )
     )
-    _base_layout(fig, height)
+    for lines, b in zip(names, base, strict=True):
+        fig.add_annotation(
+            x=0,
+            y=b + 1.2,
+            xref="x",
+            yref="y",
+            text="<br>".join(html(line) for line in lines),
+            showarrow=False,
+            xanchor="left",
+            yanchor="bottom",
+            align="left",
+            font=dict(size=12),
+        )
+    total = sum(size)
+    _base_layout(fig, height or int(16 * total + 20))
     fig.update_layout(hovermode="y", hoverdistance=20, clickmode="none")
-    fig.update_xaxes(range=[0, 1], tickformat=".0%", showgrid=True)
+    fig.update_xaxes(range=[0, 1.18], tickformat=".0%", showgrid=True, tickvals=[0, 0.5, 1])
+    fig.update_yaxes(range=[0, total], showticklabels=False, showgrid=False, fixedrange=True)
     return fig
 
 
@@ -558,6 +595,52 @@ def spatial_map(
     return fig
 
 
+def class_token_cell(
+    value: float,
+    *,
+    channel: int,
+    selected: bool = False,
+    zmax: float | None = None,
+    colorbar_title: str = "conductance",
+    signed: bool = True,
+    height: int = 150,
+) -> go.Figure:
+    """The class token of a vision transformer as one clickable cell, drawn beside the patch map.
+
+    The cell uses the colour scale of the map next to it (``zmax``); clicking it reports
+    ``[channel]``, the feature of the class token (``customdata``).
+    """
+    v = float(value)
+    limit = zmax if zmax is not None else symmetric_limit([v])
+    fig = go.Figure(
+        go.Heatmap(
+            z=[[v]],
+            colorscale=SIGNED_SCALE if signed else MAGNITUDE_SCALE,
+            zmid=0.0 if signed else None,
+            zmin=-limit if signed else 0.0,
+            zmax=limit,
+            hoverinfo="skip",
+            showscale=False,
+        )
+    )
+    fig.add_trace(
+        _click_layer(
+            np.array([0.0]),
+            np.array([0.0]),
+            np.array([[int(channel)]]),
+            [f"{v:.4g}"],
+            height - 30,
+            f"class token, feature {int(channel)}<br>{html(colorbar_title)} %{{text}}"
+            "<br>click to select<extra></extra>",
+        )
+    )
+    _base_layout(fig, height)
+    if selected:
+        fig.update_layout(shapes=[_cell_box(0.0, 0.0, 0.47, 0.47)])
+    _image_axes(fig, 1, 1)
+    return fig
+
+
 def overlay_map(
     image: np.ndarray,
     upsampled: np.ndarray,
@@ -878,13 +961,44 @@ def convergence_plot(
     fig.update_xaxes(
         type="log", title="n_steps", showgrid=True, tickvals=steps, ticktext=[str(s) for s in steps]
     )
+    values = [max(abs(float(p[2])), floor) for p in points]
+    if tolerance is not None and tolerance > 0:
+        values.append(float(tolerance))
+    tickvals = decade_ticks(min(values), max(values)) if values else []
     fig.update_yaxes(
         type="log",
-        title="|delta| / |F(x) − F(baseline)|" if relative else "|delta|",
+        title="|delta| in % of the score difference" if relative else "|delta|",
         showgrid=True,
-        exponentformat="power",
+        tickvals=tickvals,
+        ticktext=[percent_text(v) if relative else f"{v:.0e}" for v in tickvals],
+        minor=dict(showgrid=False, ticks=""),
     )
     return fig
+
+
+def decade_ticks(low: float, high: float, most: int = 7) -> list[float]:
+    """Tick values for a log axis from ``low`` to ``high``: powers of ten only (every second or
+    third one when there are more than ``most``), with 2 and 5 between them when the range
+    covers less than two decades, so the axis never crowds its labels."""
+    low, high = max(min(low, high), 1e-300), max(low, high, 1e-300)
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    powers = list(range(first, last + 1))
+    if len(powers) <= 2:
+        return [
+            m * 10.0**p for p in powers for m in (1, 2, 5) if low / 2 <= m * 10.0**p <= high * 2
+        ]
+    stride = max(1, math.ceil(len(powers) / most))
+    return [10.0**p for p in powers[::stride]]
+
+
+def percent_text(fraction: float) -> str:
+    """``fraction`` as a short percentage: 0.5 -> "50%", 0.001 -> "0.1%", 1e-6 -> "1e-4%"."""
+    value = fraction * 100.0
+    if value >= 1:
+        return f"{value:.0f}%"
+    if value >= 1e-3:
+        return f"{value:.3g}%"
+    return f"{value:.0e}%"
 
 
 # --- channel ordering (pure helpers for the conductance page) -----------------------------------
@@ -950,3 +1064,115 @@ def rank_channels(
     else:
         order = np.argsort(-np.abs(values[pool]), kind="stable")
     return [int(c) for c in pool[order]]
+
+
+# --- layer overview -----------------------------------------------------------------------------
+def overview_chart(
+    layers: Sequence[str],
+    shares: Sequence[float],
+    concentration: Sequence[float],
+    relative_deltas: Sequence[float],
+    *,
+    tolerance: float,
+    selected: str | None = None,
+    height: int = 460,
+) -> go.Figure:
+    """Layers in network order: each layer's share of F(x) − F(baseline) (top) and how much of
+    its conductance its strongest channels hold (bottom); clicking a bar picks the layer.
+
+    Bars of layers whose relative convergence delta exceeds ``tolerance`` are hatched and
+    labelled with the delta; the others are labelled ✓. Every bar carries its layer's index in
+    ``customdata``.
+
+    Parameters
+    ----------
+    layers : sequence of str
+        Layer names, in network order.
+    shares : sequence of float
+        Total conductance over F(x) − F(baseline), per layer (NaN when the difference is zero).
+    concentration : sequence of float
+        Share of the layer's absolute conductance held by its top channels, in [0, 1].
+    relative_deltas : sequence of float
+        |delta| / |F(x) − F(baseline)| per layer.
+    tolerance : float
+        Relative delta above which completeness is marked as not holding.
+    selected : str, optional
+        The chosen layer, outlined.
+    """
+    from plotly.subplots import make_subplots
+
+    names = [str(n) for n in layers]
+    share = np.asarray(shares, dtype=np.float64) * 100.0
+    conc = np.asarray(concentration, dtype=np.float64) * 100.0
+    rel = np.asarray(relative_deltas, dtype=np.float64)
+    ok = rel <= tolerance
+    labels = [html(n) for n in names]
+    custom = [[i] for i in range(len(names))]
+    outline = [3 if n == selected else 0 for n in names]
+    colours = [POSITIVE_COLOUR if not v < 0 else NEGATIVE_COLOUR for v in np.nan_to_num(share)]
+    marks = ["✓" if good else f"⚠ {r:.0%}" for good, r in zip(ok, rel, strict=True)]
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, row_heights=[0.64, 0.36], vertical_spacing=0.05
+    )
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=np.nan_to_num(share),
+            text=marks,
+            textposition="outside",
+            cliponaxis=False,
+            textfont=dict(size=11),
+            marker=dict(
+                color=colours,
+                line=dict(color=SELECTED_COLOUR, width=outline),
+                pattern=dict(shape=["" if good else "/" for good in ok], fgcolor="#ffffff"),
+            ),
+            customdata=[[i, r * 100.0] for i, r in enumerate(rel)],
+            hovertemplate="%{x}<br>share of F(x) − F(baseline): %{y:.1f}%"
+            "<br>|delta| relative: %{customdata[1]:.2f}%<br>click to open<extra></extra>",
+            selected=dict(marker=dict(opacity=1.0)),
+            unselected=dict(marker=dict(opacity=1.0)),
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=conc,
+            marker=dict(color="#7f8c8d", line=dict(color=SELECTED_COLOUR, width=outline)),
+            customdata=custom,
+            hovertemplate="%{x}<br>top channels hold %{y:.1f}% of |conductance|"
+            "<br>click to open<extra></extra>",
+            selected=dict(marker=dict(opacity=1.0)),
+            unselected=dict(marker=dict(opacity=1.0)),
+        ),
+        row=2,
+        col=1,
+    )
+    fig.add_hline(y=100.0, line=dict(color="#888", dash="dot", width=1), row=1, col=1)
+    _base_layout(fig, height)
+    fig.update_layout(hoverdistance=20, bargap=0.25, margin=dict(l=8, r=8, t=24, b=8))
+    top = float(np.nanmax(np.abs(share))) if share.size and np.isfinite(share).any() else 100.0
+    low = float(np.nanmin(np.nan_to_num(share))) if share.size else 0.0
+    fig.update_yaxes(
+        title="share of F(x) − F(baseline) (%)",
+        range=[min(0.0, low * 1.15), max(110.0, top * 1.15)],
+        showgrid=True,
+        zeroline=True,
+        zerolinecolor="#888",
+        title_font=dict(size=11),
+        row=1,
+        col=1,
+    )
+    fig.update_yaxes(
+        title="top channels (%)",
+        range=[0, 105],
+        showgrid=True,
+        title_font=dict(size=11),
+        row=2,
+        col=1,
+    )
+    fig.update_xaxes(type="category", tickangle=-40 if len(names) > 6 else 0, row=2, col=1)
+    fig.update_xaxes(type="category", row=1, col=1)
+    return fig

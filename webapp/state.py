@@ -45,6 +45,39 @@ UPLOAD_ERRORS = "upload_errors"
 """``list[str]``: readable messages about image files that could not be read."""
 LAYER_ERROR = "layer_error"
 """A readable message about the last layer that could not be chosen, or ``None``."""
+CHECK_ALL = "check_all_images"
+"""The request (a text naming model, layer and settings) for which the convergence page checks
+every image, or ``None``: other images than the active one are computed only on request."""
+CARD_CHECK = "card_check"
+"""What the sanity check of the Neuron card was asked for (model, image, layer, neuron and
+settings), or ``None``: the check is heavy, so it runs only on request."""
+CARD_STOPPED = "card_stopped"
+"""What the Neuron card's sanity check was asked for when the user stopped it before it
+finished (as :data:`CARD_CHECK`), or ``None``."""
+LAYOUTS = "layouts"
+"""``dict[str, str]``: layer name -> the layout kind the user chose for that layer's output (one
+of :data:`explainer.layout.KINDS`); layers not in it use the detected layout."""
+REPORT_VIEWS = "report_views"
+"""``list[webapp.report.ReportView]``: the views collected for the review report, in order."""
+REPORT_TITLE = "report_title"
+"""Title of the review report (``str``)."""
+REPORT_NOTES = "report_notes"
+"""The reviewer's notes printed at the top of the report (``str``)."""
+PRESENTATION = "presentation"
+"""``bool``: presentation mode (large type, full-width figures, controls folded away)."""
+TOUR_STEP = "tour_step"
+"""Index (``int``) of the guided tour's current step, or ``None`` when no tour is running."""
+TOUR_FACTS = "tour_facts"
+"""``dict[str, Any]`` of what the tour measured for its current step (plain numbers, text),
+or ``None``; always replaced whole, never changed in place."""
+OVERVIEW_ASKED = "overview_asked"
+"""Digest of the layer overview the user asked to compute (large models compute on request)."""
+OVERVIEW_OPEN = "overview_open"
+"""Name of the layer clicked on the overview, to open on the conductance page, or ``None``."""
+COMPARE = "compare_spec"
+"""The :class:`webapp.compare.CompareSpec` of the Compare page (mode and what each pane shows)."""
+COMPARE_SELECTION = "compare_selection"
+"""``(layer, neuron)`` selected on the Compare page, shared by every pane, or ``None``."""
 
 METHODS: tuple[str, ...] = (
     "gausslegendre",
@@ -114,6 +147,8 @@ class LabelsOverride:
 
     filename: str
     labels: tuple[str, ...]
+    digest: str = ""
+    """sha256 of the labels file (names it in links), or empty."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +271,13 @@ DEFAULTS: dict[str, Any] = {
     FLASH: [],
     UPLOAD_ERRORS: [],
     LAYER_ERROR: None,
+    LAYOUTS: {},
+    REPORT_VIEWS: [],
+    REPORT_TITLE: "Layer explainer review report",
+    REPORT_NOTES: "",
+    PRESENTATION: False,
+    TOUR_STEP: None,
+    TOUR_FACTS: None,
 }
 
 
@@ -243,8 +285,10 @@ def init_defaults() -> None:
     """Put a default value under every key that is not set yet (idempotent)."""
     for key, value in DEFAULTS.items():
         if key not in st.session_state:
-            # Lists are copied so sessions never share a mutable default.
-            st.session_state[key] = list(value) if isinstance(value, list) else value
+            # Lists and dicts are copied so sessions never share a mutable default.
+            if isinstance(value, (list, dict)):
+                value = type(value)(value)
+            st.session_state[key] = value
 
 
 def get(key: str) -> Any:
@@ -270,6 +314,7 @@ def select_channel(channel: int) -> None:
     neuron = st.session_state.get(NEURON)
     if neuron is not None and len(neuron) == 3 and neuron[0] != channel:
         st.session_state[NEURON] = (int(channel), int(neuron[1]), int(neuron[2]))
+    _view_changed()
 
 
 def select_neuron(neuron: tuple[int, ...]) -> None:
@@ -277,6 +322,19 @@ def select_neuron(neuron: tuple[int, ...]) -> None:
     neuron = tuple(int(i) for i in neuron)
     st.session_state[NEURON] = neuron
     st.session_state[CHANNEL] = neuron[0]
+    _view_changed()
+
+
+def _view_changed() -> None:
+    """Write the new selection into the page's address at once: a click inside a fragment
+    reruns only the fragment, not :func:`webapp.setup`, which writes it otherwise."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    if get_script_run_ctx(suppress_warning=True) is None:
+        return
+    from webapp import urlstate  # urlstate builds on this module's keys
+
+    urlstate.write_view()
 
 
 def flash(kind: str, text: str) -> None:

@@ -8,21 +8,24 @@ default session state, loads the model and the sample images, and draws the shar
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import streamlit as st
+from streamlit import config as st_config
 
 from explainer.analysis import Target, position_names
 from explainer.baselines import BASELINE_KINDS
 from explainer.demo import sample_image_paths
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
-from explainer.limits import max_steps
-from webapp import backend
+from explainer.limits import max_steps, max_upload_bytes
+from webapp import backend, presentation, tour, urlstate
+from webapp import glossary as G
 from webapp import state as S
 from webapp.text import md
 
@@ -38,14 +41,26 @@ PAGE_CONDUCTANCE = "pages/3_layer_conductance.py"
 PAGE_NEURON = "pages/4_neuron_gradient.py"
 PAGE_CONVERGENCE = "pages/5_convergence.py"
 PAGE_DATASET = "pages/6_dataset.py"
+PAGE_NEURON_CARD = "pages/7_neuron_card.py"
+PAGE_OVERVIEW = "pages/8_layer_overview.py"
+PAGE_COMPARE = "pages/9_compare.py"
+PAGE_REPORT = "pages/10_report.py"
+PAGE_TOUR = "pages/11_tour.py"
+PAGE_GLOSSARY = "pages/12_glossary.py"
 
 PAGES: list[tuple[str, str, str]] = [
     (PAGE_MODEL, "Model & images", ":material/image:"),
     (PAGE_LAYER, "Layer picker", ":material/account_tree:"),
+    (PAGE_OVERVIEW, "Layer overview", ":material/stacked_bar_chart:"),
     (PAGE_CONDUCTANCE, "Layer conductance", ":material/grid_on:"),
     (PAGE_NEURON, "Neuron gradient", ":material/my_location:"),
+    (PAGE_NEURON_CARD, "Neuron card", ":material/badge:"),
     (PAGE_CONVERGENCE, "Convergence", ":material/trending_down:"),
+    (PAGE_COMPARE, "Compare", ":material/compare:"),
     (PAGE_DATASET, "Dataset", ":material/dataset:"),
+    (PAGE_REPORT, "Report", ":material/description:"),
+    (PAGE_TOUR, "Guided tour", ":material/school:"),
+    (PAGE_GLOSSARY, "Glossary", ":material/menu_book:"),
 ]
 """(path, title, icon) of every page, in the order of the journey."""
 
@@ -96,7 +111,10 @@ def _attempt(
     action: str, seen: set[str] | None, fn: Callable[..., T], args: tuple, kwargs: dict
 ) -> tuple[bool, T | None]:
     try:
-        return True, fn(*args, **kwargs)
+        # Shown only when the call takes longer than half a second, with the time it has taken:
+        # the app's own sign that work is running (Streamlit's is hidden by the minimal toolbar).
+        with st.spinner(f"{action}…", show_time=True):
+            return True, fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure is shown to the user, none is hidden
         if seen is not None and isinstance(exc, ExplainerError):
             if str(exc) in seen:
@@ -146,6 +164,12 @@ def progress_bar(label: str, unit: str = "steps") -> Iterator[Callable[[int, int
 
 
 # --- page scaffolding ---------------------------------------------------------------------------
+def table_height(rows: int, max_rows: int = 20) -> int:
+    """Pixel height of an ``st.dataframe`` that shows ``rows`` rows (at most ``max_rows``, then
+    it scrolls) without hiding the last one: the header and each row take 35 px."""
+    return 35 * (min(max(rows, 1), max_rows) + 1) + 3
+
+
 def page_header(title: str, explanation: str) -> None:
     """Title plus the one or two sentences that say what the page shows and how to read it."""
     st.title(title)
@@ -194,14 +218,36 @@ def page_config() -> None:
         page_title="Layer explainer",
         page_icon=str(ICON),  # a file served by the app: a material icon is fetched from outside
         layout="wide",
-        initial_sidebar_state="expanded",
+        initial_sidebar_state=presentation.sidebar_state(),
     )
+    sync_upload_cap()
+
+
+def upload_limit_mb(read: Callable[[], int] = max_upload_bytes) -> int | None:
+    """An operator's file size limit from :mod:`explainer.limits` (by default the model file's,
+    ``EXPLAINER_MAX_UPLOAD_MB``) in whole MB for ``st.file_uploader``, or ``None`` when that
+    setting is broken (reading the file then says why)."""
+    try:
+        return max(1, math.ceil(read() / 2**20))
+    except ExplainerError:
+        return None
+
+
+def sync_upload_cap() -> None:
+    """Make Streamlit's own upload cap (``server.maxUploadSize``, which rejects a larger request
+    before the app sees it) follow the project's limit, so there is one limit, set in one place:
+    ``EXPLAINER_MAX_UPLOAD_MB``. The cap is only ever raised, never lowered."""
+    limit = upload_limit_mb()
+    if limit is not None and int(st_config.get_option("server.maxUploadSize")) < limit:
+        st_config.set_option("server.maxUploadSize", limit, "EXPLAINER_MAX_UPLOAD_MB")
 
 
 def setup() -> Context:
     """Initialise state, load the model and images, draw the sidebar; call once at a page's top."""
     page_config()
     S.init_defaults()
+    presentation.apply()
+    urlstate.restore_once()  # a link's view, on the session's first run
     if S.IMAGES not in st.session_state:
         samples = load_samples()
         st.session_state[S.IMAGES] = samples
@@ -216,6 +262,7 @@ def setup() -> Context:
         lm = None
     prep = None
     if lm is not None:
+        lm = urlstate.apply_model_view(lm)  # the link's layer, neuron and target, once loaded
         ok, prep = attempt("Setting up the preprocessing", backend.preprocessing, S.get(S.PREP), lm)
         if S.get(S.LAYER) is None:
             ok_layer, layer = attempt("Discovering the layers", backend.default_layer, lm)
@@ -228,7 +275,10 @@ def setup() -> Context:
     if image is not None:
         st.session_state[S.ACTIVE_IMAGE] = image.digest
     ctx = Context(lm=lm, prep=prep, images=images, image=image, layer=S.get(S.LAYER))
+    urlstate.show_notes()
+    urlstate.write_view()  # the address always holds the view: copy it to share or reload
     _sidebar(ctx)
+    tour.step_box()  # the running tour's step, on top of the page
     return ctx
 
 
@@ -254,6 +304,8 @@ def _sidebar(ctx: Context) -> None:
         st.markdown("### :material/biotech: Layer explainer")
         for path, title, icon in PAGES:
             st.page_link(path, label=title, icon=icon)
+        st.caption("New words? Every one is explained in plain words in the **Glossary**.")
+        presentation.toggle()
         st.divider()
         if ctx.lm is not None:
             lm = ctx.lm
@@ -436,6 +488,19 @@ def plotly_static(fig: Any, key: str | None = None) -> None:
     st.plotly_chart(fig, key=key, config={"displayModeBar": False}, width="stretch")
 
 
+def view_actions(key: str, make_view: Callable[[], Any]) -> None:
+    """The "Download" and "Add this view to the report" row under a page's views.
+
+    ``make_view`` returns the page's :class:`webapp.report.ReportView` (or ``None`` when there
+    is nothing to keep); a failure to build it is shown and costs nothing else on the page.
+    """
+    from webapp import report  # report builds on this module
+
+    ok, view = attempt("Preparing the downloads", make_view)
+    if ok and view is not None:
+        report.actions_row(key, view)
+
+
 # --- attribution settings (shared by the conductance and convergence pages) ---------------------
 def _apply_settings(prefix: str, position_dims: int = 0) -> None:
     ss = st.session_state
@@ -554,7 +619,10 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
         return target_label(lm, value)
 
     target_index = options.index(settings.target) if settings.target in options else 0
-    with st.form(f"{prefix}_form", border=True):
+    # Presentation mode folds the form away (an expander may not hold another expander).
+    presenting = presentation.active()
+    fold = st.expander("Settings: target, baseline, steps") if presenting else nullcontext()
+    with fold, st.form(f"{prefix}_form", border=True):
         c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 1.2, 1.2])
         c1.selectbox(
             "Target class",
@@ -577,7 +645,9 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
             else 0,
             format_func=lambda k: S.BASELINE_NAMES.get(k, k),
             key=f"{prefix}_baseline",
-            help="The reference input: conductance explains F(image) − F(baseline).",
+            help=G.help_text(
+                "baseline", "The reference input: conductance explains F(image) − F(baseline)."
+            ),
         )
         if show_method:
             c3.selectbox(
@@ -586,7 +656,10 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
                 index=list(S.METHODS).index(settings.method) if settings.method in S.METHODS else 0,
                 format_func=lambda m: S.METHOD_NAMES.get(m, m),
                 key=f"{prefix}_method",
-                help="How the path integral is approximated. Gauss-Legendre converges fastest.",
+                help=G.help_text(
+                    "integration-method",
+                    "How the path integral is approximated. Gauss-Legendre converges fastest.",
+                ),
             )
         c4.number_input(
             "n_steps",
@@ -595,7 +668,9 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
             value=int(settings.n_steps),
             step=10,
             key=f"{prefix}_steps",
-            help="Points on the path from baseline to image. More steps, smaller delta, slower.",
+            help=G.help_text(
+                "steps", "Points on the path from baseline to image. More steps, smaller delta."
+            ),
         )
         c5.number_input(
             "Batch size",
@@ -609,7 +684,7 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
         )
         if positions:
             _position_inputs(prefix, settings, positions)
-        with st.expander("Baseline options"):
+        with st.container(border=True) if presenting else st.expander("Baseline options"):
             b1, b2, b3 = st.columns(3)
             b1.slider(
                 "Constant grey level",

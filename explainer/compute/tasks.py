@@ -98,6 +98,17 @@ def _target(value: Any) -> analysis.Target:
     return tuple(int(i) for i in value) if isinstance(value, (tuple, list)) else int(value)
 
 
+def _indices(value: Any, name: str) -> tuple[int, ...]:
+    """A tuple of whole numbers (a neuron, a unit, a channel order) from the wire."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+        value = value.tolist()
+    if not isinstance(value, (tuple, list)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    ):
+        raise AttributionError(f"The {name} must be a list of whole numbers.")
+    return tuple(int(i) for i in value)
+
+
 class ModelSession:
     """One loaded model and the operations a server may ask of it.
 
@@ -174,6 +185,94 @@ class ModelSession:
     def _activation(self, layer: str, x: Any, progress: Progress | None = None) -> np.ndarray:
         return analysis.layer_activation(self.model, layer, _tensor(x, "image"))
 
+    # --- the neuron card (explainer.checks)
+    def _neuron_conductance(
+        self,
+        layer: str,
+        x: Any,
+        target: Any,
+        baseline: Any,
+        neuron: Any,
+        method: str,
+        n_steps: int,
+        internal_batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> Any:
+        from explainer.checks import neuron_conductance_map
+
+        return neuron_conductance_map(
+            self.model,
+            layer,
+            _tensor(x, "image"),
+            _target(target),
+            _tensor(baseline, "baseline"),
+            _indices(neuron, "neuron"),
+            method=str(method),
+            n_steps=int(n_steps),
+            internal_batch_size=internal_batch_size,
+            progress=progress,
+        )
+
+    def _ablate(
+        self, layer: str, x: Any, target: Any, variants: Any, progress: Progress | None = None
+    ) -> Any:
+        from explainer.checks import ablate
+
+        if not isinstance(variants, list) or not all(isinstance(v, list) for v in variants):
+            raise AttributionError("ablate takes a list of lists of units to zero.")
+        units = [[_indices(u, "unit") for u in v] for v in variants]
+        return ablate(self.model, layer, _tensor(x, "image"), _target(target), units)
+
+    def _flip_search(
+        self,
+        layer: str,
+        x: Any,
+        target: Any,
+        order: Any,
+        limit: int | None = None,
+        progress: Progress | None = None,
+    ) -> Any:
+        from explainer.checks import flip_search
+
+        return flip_search(
+            self.model,
+            layer,
+            _tensor(x, "image"),
+            _target(target),
+            list(_indices(order, "channel order")),
+            limit=None if limit is None else int(limit),
+            progress=progress,
+        )
+
+    def _randomisation(
+        self,
+        layer: str,
+        x: Any,
+        target: Any,
+        baseline: Any,
+        neuron: Any,
+        method: str,
+        n_steps: int,
+        seed: int = 0,
+        internal_batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> Any:
+        from explainer.checks import cascading_randomisation
+
+        return cascading_randomisation(
+            self.model,
+            layer,
+            _tensor(x, "image"),
+            _target(target),
+            _tensor(baseline, "baseline"),
+            _indices(neuron, "neuron"),
+            method=str(method),
+            n_steps=int(n_steps),
+            seed=int(seed),
+            internal_batch_size=internal_batch_size,
+            progress=progress,
+        )
+
     def _sweep(
         self,
         layer: str,
@@ -192,6 +291,66 @@ class ModelSession:
             _tensor(baseline, "baseline"),
             [str(m) for m in methods],
             [int(s) for s in steps],
+            progress=progress,
+        )
+
+    def _layer_overview(
+        self,
+        layers: Any,
+        x: Any,
+        target: Any,
+        baseline: Any,
+        method: str,
+        n_steps: int,
+        internal_batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> Any:
+        from explainer.overview import layer_overview
+
+        if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+            raise AttributionError("layer_overview takes a list of layer names.")
+        return layer_overview(
+            self.model,
+            layers,
+            _tensor(x, "image"),
+            _target(target),
+            _tensor(baseline, "baseline"),
+            method=str(method),
+            n_steps=int(n_steps),
+            internal_batch_size=internal_batch_size,
+            progress=progress,
+        )
+
+    def _random_conductance(
+        self,
+        layer: str,
+        x: Any,
+        target: Any,
+        baseline: Any,
+        method: str,
+        n_steps: int,
+        seed: int = 0,
+        internal_batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> analysis.ConductanceResult:
+        """Layer conductance in a copy of the model with shuffled weights (the served model is
+        never changed); the copy of the last seed asked for is kept for the next request."""
+        from explainer.randomise import randomised_copy
+
+        kept = getattr(self, "_randomised", None)
+        if kept is None or kept[0] != int(seed):
+            self._randomised = None  # free the old copy before making the new one
+            kept = (int(seed), randomised_copy(self.model, int(seed)).eval())
+            self._randomised = kept
+        return analysis.compute_conductance(
+            kept[1],
+            layer,
+            _tensor(x, "image"),
+            _target(target),
+            _tensor(baseline, "baseline"),
+            method=method,
+            n_steps=int(n_steps),
+            internal_batch_size=internal_batch_size,
             progress=progress,
         )
 
@@ -259,6 +418,12 @@ OPERATIONS: tuple[str, ...] = (
     "activation",
     "sweep",
     "dataset_record",
+    "neuron_conductance",
+    "ablate",
+    "flip_search",
+    "randomisation",
+    "layer_overview",
+    "random_conductance",
 )
 """The operations a :class:`ModelSession` answers."""
 
@@ -337,6 +502,22 @@ def info_problem(info: Any) -> str | None:
     return None
 
 
+def _overview_fits(value: Any) -> bool:
+    from explainer.overview import LayerOverview, LayerSummary
+
+    return isinstance(value, LayerOverview) and all(
+        isinstance(v, LayerSummary) for v in value.layers
+    )
+
+
+def _check_result(value: Any, kind: str) -> bool:
+    """Whether ``value`` is an :mod:`explainer.checks` result of class ``kind``, well formed."""
+    from explainer import checks
+
+    # By name, not isinstance: see checks.well_formed.
+    return type(value).__name__ == kind and checks.well_formed(value)
+
+
 def result_fits(op: str, value: Any) -> bool:
     """Whether a worker's result for ``op`` is of the kind that operation returns."""
     from explainer.intake.loaded import ModelInfo
@@ -355,6 +536,12 @@ def result_fits(op: str, value: Any) -> bool:
         "activation": lambda: isinstance(value, np.ndarray),
         "sweep": lambda: all_of(analysis.ConvergencePoint),
         "dataset_record": lambda: all_of(dict),
+        "neuron_conductance": lambda: _check_result(value, "NeuronConductanceResult"),
+        "ablate": lambda: _check_result(value, "AblationResult"),
+        "flip_search": lambda: _check_result(value, "FlipResult"),
+        "randomisation": lambda: _check_result(value, "RandomisationResult"),
+        "layer_overview": lambda: _overview_fits(value),
+        "random_conductance": lambda: isinstance(value, analysis.ConductanceResult),
     }
     check = checks.get(op)
     return check is not None and check()

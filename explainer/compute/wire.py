@@ -71,6 +71,13 @@ def _record_types() -> dict[str, type]:
 
     types = (ConductanceResult, ConvergencePoint, NeuronGradientResult, ModelInfo, ModuleNode,
              ModuleTree)  # fmt: skip
+    from explainer.overview import LayerOverview, LayerSummary
+
+    types += (LayerOverview, LayerSummary)
+    from explainer import checks
+
+    types += (checks.NeuronConductanceResult, checks.AblationResult, checks.FlipResult,
+              checks.RandomisationResult)  # fmt: skip
     return {cls.__name__: cls for cls in types}
 
 

@@ -33,6 +33,7 @@ from explainer.intake.labels import check_class_count
 from explainer.intake.registry import check_input_size
 from explainer.intake.sources import short
 from explainer.intake.state_dict import layout_problem
+from explainer.tree import ORIGINAL_TYPE
 
 __all__ = ["load_export"]
 
@@ -606,7 +607,52 @@ def load_export(
         raise ModelLoadError(
             f"The layers of {display} could not be rebuilt from the program ({short(exc)})."
         ) from exc
+    _name_module_types(module, _original_types(ep))
     return module, (size[0], size[1], size[2]), static_batch, out_classes, output_shape
+
+
+# A class name as the metadata writes it: the last part of a dotted path, an identifier.
+_TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,79}")
+
+
+def _original_types(ep: Any) -> dict[str, str]:
+    """Module path -> class name of the original module, read from the program's metadata.
+
+    ``torch.export`` keeps, on every graph node, the stack of modules it ran in
+    (``nn_module_stack``: key -> (path, type)). Unflattening rebuilds those modules as
+    ``InterpreterModule``; the names read here tell what they were (``Conv2d``,
+    ``Bottleneck``...). Entries that are not a plain path and class name are ignored: the
+    metadata comes from the uploaded file and is only ever shown as text.
+    """
+    types_by_path: dict[str, str] = {}
+    for node in ep.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not isinstance(stack, dict):
+            continue
+        for entry in stack.values():
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                continue
+            path, kind = entry
+            if not isinstance(path, str) or len(path) > 1000:
+                continue
+            text = kind if isinstance(kind, str) else getattr(kind, "__qualname__", "")
+            if not isinstance(text, str):
+                continue
+            last = text.strip().strip("<>'\"").removeprefix("class ").strip("'").split(".")[-1]
+            if _TYPE_NAME.fullmatch(last):
+                types_by_path.setdefault(path, last)
+    return types_by_path
+
+
+def _name_module_types(module: nn.Module, types_by_path: dict[str, str]) -> None:
+    """Record the original class name on each rebuilt module (see :data:`ORIGINAL_TYPE`)."""
+    for name, sub in module.named_modules():
+        # A module called several times is rebuilt once per call, as ``name@1``, ``name@2``...
+        kind = types_by_path.get(name) or types_by_path.get(name.split("@", 1)[0])
+        if kind is None and name == "":
+            kind = types_by_path.get("")
+        if kind is not None:
+            sub.__dict__[ORIGINAL_TYPE] = kind
 
 
 def _user_input_node(ep: Any, display: str) -> torch.fx.Node:

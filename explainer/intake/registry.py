@@ -606,11 +606,18 @@ def model_from_state_dict(
     before: here their data is cast and copied.
     """
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    detected: list[str] = []
     if arch is None:
         fits = _fitting_architectures(shapes)
-        raise ModelLoadError(
-            f"{display} holds only weights (a state_dict), not the network they belong to: pick "
-            f"the architecture it was trained with.{_fit_hint(fits)}"
+        if len(fits) != 1:
+            raise ModelLoadError(
+                f"{display} holds only weights (a state_dict), not the network they belong to: "
+                f"pick the architecture it was trained with.{_fit_hint(fits)}"
+            )
+        arch = fits[0]
+        detected.append(
+            f"Architecture detected from the file: {arch}, the only one whose layers match its "
+            "weights."
         )
     arch = resolve_arch(arch)
     sig, comparison = _best_signature(arch, shapes)
@@ -627,7 +634,7 @@ def model_from_state_dict(
         )
 
     model = _instantiate(arch, file_classes, sig.variant, meta=True)
-    notes: list[str] = []
+    notes: list[str] = detected
     state = match_dtypes(state, model.state_dict(), display, notes)
     for key in sig.shapes:
         if key not in state and _is_ignorable(key):

@@ -24,6 +24,12 @@ PAGE_CONDUCTANCE = "pages/3_layer_conductance.py"
 PAGE_NEURON = "pages/4_neuron_gradient.py"
 PAGE_CONVERGENCE = "pages/5_convergence.py"
 PAGE_DATASET = "pages/6_dataset.py"
+PAGE_NEURON_CARD = "pages/7_neuron_card.py"
+PAGE_OVERVIEW = "pages/8_layer_overview.py"
+PAGE_COMPARE = "pages/9_compare.py"
+PAGE_REPORT = "pages/10_report.py"
+PAGE_TOUR = "pages/11_tour.py"
+PAGE_GLOSSARY = "pages/12_glossary.py"
 ALL_PAGES = [
     PAGE_MODEL,
     PAGE_LAYER,
@@ -31,6 +37,12 @@ ALL_PAGES = [
     PAGE_NEURON,
     PAGE_CONVERGENCE,
     PAGE_DATASET,
+    PAGE_NEURON_CARD,
+    PAGE_OVERVIEW,
+    PAGE_COMPARE,
+    PAGE_REPORT,
+    PAGE_TOUR,
+    PAGE_GLOSSARY,
 ]
 
 TIMEOUT = 120  # the first run imports torch and torchvision

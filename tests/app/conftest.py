@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apphelpers import APP, TIMEOUT  # noqa: E402
+
+# Uploads the app keeps for links and reloads go to a folder of this test run, not the
+# repository's working directory (the app's default).
+_UPLOADS = tempfile.mkdtemp(prefix="explainer-test-uploads-")
+os.environ["EXPLAINER_UPLOAD_DIR"] = _UPLOADS
+atexit.register(shutil.rmtree, _UPLOADS, ignore_errors=True)
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 

@@ -5,12 +5,43 @@ from __future__ import annotations
 import pytest
 from apphelpers import PAGE_CONVERGENCE, error_text, open_page, plotly_specs, widget
 
+from webapp import backend
 from webapp.state import AttributionSettings, SweepSettings
 
 
-def test_every_image_gets_a_delta_and_a_status(app):
+def _check_every_image(app):
+    """Press "Check all ... images" (absent when an earlier test in this process left every
+    result in the server's cache); afterwards every image has its row."""
+    offers = [b for b in app.button if b.key == "check_all_images"]
+    if offers:
+        offers[0].click()
+        app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert len(app.dataframe[0].value) == len(app.session_state["images"])
+
+
+def test_only_the_active_image_is_computed_until_the_user_asks(app):
+    # Settings no other test uses: nothing of them is in this process's cache yet.
+    app.session_state["attr_settings"] = AttributionSettings(n_steps=23)
     open_page(app, PAGE_CONVERGENCE)
-    assert app.title[0].value == "Convergence"
+    assert not app.error
+    images = app.session_state["images"]
+    active = app.session_state["active_image"]
+    table = app.dataframe[0].value
+    assert list(table["image"]) == [e.name for e in images if e.digest == active]
+    others = len(images) - 1
+    assert widget(app, "button", "check_all_images").label == f"Check all {others} other images"
+    lm = backend.resolve_model(app.session_state["model_ref"])
+    prep = backend.preprocessing(app.session_state["prep"], lm)
+    layer = app.session_state["layer"]
+    settings = app.session_state["attr_settings"]
+    cached = [backend.conductance_cached(lm, e, prep, layer, settings) is not None for e in images]
+    assert cached == [e.digest == active for e in images]
+
+
+def test_every_image_gets_a_delta_and_a_status_on_request(app):
+    open_page(app, PAGE_CONVERGENCE)
+    _check_every_image(app)
     assert not app.error
     table = app.dataframe[0].value
     assert list(table["image"]) == [e.name for e in app.session_state["images"]]
@@ -23,10 +54,16 @@ def test_every_image_gets_a_delta_and_a_status(app):
         )
         expected = "✓ pass" if row["|delta| relative"] <= 0.05 else "⚠ warn"
         assert row["status"] == expected
+    # The request is done: no Stop button, no offer, and the next run keeps every row.
+    assert not [b for b in app.button if b.key in ("stop_checking", "check_all_images")]
+    assert app.session_state["check_all_images"] is None
+    app.run()
+    assert len(app.dataframe[0].value) == len(app.session_state["images"])
 
 
 def test_a_tiny_tolerance_turns_passes_into_warnings(app):
     open_page(app, PAGE_CONVERGENCE)
+    _check_every_image(app)
     widget(app, "number_input", "_w_tolerance").set_value(0.001)
     app.run()
     assert app.session_state["tolerance"] == pytest.approx(1e-5)

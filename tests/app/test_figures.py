@@ -183,8 +183,22 @@ def test_score_profile_points_carry_their_position():
 def test_prediction_bars_say_what_the_share_is():
     preds = [("road", 0, 0.63), ("sky", 1, 0.37)]
     fig = F.prediction_bars(preds, hover_suffix=" of the output")
-    assert fig.data[0].hovertemplate == "%{y}: %{x:.2%} of the output<extra></extra>"
-    assert list(fig.data[0].y) == ["sky (#1)", "road (#0)"]
+    assert fig.data[0].hovertemplate == "%{customdata}: %{x:.2%} of the output<extra></extra>"
+    assert list(fig.data[0].customdata) == ["sky (#1)", "road (#0)"]
+    assert list(fig.data[0].x) == [0.37, 0.63]
+    assert [a.text for a in fig.layout.annotations] == ["sky (#1)", "road (#0)"]
+
+
+def test_long_class_names_are_wrapped_whole_not_clipped():
+    name = "Greater Swiss Mountain dog, also called Grosser Schweizer Sennenhund"
+    fig = F.prediction_bars([(name, 238, 0.41), ("cat", 1, 0.2)])
+    lines = fig.layout.annotations[1].text.split("<br>")  # the top row is the last one drawn
+    assert len(lines) > 1 and all(len(line) <= 26 for line in lines)
+    assert " ".join(lines) == f"{name} (#238)"
+    assert not fig.layout.yaxis.showticklabels  # no axis labels to clip
+    # Every name sits above its own bar: rows do not overlap.
+    bars, tops = list(fig.data[0].y), [a.y for a in fig.layout.annotations]
+    assert bars[0] < tops[0] <= bars[1] - 0.45 < tops[1]
 
 
 def test_class_and_title_text_is_escaped_for_plotly():
@@ -192,11 +206,13 @@ def test_class_and_title_text_is_escaped_for_plotly():
 
     names = ['<a href="https://example.invalid">x</a>', "<b>bold</b> & 'quoted'", "plain"]
     fig = F.prediction_bars([(n, i, 0.3) for i, n in enumerate(names)])
-    labels = list(fig.data[0].y)
-    assert not any(set("<>\"'") & set(label) for label in labels), labels
-    assert [html.unescape(label) for label in labels] == [
-        f"{n} (#{i})" for i, n in reversed(list(enumerate(names)))
+    labels = [
+        *fig.data[0].customdata,
+        *(a.text.replace("<br>", " ") for a in fig.layout.annotations),
     ]
+    assert not any(set("<>\"'") & set(label) for label in labels), labels
+    expected = [f"{n} (#{i})" for i, n in reversed(list(enumerate(names)))]
+    assert [html.unescape(label) for label in labels] == expected * 2
     fig = F.spatial_map(np.zeros((2, 2)), channel=0, title="<img src=x> layer")
     assert fig.layout.title.text == "&lt;img src=x&gt; layer"
     fig = F.gradient_channels(np.zeros((2, 2, 2)), names=("<b>a</b>", "b"))

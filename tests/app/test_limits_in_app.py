@@ -94,3 +94,45 @@ def test_a_layer_without_a_gradient_path_to_the_score_is_said_plainly(app):
     notes = " ".join(info.value for info in app.info)
     assert "zero conductance" in notes and "no gradient reaches it" in notes
     assert {m.label: m.value for m in app.metric}["Sum of conductance"] == "0"
+
+
+class ScaledHead(nn.Module):
+    """Scores ``bias + scale * features``: with scale 0 every input gets the same scores, with a
+    tiny scale the scores move by rounding noise only."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc.weight.mul_(scale)
+            self.fc.bias.copy_(torch.tensor([0.5, 1.0, 2.0]))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _conductance_of(app, module: nn.Module, name: str):
+    upload_model(app, export_bytes(module), name, "resnet18")
+    assert app.session_state["model_ref"].kind == "upload", error_text(app)
+    app.session_state["layer"] = "conv"
+    open_page(app, PAGE_CONDUCTANCE)
+    assert not app.exception, [e.value for e in app.exception]
+    return " ".join(m.value for m in [*app.info, *app.warning])
+
+
+def test_a_score_that_ignores_the_image_is_named_as_the_cause(app):
+    notes = _conductance_of(app, ScaledHead(0.0), "flat.pt2")
+    assert "exactly the same for the image and the baseline" in notes
+    assert "no gradient reaches it" not in notes  # not blamed on a missing gradient path
+
+
+def test_a_negligible_score_difference_warns_that_the_maps_are_noise(app):
+    notes = _conductance_of(app, ScaledHead(1e-5), "faint.pt2")
+    assert "negligible" in notes and "rounding noise" in notes
+    assert "exactly the same" not in notes
+
+
+def test_a_clear_score_difference_gets_no_noise_warning(app):
+    notes = _conductance_of(app, ScaledHead(1.0), "clear.pt2")
+    assert "negligible" not in notes and "exactly the same" not in notes

@@ -14,6 +14,7 @@ from apphelpers import (
     png_bytes,
     resnet18_state_dict_bytes,
     upload_model,
+    visible,
     widget,
 )
 
@@ -34,7 +35,7 @@ def test_opens_on_builtin_model_with_samples_and_predictions(app):
     assert len(charts) == len(images)
     bars = charts[0]["data"][0]
     assert len(bars["y"]) == 5
-    assert all(label.split(" (#")[0] in DEMO_LABELS for label in bars["y"])
+    assert all(label.split(" (#")[0] in DEMO_LABELS for label in bars["customdata"])
     assert all(0.0 <= p <= 1.0 for p in bars["x"])
     # The default layer is chosen once the model is loaded.
     assert app.session_state["layer"]
@@ -82,6 +83,15 @@ def test_state_dict_upload_with_architecture_switches_model(app):
     assert metrics["Input (C×H×W)"] == "3×224×224"
     # A new model starts on its own default layer.
     assert app.session_state["layer"].startswith("layer")
+
+
+def test_detect_from_the_file_uses_the_one_architecture_that_fits(app):
+    upload_model(app, resnet18_state_dict_bytes(), "weights.pt", "")  # "Detect from the file"
+    assert not app.error, error_text(app)
+    ref = app.session_state["model_ref"]
+    assert ref.kind == "upload" and ref.arch is None
+    page = visible(" ".join(str(m.value) for m in [*app.markdown, *app.caption]))
+    assert "Architecture detected from the file: resnet18" in page
 
 
 def test_labels_file_names_the_classes(app):
@@ -305,3 +315,31 @@ def test_model_whose_forward_raises_is_refused_and_the_previous_one_kept(app):
     for page in (PAGE_LAYER, PAGE_CONDUCTANCE):
         open_page(app, page)
         assert not app.exception and not app.error
+
+
+def test_own_model_and_own_images_set_the_samples_aside(app):
+    samples = len(app.session_state["images"])
+    upload_model(app, resnet18_state_dict_bytes(), "resnet18_weights.pt", "resnet18")
+    # No image of the user's own yet: the samples stay, and the page says why.
+    assert len(app.session_state["images"]) == samples
+    assert any("stay until you upload images of your own" in i.value for i in app.info)
+    widget(app, "file_uploader", "_w_image_files").set_value(
+        [("mine.png", png_bytes((10, 200, 30)), "image/png")]
+    )
+    app.run()
+    assert not app.exception
+    assert [e.name for e in app.session_state["images"]] == ["mine.png"]
+    assert app.session_state["active_image"] == app.session_state["images"][0].digest
+    assert any("set aside" in i.value for i in app.info)
+    # The sample picker shows none chosen; picking one brings it back.
+    assert widget(app, "multiselect", "_w_samples").value == []
+
+
+def test_user_images_then_own_model_set_the_samples_aside_at_once(app):
+    widget(app, "file_uploader", "_w_image_files").set_value(
+        [("mine.png", png_bytes((200, 200, 30)), "image/png")]
+    )
+    app.run()
+    assert any(e.source == "sample" for e in app.session_state["images"])  # the demo keeps them
+    upload_model(app, resnet18_state_dict_bytes(), "resnet18_weights.pt", "resnet18")
+    assert [e.name for e in app.session_state["images"]] == ["mine.png"]

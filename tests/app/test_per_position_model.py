@@ -77,7 +77,7 @@ def test_the_model_page_shows_shares_of_the_output(pixel_app):
     active = app.session_state["active_image"]
     bars = plotly_specs(app)[f"_top_{active[:16]}"]["data"][0]
     # Bars run bottom-up: the top class is last; the two shares add up to the whole output.
-    assert bars["y"][-1] == f"class {top} (#{top})"
+    assert bars["customdata"][-1] == f"class {top} (#{top})"
     np.testing.assert_allclose(sorted(values(bars["x"])), sorted(shares), atol=1e-9)
     assert "of the output" in bars["hovertemplate"]
 

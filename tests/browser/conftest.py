@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +30,12 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 START_TIMEOUT_S = 90
+
+# Uploads the app servers keep for links and reloads go to a folder of this test run (the
+# servers inherit the environment), not the repository's working directory.
+_UPLOADS = tempfile.mkdtemp(prefix="explainer-test-uploads-")
+os.environ.setdefault("EXPLAINER_UPLOAD_DIR", _UPLOADS)
+atexit.register(shutil.rmtree, _UPLOADS, ignore_errors=True)
 # The running server of this test session: {"url": ..., "process": subprocess.Popen}.
 SERVER: dict[str, object] = {}
 
@@ -76,6 +84,8 @@ def app_url() -> Iterator[str]:
             str(port),
             "--server.headless",
             "true",
+            "--server.fileWatcherType",
+            "none",  # a file edited during a run must not re-import modules under the server
         ],
         cwd=REPO,
         stdout=log,

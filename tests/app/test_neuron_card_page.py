@@ -1,0 +1,300 @@
+"""Neuron card page: the neuron's maps and shares, the causal check, the sanity check, the link
+to the Dataset page, and a plain message for everything that can go wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from apphelpers import (
+    PAGE_NEURON_CARD,
+    error_text,
+    open_page,
+    plotly_specs,
+    values,
+    visible,
+    widget,
+)
+
+from explainer import checks
+from explainer.errors import ExplainerError, JobCancelled
+from webapp import backend
+from webapp import dataset as D
+from webapp import state as S
+
+
+def texts(at, kind: str) -> str:
+    return visible("\n".join(str(e.value) for e in getattr(at, kind)))
+
+
+def metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def served(at):
+    """The model, image and preprocessing the page used, as the server knows them."""
+    lm = backend.resolve_model(at.session_state[S.MODEL])
+    active = at.session_state[S.ACTIVE_IMAGE]
+    image = next(e for e in at.session_state[S.IMAGES] if e.digest == active)
+    return lm, image, backend.preprocessing(at.session_state[S.PREP], lm)
+
+
+def frame(at, column: str):
+    for element in at.dataframe:
+        if column in element.value.columns:
+            return element.value
+    raise AssertionError(f"no table with a {column!r} column")
+
+
+def button(at, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_default_neuron_shows_its_maps_shares_and_causal_check(app):
+    open_page(app, PAGE_NEURON_CARD)
+    assert app.title[0].value == "Neuron card"
+    assert not app.error
+    neuron = app.session_state[S.NEURON]
+    assert neuron is not None and len(neuron) == 3
+    assert "No neuron selected yet: showing the most active one" in texts(app, "caption")
+    assert set(metrics(app)) == {"Activation", "Conductance", "Channel share", "Channel rank"}
+    specs = plotly_specs(app)
+    assert {"card_activation", "card_gradient", "card_nc", "card_flip"} <= set(specs)
+    table = frame(app, "zeroed")
+    assert table["zeroed"].tolist() == [
+        "nothing (the model as it is)",
+        "this neuron",
+        f"its whole channel {neuron[0]}",
+        "the top 3 channels",
+    ]
+    # The built-in model's decision on the first sample flips after a few top channels.
+    assert "Zeroing the top" in texts(app, "success")
+
+
+def test_maps_and_numbers_match_the_service(app):
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (38, 4, 6)
+    open_page(app, PAGE_NEURON_CARD)
+    assert not app.error
+    lm, image, prep = served(app)
+    settings = app.session_state[S.SETTINGS]
+    nc = backend.neuron_conductance(lm, image, prep, "block3", (38, 4, 6), settings)
+    drawn = values(plotly_specs(app)["card_nc"]["data"][1]["z"])
+    np.testing.assert_allclose(drawn, nc.attributions.sum(axis=0), rtol=1e-5, atol=1e-7)
+    act = backend.activation(lm, image, prep, "block3")
+    assert float(metrics(app)["Activation"]) == pytest.approx(float(act[38, 4, 6]), rel=1e-3)
+    cond = backend.conductance(lm, image, prep, "block3", settings)
+    share = cond.channel_totals[38] / cond.channel_totals.sum()
+    assert metrics(app)["Channel share"] == f"{share:.1%}"
+    rank = int(np.sum(cond.channel_totals > cond.channel_totals[38])) + 1
+    assert metrics(app)["Channel rank"] == f"{rank} of 64"
+    # The ablation table's scores are the model's with the units zeroed.
+    order = checks.channel_order(cond.channel_totals)
+    ablated = backend.ablation(
+        lm,
+        image,
+        prep,
+        "block3",
+        settings,
+        [[(38, 4, 6)], [(38,)], [(int(i),) for i in order[:3]]],
+    )
+    table = frame(app, "zeroed")
+    assert table["target score"].tolist()[1:] == [
+        f"{ablated.target_score(i):.4g}" for i in range(3)
+    ]
+
+
+def test_the_top_k_slider_zeroes_that_many_channels(app):
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (38, 4, 6)
+    open_page(app, PAGE_NEURON_CARD)
+    widget(app, "slider", "_w_card_k").set_value(7)
+    app.run()
+    assert not app.exception and not app.error
+    assert frame(app, "zeroed")["zeroed"].tolist()[-1] == "the top 7 channels"
+
+
+def test_number_inputs_choose_the_neuron(app):
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (38, 4, 6)
+    open_page(app, PAGE_NEURON_CARD)
+    widget(app, "number_input", "_w_card_n0").set_value(12)
+    app.run()
+    assert app.session_state[S.NEURON] == (12, 4, 6)
+    assert app.session_state[S.CHANNEL] == 12
+    assert any("Neuron **(12, 4, 6)**" in str(m.value) for m in app.markdown)
+
+
+def test_a_linear_layer_has_units_and_no_channel_row(app):
+    app.session_state[S.LAYER] = "classifier"
+    app.session_state[S.NEURON] = (2,)
+    open_page(app, PAGE_NEURON_CARD)
+    assert not app.error
+    assert "card_strip" in plotly_specs(app)
+    assert frame(app, "zeroed")["zeroed"].tolist()[1:] == ["this neuron", "the top 3 channels"]
+
+
+def test_the_sanity_check_runs_on_request_and_gives_a_verdict(app, monkeypatch):
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (38, 4, 6)
+    jobs = []
+    real = backend.run
+
+    def counting(lm, op, args=None, progress=None):
+        if op == "randomisation":
+            jobs.append(args)
+        return real(lm, op, args, progress)
+
+    monkeypatch.setattr(backend, "run", counting)
+    open_page(app, PAGE_NEURON_CARD)
+    assert "card_randomisation" not in plotly_specs(app) and not jobs
+    button(app, "Run the sanity check").click()
+    app.run()
+    assert not app.exception and not app.error
+    assert "card_randomisation" in plotly_specs(app)
+    verdict = texts(app, "success") + texts(app, "info") + texts(app, "warning")
+    assert "Verdict." in verdict
+    table = frame(app, "Spearman ρ")
+    assert len(table) >= 2 and table["map"].tolist()[0] == "learned weights"
+    assert all(b.label != "Run the sanity check" for b in app.button)
+    # Drawn again from the cache: at most the one job (none when an earlier test ran it).
+    app.run()
+    assert len(jobs) <= 1 and "card_randomisation" in plotly_specs(app)
+    assert all(job["n_steps"] <= backend.RANDOMISATION_STEPS for job in jobs)
+
+
+def test_a_stopped_sanity_check_says_so_and_can_run_again(app, monkeypatch):
+    real = backend.run
+
+    def cancelled(lm, op, args=None, progress=None):
+        if op == "randomisation":
+            raise JobCancelled("The request was cancelled.")
+        return real(lm, op, args, progress)
+
+    monkeypatch.setattr(backend, "run", cancelled)
+    app.session_state[S.LAYER] = "block2"
+    app.session_state[S.NEURON] = (1, 2, 2)
+    app.session_state[S.SETTINGS] = S.AttributionSettings(n_steps=13)  # not cached elsewhere
+    open_page(app, PAGE_NEURON_CARD)
+    button(app, "Run the sanity check").click()
+    app.run()
+    assert not app.exception and not app.error
+    assert "stopped before it finished" in texts(app, "info")
+    assert app.session_state[S.CARD_CHECK] is None
+    # The Stop button is gone with the computation; Run starts it again.
+    assert [b.label for b in app.button if "sanity" in b.label] == ["Run the sanity check"]
+    app.run()
+    assert "stopped before it finished" in texts(app, "info")
+    assert any(b.label == "Run the sanity check" for b in app.button)
+
+
+def test_a_failing_sanity_check_is_a_plain_message(app, monkeypatch):
+    real = backend.run
+
+    def broken(lm, op, args=None, progress=None):
+        if op == "randomisation":
+            raise ExplainerError("This model cannot be copied.")
+        return real(lm, op, args, progress)
+
+    monkeypatch.setattr(backend, "run", broken)
+    app.session_state[S.LAYER] = "block2"
+    app.session_state[S.NEURON] = (1, 2, 2)
+    app.session_state[S.SETTINGS] = S.AttributionSettings(n_steps=15)
+    open_page(app, PAGE_NEURON_CARD)
+    button(app, "Run the sanity check").click()
+    app.run()
+    assert not app.exception
+    assert "**Running the sanity check failed.** This model cannot be copied." in error_text(app)
+    assert any(b.label == "Run the sanity check" for b in app.button)
+
+
+def test_neuron_outside_the_layer_falls_back_with_a_warning(app):
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (999, 0, 0)
+    open_page(app, PAGE_NEURON_CARD)
+    assert "(999, 0, 0)" in texts(app, "warning")
+    assert app.session_state[S.NEURON][0] < 64
+    assert not app.error
+
+
+def test_a_layer_without_channels_says_so(app, monkeypatch):
+    monkeypatch.setattr(backend, "activation", lambda *args: np.zeros((0,), dtype=np.float32))
+    open_page(app, PAGE_NEURON_CARD)
+    assert "no channels or units" in texts(app, "warning")
+    assert not plotly_specs(app)
+
+
+def test_no_model_says_where_to_load_one(app, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ExplainerError("The model file is damaged.")
+
+    monkeypatch.setattr(backend, "resolve_model", broken)
+    open_page(app, PAGE_NEURON_CARD)
+    assert "No model is ready" in texts(app, "warning")
+    assert "The model file is damaged." in error_text(app)
+    assert not plotly_specs(app)
+
+
+def test_no_layer_says_where_to_pick_one(app, monkeypatch):
+    monkeypatch.setattr(backend, "default_layer", lambda lm: None)
+    app.session_state[S.LAYER] = None
+    open_page(app, PAGE_NEURON_CARD)
+    assert "No layer is chosen" in texts(app, "warning")
+    assert not plotly_specs(app)
+
+
+def test_an_unknown_layer_is_a_plain_message(app):
+    app.session_state[S.LAYER] = "nowhere"
+    open_page(app, PAGE_NEURON_CARD)
+    assert "no layer named 'nowhere'" in error_text(app)
+    assert not plotly_specs(app)
+
+
+def test_the_dataset_link_opens_the_dataset_page_on_the_same_channel(app):
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (38, 4, 6)
+    open_page(app, PAGE_NEURON_CARD)
+    button(app, "See channel 38 on the Dataset page").click()
+    app.run()
+    assert not app.exception
+    assert app.title[0].value == "Dataset"
+    assert app.session_state[D.FOCUS] == ("block3", 38)  # kept until a store is shown
+
+
+@pytest.fixture(scope="module")
+def store_folder(tmp_path_factory):
+    """A dataset folder with one small store of the built-in model's block3."""
+    from test_dataset_page import InProcessExecutor, build_dataset
+
+    from explainer.batch.runner import BatchSettings, run_batch
+    from explainer.compute import ModelSource
+
+    base = tmp_path_factory.mktemp("card-dataset")
+    runs = base / "runs"
+    runs.mkdir()
+    run_batch(
+        ModelSource("builtin"),
+        build_dataset(base / "images"),
+        runs / "shapes.sqlite",
+        BatchSettings(layers=("block3",), n_steps=4, labels_from_folders=True),
+        InProcessExecutor(),
+    )
+    return runs
+
+
+@pytest.mark.parametrize("layer, shown", [("block3", True), ("block2", False)])
+def test_the_dataset_page_opens_on_the_cards_channel(app, monkeypatch, store_folder, layer, shown):
+    monkeypatch.setenv("EXPLAINER_DATASET_DIR", str(store_folder))
+    app.session_state[S.LAYER] = layer
+    app.session_state[S.NEURON] = (5, 1, 1)
+    open_page(app, PAGE_NEURON_CARD)
+    button(app, "See channel 5 on the Dataset page").click()
+    app.run()
+    assert not app.exception and app.title[0].value == "Dataset"
+    note = texts(app, "info")
+    assert D.FOCUS not in app.session_state  # taken once
+    if shown:
+        assert "Opened from the neuron card on layer **block3**, channel **5**" in note
+        assert widget(app, "number_input", "_w_ds_channel").value == 5
+        assert app.session_state[D.NEURON] == ("block3", 5)
+    else:
+        assert "no results for layer **block2**" in note and "--layers block2" in note
