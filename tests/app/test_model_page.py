@@ -106,7 +106,9 @@ def test_labels_file_names_the_classes(app):
     assert not app.error, error_text(app)
     assert list(app.session_state["labels_override"].labels) == names
     charts = [spec for key, spec in plotly_specs(app).items() if key.startswith("_top_")]
-    assert charts and all(label.startswith("thing") for label in charts[0]["data"][0]["y"])
+    assert charts and all(
+        label.startswith("thing") for label in charts[0]["data"][0]["customdata"]
+    )
 
 
 def test_labels_with_wrong_count_keep_previous_model(app):
