@@ -184,3 +184,14 @@ def count_jobs(monkeypatch, op: str) -> list[dict]:
 
     monkeypatch.setattr(backend, "run", counting)
     return calls
+
+
+def check_every_image(app: AppTest) -> None:
+    """Press "Check all ... images" (absent when an earlier test in this process left every
+    result in the server's cache); afterwards every image has its row."""
+    offers = [b for b in app.button if b.key == "check_all_images"]
+    if offers:
+        offers[0].click()
+        app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert len(app.dataframe[0].value) == len(app.session_state["images"])

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from apphelpers import PAGE_CONVERGENCE, error_text, open_page, plotly_specs, widget
+from apphelpers import (
+    PAGE_CONVERGENCE,
+    check_every_image,
+    error_text,
+    open_page,
+    plotly_specs,
+    widget,
+)
 
 from webapp import backend
 from webapp.state import AttributionSettings, SweepSettings
-
-
-def _check_every_image(app):
-    """Press "Check all ... images" (absent when an earlier test in this process left every
-    result in the server's cache); afterwards every image has its row."""
-    offers = [b for b in app.button if b.key == "check_all_images"]
-    if offers:
-        offers[0].click()
-        app.run()
-    assert not app.exception, [e.value for e in app.exception]
-    assert len(app.dataframe[0].value) == len(app.session_state["images"])
 
 
 def test_only_the_active_image_is_computed_until_the_user_asks(app):
@@ -41,7 +37,7 @@ def test_only_the_active_image_is_computed_until_the_user_asks(app):
 
 def test_every_image_gets_a_delta_and_a_status_on_request(app):
     open_page(app, PAGE_CONVERGENCE)
-    _check_every_image(app)
+    check_every_image(app)
     assert not app.error
     table = app.dataframe[0].value
     assert list(table["image"]) == [e.name for e in app.session_state["images"]]
@@ -63,7 +59,7 @@ def test_every_image_gets_a_delta_and_a_status_on_request(app):
 
 def test_a_tiny_tolerance_turns_passes_into_warnings(app):
     open_page(app, PAGE_CONVERGENCE)
-    _check_every_image(app)
+    check_every_image(app)
     widget(app, "number_input", "_w_tolerance").set_value(0.001)
     app.run()
     assert app.session_state["tolerance"] == pytest.approx(1e-5)

@@ -15,6 +15,7 @@ from apphelpers import (
     PAGE_LAYER,
     PAGE_NEURON,
     TIMEOUT,
+    check_every_image,
     error_text,
     open_page,
     pixel_model_bytes,
@@ -113,6 +114,7 @@ def test_every_page_explains_the_model_at_the_top_score_position(pixel_app):
 
     open_page(app, PAGE_CONVERGENCE)
     assert not app.error, error_text(app)
+    check_every_image(app)
     table = app.dataframe[0].value
     assert list(table["image"]) == [e.name for e in app.session_state["images"]]
     assert all(" at row " in target for target in table["target"])
