@@ -63,12 +63,13 @@ converged = result.relative_delta <= tolerance
 m4.metric(
     "Convergence delta",
     f"{result.delta:.2g}",
-    delta=f"{result.relative_delta:.2%} of the difference "
-    f"({'within' if converged else 'above'} your {tolerance:.2%} tolerance)",
+    delta=f"{result.relative_delta:.2%} {'≤' if converged else '>'} "
+    f"{tolerance * 100:.3g}% tolerance",
     delta_color="green" if converged else "red",
     delta_arrow="off",
-    help="Sum of conductance minus the score difference. Small is good; the tolerance is set "
-    "on the Convergence page, which also shows how the delta shrinks with more steps.",
+    help="Sum of conductance minus the score difference, and its size in % of the score "
+    "difference against your tolerance (green within it, red above). The tolerance is set on "
+    "the Convergence page, which also shows how the delta shrinks with more steps.",
 )
 G.explain("score-difference", "conductance", "delta", label="What do these numbers mean?")
 if not converged:

@@ -213,3 +213,16 @@ def test_zero_conductance_is_said_plainly(app):
     assert not app.exception and not app.error
     assert any("the same for the image and the baseline" in info.value for info in app.info)
     assert float(_metrics(app)["Sum of conductance"]) == 0.0
+
+
+def test_the_delta_is_judged_against_the_users_tolerance(app):
+    open_page(app, PAGE_CONDUCTANCE)
+    delta = next(m for m in app.metric if m.label == "Convergence delta")
+    assert "≤ 5% tolerance" in visible(delta.proto.delta)  # 50 Gauss-Legendre steps suffice
+    assert not [w for w in app.warning if "not reliable" in w.value]
+    app.session_state["tolerance"] = 1e-6
+    app.run()
+    delta = next(m for m in app.metric if m.label == "Convergence delta")
+    assert "> 0.0001% tolerance" in visible(delta.proto.delta)
+    assert delta.proto.color == "red" or "red" in str(delta.proto).lower()
+    assert [w for w in app.warning if "not reliable" in w.value]
