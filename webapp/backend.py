@@ -30,7 +30,7 @@ import torch
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from explainer import analysis
-from explainer.baselines import make_baseline
+from explainer.baselines import BASELINE_KINDS, make_baseline
 from explainer.cache import ContentCache, digest
 from explainer.compute import LocalExecutor, ModelSource
 from explainer.errors import AttributionError, ExplainerError
@@ -419,6 +419,39 @@ def baseline_tensor(
         seed=int(settings.noise_seed),
         blur_sigma=float(settings.blur_sigma),
     )
+
+
+def baseline_previews(
+    image: ImageEntry, prep: Preprocessing, settings: AttributionSettings
+) -> dict[str, np.ndarray]:
+    """What each baseline kind looks like for ``image`` with ``settings``' options (grey level,
+    blur sigma, noise seed): ``kind -> (H, W, 3)`` uint8, the preprocessing undone. Light work
+    on the server (no model runs); cached by content."""
+    key = digest(
+        "baseline previews",
+        image.digest,
+        prep_key(prep),
+        float(settings.constant),
+        float(settings.blur_sigma),
+        int(settings.noise_seed),
+    )
+
+    def compute() -> dict[str, np.ndarray]:
+        x = input_tensor(image, prep)
+        previews = {}
+        for kind in BASELINE_KINDS:
+            base = make_baseline(
+                kind,
+                x,
+                prep,
+                value=float(settings.constant),
+                seed=int(settings.noise_seed),
+                blur_sigma=float(settings.blur_sigma),
+            )
+            previews[kind] = deprocess(base, prep)
+        return previews
+
+    return result_cache().get_or_compute(key, compute)
 
 
 def _conductance_key(

@@ -595,6 +595,27 @@ def _position_inputs(prefix: str, settings: S.AttributionSettings, sizes: tuple[
     )
 
 
+def _baseline_previews(ctx: Context, settings: S.AttributionSettings) -> None:
+    """One small picture of every baseline for the active image (with the options below as last
+    applied), the one in use marked, so the choice is seen, not guessed."""
+    ok, previews = attempt(
+        "Drawing the baselines", backend.baseline_previews, ctx.image, ctx.prep, settings
+    )
+    if not ok or not previews:
+        return
+    st.caption(
+        "What each baseline looks like for this image: the path runs from it to the image. "
+        "The options below change the grey level, the blur and the noise."
+    )
+    for column, (kind, picture) in zip(st.columns(len(previews)), previews.items(), strict=True):
+        name = S.BASELINE_NAMES.get(kind, kind)
+        column.image(
+            picture,
+            caption=f"{name} (in use)" if kind == settings.baseline else name,
+            width="stretch",
+        )
+
+
 def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.AttributionSettings:
     """The target / baseline / integration form; returns the settings in force.
 
@@ -623,7 +644,9 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
     presenting = presentation.active()
     fold = st.expander("Settings: target, baseline, steps") if presenting else nullcontext()
     with fold, st.form(f"{prefix}_form", border=True):
-        c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 1.2, 1.2])
+        # Two rows, so that at 1024x768 (a projector) no label or value is clipped.
+        c1, c2 = st.columns([3, 2])
+        c3, c4, c5 = st.columns([2, 1, 1])
         c1.selectbox(
             "Target class",
             options,
@@ -685,6 +708,7 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
         if positions:
             _position_inputs(prefix, settings, positions)
         with st.container(border=True) if presenting else st.expander("Baseline options"):
+            _baseline_previews(ctx, settings)
             b1, b2, b3 = st.columns(3)
             b1.slider(
                 "Constant grey level",

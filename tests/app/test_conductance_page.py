@@ -226,3 +226,27 @@ def test_the_delta_is_judged_against_the_users_tolerance(app):
     assert "> 0.0001% tolerance" in visible(delta.proto.delta)
     assert delta.proto.color == "red" or "red" in str(delta.proto).lower()
     assert [w for w in app.warning if "not reliable" in w.value]
+
+
+def test_every_baseline_is_previewed_for_the_active_image(app):
+    from explainer.baselines import BASELINE_KINDS, make_baseline
+    from explainer.images import deprocess
+    from webapp import backend
+
+    open_page(app, PAGE_CONDUCTANCE)
+    captions = [c.value for c in app.caption]
+    assert any("What each baseline looks like" in c for c in captions)
+    settings = AttributionSettings(blur_sigma=3.0, noise_seed=7, constant=0.25)
+    lm = backend.resolve_model(app.session_state["model_ref"])
+    prep = backend.preprocessing(app.session_state["prep"], lm)
+    image = next(
+        e for e in app.session_state["images"] if e.digest == app.session_state["active_image"]
+    )
+    previews = backend.baseline_previews(image, prep, settings)
+    assert list(previews) == list(BASELINE_KINDS)
+    x = backend.input_tensor(image, prep)
+    for kind, picture in previews.items():
+        expected = deprocess(make_baseline(kind, x, prep, value=0.25, seed=7, blur_sigma=3.0), prep)
+        np.testing.assert_array_equal(picture, expected)
+    assert np.all(previews["black"] == 0)
+    assert not np.array_equal(previews["blur"], previews["noise"])
