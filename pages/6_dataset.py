@@ -279,8 +279,7 @@ else:
     st.caption(note)
 
     def _on_click() -> None:
-        point = W._first_point("ds_heatmap")
-        picked = W._customdata(point) if point else None
+        picked = W.clicked_data("ds_heatmap")
         if picked and len(picked) == 2:
             st.session_state[D.NEURON] = (st.session_state.get("_w_ds_layer"), int(picked[1]))
             st.session_state["_ds_class"] = int(picked[0])

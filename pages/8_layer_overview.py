@@ -125,7 +125,7 @@ def _open_from_chart() -> None:
     except (KeyError, TypeError):
         return
     if points:
-        data = W._customdata(points[0])
+        data = W.customdata(points[0])
         if data and 0 <= data[0] < len(summaries):
             st.session_state[S.OVERVIEW_OPEN] = summaries[data[0]].layer
 

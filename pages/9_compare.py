@@ -290,8 +290,7 @@ for i, values in enumerate(maps):
 
 def _on_click(index: int) -> None:
     """A click in pane ``index`` selects that neuron in every pane."""
-    point = W._first_point(f"cmp_map{index}")
-    data = W._customdata(point) if point else None
+    data = W.clicked_data(f"cmp_map{index}")
     if not data:
         return
     if len(data) == 3 and data[0] < 0:

@@ -399,7 +399,13 @@ def _first_point(chart_key: str) -> dict | None:
     return points[0] if points else None
 
 
-def _customdata(point: dict) -> list[int] | None:
+def clicked_data(chart_key: str) -> list[int] | None:
+    """The integer indices of the point last clicked on the chart ``chart_key``, or ``None``."""
+    point = _first_point(chart_key)
+    return customdata(point) if point else None
+
+
+def customdata(point: dict) -> list[int] | None:
     """The integer indices stored in a clicked point's ``customdata``.
 
     Plotly sends a list, or (for data that went through a typed array) an object keyed
@@ -425,8 +431,7 @@ def on_click_channel(chart_key: str) -> Callable[[], None]:
     """``on_select`` callback: a clicked bar or grid tile selects its channel."""
 
     def callback() -> None:
-        point = _first_point(chart_key)
-        data = _customdata(point) if point else None
+        data = clicked_data(chart_key)
         if data:
             S.select_channel(data[0])
 
@@ -442,8 +447,7 @@ def on_click_position(chart_key: str, position: tuple[int, ...]) -> Callable[[],
     """
 
     def callback() -> None:
-        point = _first_point(chart_key)
-        data = _customdata(point) if point else None
+        data = clicked_data(chart_key)
         if not data or len(data) > len(position):
             return
         chosen = (*position[: len(position) - len(data)], *data)
@@ -459,8 +463,7 @@ def on_click_neuron(chart_key: str) -> Callable[[], None]:
     """
 
     def callback() -> None:
-        point = _first_point(chart_key)
-        data = _customdata(point) if point else None
+        data = clicked_data(chart_key)
         if not data:
             return
         if len(data) == 3 and data[0] < 0:
