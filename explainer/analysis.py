@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from explainer.attribution import LayerConductance, NeuronGradient
 from explainer.errors import AttributionError, AttributionTypeError
+from explainer.hooks import lone_tensor_index
 from explainer.integration import check_method
 from explainer.limits import max_steps
 
@@ -1076,6 +1077,9 @@ def _probe(
                 "layer from the tree."
             )
         output = record[0]
+        lone = lone_tensor_index(output)
+        if lone is not None:
+            output = output[lone]  # one tensor next to sizes or None: the tensor is explained
         if not isinstance(output, Tensor):
             raise AttributionError(
                 f"Layer {name!r} returns a {type(output).__name__}, not a single tensor; pick "

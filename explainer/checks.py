@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from explainer import analysis
 from explainer.analysis import Target
 from explainer.errors import AttributionError
+from explainer.hooks import lone_tensor_index, with_tensor_at
 from explainer.neuron_conductance import NeuronConductance
 
 __all__ = [
@@ -346,6 +347,9 @@ class _Scaling:
         self.mask = mask
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        lone = lone_tensor_index(output)
+        if lone is not None:  # one tensor next to sizes or None: scale it, pass the rest on
+            return with_tensor_at(output, lone, self(module, args, output[lone]))
         if not isinstance(output, Tensor):
             raise AttributionError("The layer returns several tensors; pick one of its sub-layers.")
         mask = self.mask.to(device=output.device, dtype=output.dtype)

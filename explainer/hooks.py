@@ -24,8 +24,13 @@ __all__ = [
     "NeedsFullGraph",
     "StopForward",
     "layer_label",
+    "lone_tensor_index",
     "tap_layers",
+    "with_tensor_at",
 ]
+
+# What may sit next to the one tensor of a layer output that is still explained as that tensor.
+_CARRIED = (int, float, bool, type(None), torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 class NeedsFullGraph(BaseException):
@@ -54,10 +59,42 @@ def layer_label(layer: Module, root: Any = None) -> str:
     return f"a {type(layer).__name__} layer"
 
 
+def lone_tensor_index(value: Any) -> int | None:
+    """Where the one tensor of a list or tuple sits when its other items are numbers or None.
+
+    A submodule of an exported program rebuilt by ``torch.export.unflatten`` returns such a list:
+    its output tensor next to sizes (e.g. the batch size) that later parts of the graph read;
+    torchvision's attention blocks return ``(tensor, None)``. The tensor is the layer's output
+    and what is explained; the other items are passed on unchanged. ``None`` for anything else,
+    including a plain tensor and a sequence of tensors only.
+    """
+    if not isinstance(value, (tuple, list)):
+        return None
+    found = [i for i, v in enumerate(value) if isinstance(v, Tensor)]
+    if len(found) != 1 or len(value) == 1:
+        return None
+    if not all(isinstance(v, _CARRIED) for i, v in enumerate(value) if i != found[0]):
+        return None
+    return found[0]
+
+
+def with_tensor_at(value: list | tuple, index: int, tensor: Tensor) -> Any:
+    """``value`` (a list or tuple of its own kind) with item ``index`` replaced by ``tensor``."""
+    items = list(value)
+    items[index] = tensor
+    try:
+        return type(value)(items)
+    except TypeError:  # a kind whose constructor takes its items one by one
+        return tuple(items) if isinstance(value, tuple) else items
+
+
 def _as_tensors(value: Any, label: str, side: str) -> tuple[tuple[Tensor, ...], bool]:
     """Split a layer's input or output into tensors; say plainly when it is not tensors."""
     if isinstance(value, Tensor):
         return (value,), False
+    lone = lone_tensor_index(value)
+    if lone is not None:
+        return (value[lone],), False
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
         return tuple(value), True
     kind = type(value).__name__
@@ -173,6 +210,9 @@ def tap_layers(
         if mode == "stop":
             raise StopForward()
         handed = tuple(t.clone() for t in tensors)
+        lone = lone_tensor_index(value)
+        if lone is not None:  # the numbers next to the tensor go on as they came
+            return with_tensor_at(value, lone, handed[0])
         if use_input:
             return handed
         return type(value)(handed) if is_tuple else handed[0]

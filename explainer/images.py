@@ -33,6 +33,8 @@ from explainer.limits import max_image_bytes
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "FIT_MODES",
+    "FitLayout",
     "MAX_BYTES_ENV",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -40,6 +42,9 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "Preprocessing",
     "deprocess",
+    "fit_layout",
+    "fit_preview",
+    "mark_padding",
     "image_digest",
     "load_image",
     "preprocess",
@@ -63,6 +68,11 @@ MAX_BYTES_ENV = "EXPLAINER_MAX_IMAGE_MB"
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: How a picture whose shape differs from the model's input is fitted to it (see
+#: :class:`Preprocessing`): ``"crop"`` keeps the centre, ``"pad"`` keeps everything and pads
+#: with the normalisation mean, ``"resize"`` stretches the picture to the input's shape.
+FIT_MODES: tuple[str, ...] = ("crop", "pad", "resize")
 
 # The classic evaluation ratio: resize the shorter side to size / 0.875, then centre-crop.
 _CROP_RATIO = 0.875
@@ -430,6 +440,12 @@ class Preprocessing:
     ``None`` the whole image is scaled to ``size`` directly. Pixels are then mapped to ``[0, 1]``
     and normalised per channel: ``(x - mean) / std``.
 
+    ``fit`` says what happens to a picture whose shape is not the input's: ``"crop"`` is the
+    geometry above; ``"pad"`` scales the picture so that it fits inside ``size`` whole, keeping
+    its aspect ratio, and pads the rest with the normalisation mean (zero once normalised, so the
+    padding carries no signal; black for the ``none`` preset) -- ``resize`` is not used;
+    ``"resize"`` scales the picture straight to ``size`` and does not keep its aspect ratio.
+
     Attributes
     ----------
     mean, std : tuple[float, ...]
@@ -442,6 +458,8 @@ class Preprocessing:
         ``3`` (RGB) or ``1`` (greyscale).
     name : str
         A short label for the UI (``"imagenet"``, ``"none"``, ``"model"``, ``"custom"``).
+    fit : str
+        One of :data:`FIT_MODES`; ``"crop"`` by default.
     """
 
     mean: tuple[float, ...]
@@ -450,6 +468,7 @@ class Preprocessing:
     resize: int | None
     channels: int = 3
     name: str = "custom"
+    fit: str = "crop"
 
     def __post_init__(self) -> None:
         mean = _as_floats(self.mean, "mean")
@@ -475,6 +494,8 @@ class Preprocessing:
                     f"resize must be a positive whole number of pixels or None, got {resize!r}."
                 )
             resize = int(resize)
+        if self.fit not in FIT_MODES:
+            raise ImageLoadError(f"fit must be one of {', '.join(FIT_MODES)}, got {self.fit!r}.")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
         object.__setattr__(self, "size", size)
@@ -544,16 +565,49 @@ class Preprocessing:
         resize = int(side / _CROP_RATIO) if min(size) >= 64 else None
         return cls(mean_t, std_t, size, resize, channels, "model")
 
+    def describe(self) -> str:
+        """The pipeline in one sentence, naming the fit mode, for settings and reports."""
+        h, w = self.size
+        if self.fit == "pad":
+            geometry = f"scale to fit inside {h}×{w}, pad the rest with the mean colour"
+        elif self.fit == "resize":
+            geometry = f"stretch to {h}×{w} (aspect ratio not kept)"
+        elif self.resize is None:
+            geometry = f"resize to {h}×{w}"
+        else:
+            geometry = f"resize the shorter side to {self.resize}, centre-crop {h}×{w}"
+        mean = ", ".join(f"{m:.3g}" for m in self.mean)
+        std = ", ".join(f"{s:.3g}" for s in self.std)
+        return (
+            f"{geometry}; pixels in [0, 1], then (x − mean) / std with mean ({mean}), std ({std})."
+        )
+
     # ---- transforms
 
     def geometry(self) -> v2.Transform:
-        """The resize (and centre crop) part of the pipeline, usable on PIL images."""
-        if self.resize is None:
+        """The resize (and centre crop, or padding) part of the pipeline, usable on PIL images.
+
+        With ``fit="pad"`` the padding is the mean colour rounded to whole pixel values; the
+        tensor of :meth:`transform` pads after normalising, with exact zeros.
+        """
+        if self.fit == "pad":
+            return v2.Compose([_ScaleToFit(self.size), _PadTo(self.size, _mean_fill(self))])
+        if self.fit == "resize" or self.resize is None:
             return v2.Resize(self.size, antialias=True)
         return v2.Compose([v2.Resize(self.resize, antialias=True), v2.CenterCrop(self.size)])
 
     def transform(self) -> v2.Transform:
         """The full pipeline: geometry, to a float tensor in ``[0, 1]``, normalisation."""
+        if self.fit == "pad":
+            return v2.Compose(
+                [
+                    _ScaleToFit(self.size),
+                    v2.ToImage(),
+                    v2.ToDtype(torch.float32, scale=True),
+                    v2.Normalize(list(self.mean), list(self.std)),
+                    _PadTo(self.size, 0.0),
+                ]
+            )
         return v2.Compose(
             [
                 self.geometry(),
@@ -562,6 +616,278 @@ class Preprocessing:
                 v2.Normalize(list(self.mean), list(self.std)),
             ]
         )
+
+
+# --------------------------------------------------------------------------- fitting the shape
+
+
+def _fitted_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a picture scaled to fit inside ``size`` whole (aspect kept)."""
+    out_h, out_w = size
+    scale = min(out_h / height, out_w / width)
+    return (
+        min(out_h, max(1, int(round(height * scale)))),
+        min(out_w, max(1, int(round(width * scale)))),
+    )
+
+
+def _mean_fill(prep: Preprocessing) -> tuple[int, ...]:
+    """The normalisation mean as whole pixel values (0..255), one per channel."""
+    return tuple(int(round(min(max(m, 0.0), 1.0) * 255)) for m in prep.mean)
+
+
+class _ScaleToFit:
+    """Scale a PIL image to fit inside ``size`` whole, keeping its aspect ratio."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        height, width = _fitted_size(image.height, image.width, self.size)
+        return v2.functional.resize(image, [height, width], antialias=True)
+
+
+class _PadTo:
+    """Centre a PIL image or a ``(C, H, W)`` tensor on a canvas of ``size``, filled with ``fill``.
+
+    The extra row or column of an odd margin goes below or to the right.
+    """
+
+    def __init__(self, size: tuple[int, int], fill: float | tuple[int, ...]) -> None:
+        self.size = size
+        self.fill = fill
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        out_h, out_w = self.size
+        if isinstance(image, Image.Image):
+            fill = self.fill if isinstance(self.fill, tuple) else (int(self.fill),)
+            canvas = Image.new(image.mode, (out_w, out_h), fill[0] if image.mode == "L" else fill)
+            canvas.paste(image, ((out_w - image.width) // 2, (out_h - image.height) // 2))
+            return canvas
+        height, width = image.shape[-2:]
+        top, left = (out_h - height) // 2, (out_w - width) // 2
+        padding = (left, out_w - width - left, top, out_h - height - top)
+        return F.pad(image.as_subclass(torch.Tensor), padding, value=float(self.fill))
+
+
+def _centre(length: int, crop: int) -> tuple[int, int, int]:
+    """A centre crop of ``crop`` along one axis of ``length``, as torchvision's CenterCrop does
+    it: ``(first kept, one past the last kept, offset of the first kept in the output)``."""
+    if crop > length:  # CenterCrop pads first: the whole axis is kept
+        return 0, length, (crop - length) // 2
+    start = int(round((length - crop) / 2.0))
+    return start, start + crop, 0
+
+
+def _percent(part: int, whole: int) -> str:
+    share = 100.0 * part / whole
+    return "<1%" if 0 < share < 1 else f"{share:.0f}%"
+
+
+def _sides(first: int, second: int, names: tuple[str, str], whole: int, what: str) -> str:
+    """``"32 px left and right (12% of the width)"``; empty when nothing happens on this axis."""
+    if not first and not second:
+        return ""
+    if first == second:
+        where = f"{first} px {names[0]} and {names[1]}"
+    else:
+        where = f"{first} px {names[0]} and {second} px {names[1]}"
+    return f"{where} ({_percent(first + second, whole)} of the {what})"
+
+
+@dataclass(frozen=True)
+class FitLayout:
+    """Where a picture lands in the model's input: what is cut, padded or stretched.
+
+    Boxes are ``(left, top, right, bottom)`` in pixels, right and bottom exclusive, like PIL's.
+
+    Attributes
+    ----------
+    width, height : int
+        Size of the original picture.
+    output : tuple[int, int]
+        ``(height, width)`` of the model's input.
+    kept : tuple[int, int, int, int]
+        The part of the original the model sees, in the original's pixels (rounded).
+    placed : tuple[int, int, int, int]
+        Where that part lands in the input; everything outside it is padding.
+    """
+
+    width: int
+    height: int
+    output: tuple[int, int]
+    kept: tuple[int, int, int, int]
+    placed: tuple[int, int, int, int]
+
+    @property
+    def cut(self) -> tuple[int, int, int, int]:
+        """Pixels of the original cut away: ``(left, top, right, bottom)``."""
+        left, top, right, bottom = self.kept
+        return left, top, self.width - right, self.height - bottom
+
+    @property
+    def padding(self) -> tuple[int, int, int, int]:
+        """Pixels of padding in the input: ``(left, top, right, bottom)``."""
+        left, top, right, bottom = self.placed
+        out_h, out_w = self.output
+        return left, top, out_w - right, out_h - bottom
+
+    @property
+    def stretch(self) -> float:
+        """Horizontal scale over vertical scale: 1 when the aspect ratio is kept."""
+        left, top, right, bottom = self.kept
+        p_left, p_top, p_right, p_bottom = self.placed
+        return ((p_right - p_left) / (right - left)) / ((p_bottom - p_top) / (bottom - top))
+
+    @property
+    def same_shape(self) -> bool:
+        """The picture has the input's aspect ratio (a square picture for a square input)."""
+        out_h, out_w = self.output
+        return self.width * out_h == self.height * out_w
+
+    def caption(self) -> str:
+        """One sentence saying what was cut, padded or stretched, e.g.
+        ``"Cut 32 px left and right (12% of the width)."``"""
+        left, top, right, bottom = self.cut
+        cuts = [
+            _sides(left, right, ("left", "right"), self.width, "width"),
+            _sides(top, bottom, ("top", "bottom"), self.height, "height"),
+        ]
+        cuts = [c for c in cuts if c]
+        if cuts:
+            return "Cut " + " and ".join(cuts) + "."
+        out_h, out_w = self.output
+        p_left, p_top, p_right, p_bottom = self.padding
+        pads = [
+            _sides(p_left, p_right, ("left", "right"), out_w, "input's width"),
+            _sides(p_top, p_bottom, ("top", "bottom"), out_h, "input's height"),
+        ]
+        pads = [p for p in pads if p]
+        if pads:
+            inner_w = self.placed[2] - self.placed[0]
+            inner_h = self.placed[3] - self.placed[1]
+            return (
+                f"Nothing cut: scaled to {inner_w} × {inner_h} px and padded "
+                + " and ".join(pads)
+                + "."
+            )
+        stretch = self.stretch
+        if abs(stretch - 1.0) > 0.01:
+            share, what = (stretch, "width") if stretch < 1.0 else (1.0 / stretch, "height")
+            squeeze = f"shapes are squeezed to {share:.0%} of their {what}"
+            return (
+                f"Nothing cut: stretched from {self.width} × {self.height} to {out_w} × {out_h} "
+                f"px, so {squeeze}."
+            )
+        return f"Nothing cut: scaled from {self.width} × {self.height} to {out_w} × {out_h} px."
+
+
+def fit_layout(width: int, height: int, prep: Preprocessing) -> FitLayout:
+    """Where a ``width`` x ``height`` picture lands in the input ``prep`` makes from it.
+
+    Follows the geometry of :meth:`Preprocessing.geometry` exactly (torchvision's rounding of
+    the resize and of the centre crop), so the numbers a caption shows are the pixels cut.
+    """
+    if min(width, height) <= 0:
+        raise ImageLoadError(f"An image needs a positive size, got {width} × {height}.")
+    out_h, out_w = prep.size
+    full = (0, 0, width, height)
+    if prep.fit == "pad":
+        fit_h, fit_w = _fitted_size(height, width, prep.size)
+        top, left = (out_h - fit_h) // 2, (out_w - fit_w) // 2
+        return FitLayout(width, height, prep.size, full, (left, top, left + fit_w, top + fit_h))
+    if prep.fit == "resize" or prep.resize is None:
+        return FitLayout(width, height, prep.size, full, (0, 0, out_w, out_h))
+    # Resize the shorter side to prep.resize (torchvision truncates the longer one), then crop.
+    if width <= height:
+        scaled_w, scaled_h = prep.resize, int(prep.resize * height / width)
+    else:
+        scaled_w, scaled_h = int(prep.resize * width / height), prep.resize
+    x0, x1, at_x = _centre(scaled_w, out_w)
+    y0, y1, at_y = _centre(scaled_h, out_h)
+    sx, sy = width / scaled_w, height / scaled_h
+    kept = (int(round(x0 * sx)), int(round(y0 * sy)), int(round(x1 * sx)), int(round(y1 * sy)))
+    placed = (at_x, at_y, at_x + x1 - x0, at_y + y1 - y0)
+    return FitLayout(width, height, prep.size, kept, placed)
+
+
+def mark_padding(pixels: np.ndarray, placed: tuple[int, int, int, int]) -> np.ndarray:
+    """Hatch everything outside ``placed`` with diagonal stripes, so padding reads as padding.
+
+    Parameters
+    ----------
+    pixels : numpy.ndarray
+        ``uint8`` image, ``(H, W)`` or ``(H, W, 3)``, e.g. the result of :func:`deprocess`.
+    placed : tuple[int, int, int, int]
+        ``(left, top, right, bottom)`` of the picture (:attr:`FitLayout.placed`).
+
+    Returns
+    -------
+    numpy.ndarray
+        A new array; pixels inside ``placed`` are unchanged. Stripes are darker than a light
+        padding colour and lighter than a dark one.
+    """
+    out = np.array(pixels, dtype=np.uint8, copy=True)
+    height, width = out.shape[:2]
+    left, top, right, bottom = placed
+    outside = np.ones((height, width), dtype=bool)
+    outside[max(top, 0) : max(bottom, 0), max(left, 0) : max(right, 0)] = False
+    period = max(4, int(round(min(height, width) / 12)))
+    rows, cols = np.indices((height, width))
+    stripes = outside & (((rows + cols) % period) < max(1, period // 3))
+    if not stripes.any():
+        return out
+    values = out[stripes].astype(np.float32)
+    light = values.mean(axis=-1) > 100 if values.ndim == 2 else values > 100
+    if values.ndim == 2:
+        light = light[:, None]
+    marked = np.where(light, values * 0.5, values + (255.0 - values) * 0.45)
+    out[stripes] = np.rint(marked).astype(np.uint8)
+    return out
+
+
+def fit_preview(image: Image.Image, prep: Preprocessing, max_side: int = 240) -> np.ndarray:
+    """A picture of what :class:`Preprocessing` does to ``image``'s shape, for people to look at.
+
+    ``"crop"``: the original with the parts cut away shaded and the kept part outlined.
+    ``"pad"``: the padded input with the padding hatched (:func:`mark_padding`).
+    ``"resize"``: the picture stretched to the input's shape. At most ``max_side`` pixels on the
+    longer side.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` array ``(h, w, 3)``.
+    """
+    rgb = to_mode(_check_image(image), 3)
+    layout = fit_layout(rgb.width, rgb.height, prep)
+    if any(layout.cut):
+        scale = max_side / max(rgb.width, rgb.height)
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        out = np.asarray(rgb.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+        left, top, right, bottom = (int(round(v * scale)) for v in layout.kept)
+        shade = np.ones(out.shape[:2], dtype=bool)
+        shade[top:bottom, left:right] = False
+        out[shade] = out[shade] * 0.3 + 20.0
+        frame = np.zeros(out.shape[:2], dtype=bool)
+        frame[top:bottom, left:right] = True
+        frame[top + 2 : bottom - 2, left + 2 : right - 2] = False
+        out[frame] = (255.0, 160.0, 0.0)
+        return np.rint(out).astype(np.uint8)
+    out_h, out_w = layout.output
+    scale = max_side / max(out_h, out_w)
+    canvas = (max(1, round(out_w * scale)), max(1, round(out_h * scale)))
+    left, top, right, bottom = (int(round(v * scale)) for v in layout.placed)
+    fill = _mean_fill(prep) * (3 if prep.channels == 1 else 1)
+    picture = Image.new("RGB", canvas, fill)
+    picture.paste(
+        rgb.resize((max(1, right - left), max(1, bottom - top)), Image.Resampling.BILINEAR),
+        (left, top),
+    )
+    pixels = np.asarray(picture, dtype=np.uint8)
+    if any(layout.padding):
+        pixels = mark_padding(pixels, (left, top, right, bottom))
+    return pixels
 
 
 def _check_image(image: object) -> Image.Image:

@@ -21,6 +21,7 @@ EXPLAINER_MAX_LABELS_MB          4           bytes of a labels file
 EXPLAINER_WORKER_MEMORY_MB       6144        memory of one compute worker process
 EXPLAINER_REQUEST_TIMEOUT_S      300         wall-clock time of one request to a worker
 EXPLAINER_MAX_WORKERS            3           compute worker processes (one per model)
+EXPLAINER_FIRST_LOOK_AFTER_S     0.25        wait for a map before showing a coarse first look
 EXPLAINER_ALLOW_PICKLE           off         "1" lets trusted pickled modules load
 ===============================  ==========  ===============================================
 
@@ -130,6 +131,12 @@ def worker_memory_bytes() -> int:
 def request_timeout_s() -> float:
     """The wall-clock time one request to a compute worker may take, in seconds."""
     return _env_number("EXPLAINER_REQUEST_TIMEOUT_S", 300)
+
+
+def first_look_after_s() -> float:
+    """How long a page waits for a conductance map before it shows a coarse first look and
+    refines the map in the background, in seconds."""
+    return _env_number("EXPLAINER_FIRST_LOOK_AFTER_S", 0.25)
 
 
 def max_workers() -> int:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from explainer.errors import AttributionError, AttributionTypeError
+from explainer.hooks import lone_tensor_index
 
 __all__ = [
     "MAX_SUGGESTED",
@@ -208,8 +209,13 @@ class _Record:
 
 def _describe_output(output: Any) -> tuple[list[tuple[int, ...]], str]:
     """Shapes of an output's tensors, and why it cannot carry conductance ('' when it can)."""
+    lone = lone_tensor_index(output)
     if isinstance(output, torch.Tensor):
         tensors = [output]
+    elif lone is not None:
+        # One tensor next to sizes or None (an exported program's submodule, an attention
+        # block): the tensor is what is explained.
+        tensors = [output[lone]]
     elif isinstance(output, (tuple, list)):
         kind = type(output).__name__
         if len(output) == 0:
@@ -218,6 +224,11 @@ def _describe_output(output: Any) -> tuple[list[tuple[int, ...]], str]:
         if others:
             shapes = [tuple(o.shape) for o in output if isinstance(o, torch.Tensor)]
             found = ", ".join("None" if o == "NoneType" else o for o in others)
+            if len(shapes) > 1:
+                return shapes, (
+                    f"output is a {kind} of {len(shapes)} tensors next to {found}; only one "
+                    "tensor (or tensors only) can be explained, so choose one of its sub-layers"
+                )
             return shapes, f"output is a {kind} containing {found}, not only tensors"
         tensors = list(output)
     elif output is None:

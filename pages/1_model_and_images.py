@@ -9,9 +9,10 @@ import pandas as pd
 import streamlit as st
 
 import webapp
-from explainer.errors import ExplainerError
+from explainer.errors import ExplainerError, ModelLoadError
 from explainer.images import Preprocessing
 from explainer.intake import describe_model, list_architectures, load_labels, pickle_allowed
+from explainer.intake.registry import offered_architectures
 from explainer.limits import max_image_bytes, max_images, max_label_bytes, max_session_image_bytes
 from webapp import backend, urlstate
 from webapp import figures as F
@@ -84,8 +85,21 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
         num_classes=int(num_classes) or None,
         data=data,
     )
-    ok, lm = W.attempt(f"Loading {file.name}", backend.resolve_model, ref)
+    st.session_state[S.ARCH_OFFER] = None
+    refusals: list[str] = []
+
+    def resolve(ref: S.ModelRef) -> backend.ServedModel:
+        try:
+            return backend.resolve_model(ref)
+        except ModelLoadError as exc:
+            refusals.append(str(exc))
+            raise
+
+    ok, lm = W.attempt(f"Loading {file.name}", resolve, ref)
     if not ok or lm is None:
+        offered = offered_architectures(refusals[0]) if refusals else []
+        if offered:
+            st.session_state[S.ARCH_OFFER] = (ref.digest, tuple(offered))
         st.info("The previous model is still in use.")
         return
     labels = None
@@ -123,6 +137,32 @@ def _load_upload(file, arch: str, num_classes: int, labels_file) -> None:
     S.set_layer(None)
     S.flash("success", f"Loaded **{md(file.name)}** ({md(lm.arch)}, {lm.num_params:,} parameters).")
     st.rerun()
+
+
+def _pick_architecture(name: str) -> None:
+    st.session_state["_w_arch"] = name  # the form shows the choice, as if picked there
+    st.session_state[S.ARCH_PICK] = name
+
+
+def _offer_architectures(file) -> None:
+    """After a weights-only file failed to load as it was, one button per architecture that
+    fits it: a click loads the file with that architecture, keeping everything else."""
+    offer = S.get(S.ARCH_OFFER)
+    if not offer or file is None or offer[0] != hashlib.sha256(file.getvalue()).hexdigest():
+        return
+    names = offer[1]
+    which = "these architectures" if len(names) > 1 else "this architecture"
+    st.markdown(f"**The file's weights fit {which}:** pick the one the network was trained with.")
+    cols = st.columns(min(len(names), 4))
+    for i, name in enumerate(names):
+        cols[i % len(cols)].button(
+            f"Use {name}",
+            key=f"_w_use_arch_{name}",
+            icon=":material/model_training:",
+            on_click=_pick_architecture,
+            args=(name,),
+            width="stretch",
+        )
 
 
 ref: S.ModelRef = S.get(S.MODEL)
@@ -185,8 +225,12 @@ with left:
             key="_w_labels_file",
             max_upload_size=W.upload_limit_mb(max_label_bytes),
         )
+        picked = st.session_state.pop(S.ARCH_PICK, None)
         if st.button("Load model", type="primary", disabled=model_file is None):
             _load_upload(model_file, arch, num_classes, labels_file)
+        elif picked and model_file is not None:
+            _load_upload(model_file, picked, num_classes, labels_file)
+        _offer_architectures(model_file)
 
     if ctx.lm is not None:
         lm = ctx.lm
@@ -239,15 +283,50 @@ def _apply_prep(spec: S.PrepSpec) -> bool:
     return ok
 
 
+# One sentence per fit mode, shown under its choice. (Comments, not docstrings: Streamlit would
+# draw a bare string on the page.)
+FIT_SENTENCES = {
+    "crop": "Scale the shorter side to fit and keep the centre: the ends of the longer side are "
+    "cut away (the usual evaluation pipeline).",
+    "pad": "Keep the whole picture: scale it to fit and fill the rest with the mean colour "
+    "(zero after normalising, so the padding adds no signal). The padding is hatched.",
+    "resize": "Keep the whole picture but not its shape: stretch it to the input's size.",
+}
+
+
+def _fit_notices(images: list[S.ImageEntry], prep: Preprocessing) -> None:
+    """For every image whose shape is not the input's, a small picture of what the fit mode does
+    to it and a sentence with the pixels cut or padded. Images of the input's shape get none."""
+    shown = []
+    for entry in images:
+        try:
+            layout = backend.image_fit(entry, prep)
+        except ExplainerError:
+            continue  # the image's card says why it cannot be read
+        if not layout.same_shape:
+            shown.append((entry, layout))
+    if not shown:
+        return
+    what = {"crop": "what is cut", "pad": "the padding", "resize": "the stretch"}[prep.fit]
+    st.markdown(f"**Non-square images**: {what}, image by image.")
+    per_row = 4
+    for start in range(0, len(shown), per_row):
+        cols = st.columns(per_row)
+        for col, (entry, layout) in zip(cols, shown[start : start + per_row], strict=False):
+            with col:
+                ok, preview = W.attempt(
+                    f"Drawing the fit of {entry.name}", backend.fit_picture, entry, prep
+                )
+                if ok:
+                    st.image(preview, width="stretch")
+                st.caption(
+                    f"**{md(entry.name)}** ({layout.width} × {layout.height} px): "
+                    f"{layout.caption()}"
+                )
+
+
 def _describe_prep(prep: Preprocessing) -> str:
-    h, w = prep.size
-    if prep.resize is None:
-        geometry = f"resize to {h}×{w}"
-    else:
-        geometry = f"resize the shorter side to {prep.resize}, centre-crop {h}×{w}"
-    mean = ", ".join(f"{m:.3g}" for m in prep.mean)
-    std = ", ".join(f"{s:.3g}" for s in prep.std)
-    return f"{geometry}; pixels in [0, 1], then (x − mean) / std with mean ({mean}), std ({std})."
+    return prep.describe()
 
 
 with right:
@@ -274,13 +353,33 @@ with right:
                 lambda: (_parse_floats(mean_text), _parse_floats(std_text)),
             )
             if ok and values is not None:
-                if _apply_prep(S.PrepSpec("custom", values[0], values[1])):
+                if _apply_prep(S.PrepSpec("custom", values[0], values[1], spec.fit)):
                     st.rerun()
     elif preset != spec.preset:
-        if _apply_prep(S.PrepSpec(preset, spec.mean, spec.std)):
+        if _apply_prep(S.PrepSpec(preset, spec.mean, spec.std, spec.fit)):
+            st.rerun()
+    fits = list(S.FIT_NAMES)
+    fit = st.radio(
+        "Non-square images",
+        fits,
+        index=fits.index(spec.fit) if spec.fit in fits else 0,
+        format_func=lambda f: S.FIT_NAMES[f],
+        captions=[FIT_SENTENCES[f] for f in fits],
+        key="_w_prep_fit",
+        help="The model takes pictures of one shape; this is how a picture of another shape is "
+        "made to fit. Every page explains the input made this way.",
+    )
+    if fit != spec.fit:
+        if _apply_prep(replace(spec, fit=fit)):
             st.rerun()
     if ctx.prep is not None:
         st.caption(_describe_prep(ctx.prep))
+        if ctx.prep.fit == "crop" and ctx.prep.resize is None:
+            st.caption(
+                ":material/info: With this model and preset the picture is resized straight to "
+                "the input's size, so a non-square picture is stretched rather than cropped. "
+                "Pick **Pad to a square** to keep its shape."
+            )
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -296,10 +395,9 @@ def _on_samples_change() -> None:
     st.session_state[S.IMAGES] = picked + images
 
 
-NAMES_SHOWN = 5
-"""File names a grouped upload message lists before it says "and N more"."""
+NAMES_SHOWN = 5  # file names a grouped upload message lists before it says "and N more"
+# Distinct reasons shown for one upload; files refused for further reasons share one message.
 REASONS_SHOWN = 4
-"""Distinct reasons shown for one upload; files refused for further reasons share one message."""
 
 
 def _names_text(names: list[str]) -> str:
@@ -437,6 +535,7 @@ images: list[S.ImageEntry] = list(S.get(S.IMAGES))
 if not images:
     st.info("No images yet: pick a sample or upload one.")
 elif ctx.lm is not None and ctx.prep is not None:
+    _fit_notices(images, ctx.prep)
     active = st.session_state.get(S.ACTIVE_IMAGE)
     per_position = bool(W.output_positions(ctx.lm))
     if per_position:
@@ -444,7 +543,7 @@ elif ctx.lm is not None and ctx.prep is not None:
             "Bars: the share of the output each class covers (the positions where it has the "
             "highest score)."
         )
-    per_row = 4
+    per_row = 3  # four cards per row clip their buttons and bar labels at 1024 px
     shown_errors: set[str] = set()
     for start in range(0, len(images), per_row):
         cols = st.columns(per_row)

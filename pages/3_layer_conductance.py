@@ -12,7 +12,7 @@ import webapp
 from explainer.analysis import ConductanceResult, negligible_difference, position_names
 from explainer.images import resize_map
 from explainer.layout import Layout
-from webapp import backend
+from webapp import backend, refine
 from webapp import figures as F
 from webapp import glossary as G
 from webapp import layouts as L
@@ -34,13 +34,16 @@ lm, image, prep, layer = W.require_usable_layer(ctx)
 
 settings = W.settings_form(ctx, "cond")
 with W.progress_bar("Integrating along the path") as report:
-    ok, result = W.attempt(
-        "Computing conductance", backend.conductance, lm, image, prep, layer, settings, report
+    ok, answer = W.attempt(
+        "Computing conductance", refine.conductance, lm, image, prep, layer, settings, report
     )
-if not ok or result is None:
+if not ok or answer is None:
     st.caption("Your choices are kept: change the settings above or pick another layer.")
     st.page_link(W.PAGE_LAYER, label="Layer picker", icon=":material/account_tree:")
     st.stop()
+result, refinement = answer
+if refinement is not None:  # a first look: the asked-for map is refined in the background
+    refine.progress(refinement, result.n_steps)
 
 # --- summary ------------------------------------------------------------------------------------
 total = float(np.sum(result.channel_totals))
@@ -64,15 +67,17 @@ m4.metric(
     "Convergence delta",
     f"{result.delta:.2g}",
     delta=f"{result.relative_delta:.2%} {'≤' if converged else '>'} "
-    f"{tolerance * 100:.3g}% tolerance",
-    delta_color="green" if converged else "red",
+    f"{tolerance * 100:.3g}% tolerance"
+    if refinement is None
+    else f"{result.relative_delta:.2%} at a first look",
+    delta_color="off" if refinement is not None else "green" if converged else "red",
     delta_arrow="off",
     help="Sum of conductance minus the score difference, and its size in % of the score "
     "difference against your tolerance (green within it, red above). The tolerance is set on "
     "the Convergence page, which also shows how the delta shrinks with more steps.",
 )
 G.explain("score-difference", "conductance", "delta", label="What do these numbers mean?")
-if not converged:
+if not converged and refinement is None:  # a first look is approximate by design
     st.warning(
         f"The conductance misses the score difference by {result.relative_delta:.1%}, more than "
         f"your tolerance of {tolerance:.2%}: the maps below are not reliable yet. Raise the "
@@ -235,11 +240,46 @@ def _pager(count: int, view: S.GridView) -> tuple[int, int]:
     return start, min(count, start + view.page_size)
 
 
+def _array_part(*arrays: np.ndarray) -> str:
+    """A digest of arrays (their types, shapes and bytes): one part of a figure's key."""
+    from explainer.cache import digest
+
+    parts = []
+    for values in arrays:
+        values = np.ascontiguousarray(values)
+        parts.append((str(values.dtype), tuple(int(s) for s in values.shape), values.tobytes()))
+    return digest("arrays", *parts)
+
+
+def _figure(parts: tuple, build, nbytes: int) -> F.go.Figure:
+    """The figure ``build()`` draws, made once per content: ``parts`` name everything it shows.
+
+    A click that changes one chart reruns the whole fragment; the charts it did not change
+    come from the cache instead of being drawn again (drawing a plotly figure costs tens of
+    milliseconds per chart). Nothing changes a figure after it is built.
+    """
+    from explainer.cache import digest
+
+    cache = backend.result_cache()
+    key = digest("conductance-figure", *parts)
+    figure = cache.get(key)
+    if figure is None:
+        figure = build()
+        cache.put(key, figure, nbytes=nbytes)
+    return figure
+
+
 def _neuron_preview(
-    lm: backend.ServedModel, layer: str, neuron: tuple[int, ...], layout: Layout | None = None
+    lm: backend.ServedModel,
+    layer: str,
+    neuron: tuple[int, ...],
+    layout: Layout | None = None,
+    *,
+    slots: tuple[st.delta_generator.DeltaGenerator, st.delta_generator.DeltaGenerator]
+    | None = None,
 ) -> None:
     """The input gradient of ``neuron`` (in the layout's view terms; the engine gets its raw
-    index)."""
+    index), and its numbers beside it, or in the two given ``slots`` (gradient, numbers)."""
     raw = layout.to_raw(neuron) if layout is not None else neuron
     # A short title: the plot can be narrow.
     short = f"neuron {tuple(neuron)}"
@@ -258,24 +298,26 @@ def _neuron_preview(
     ok, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
     if not ok:
         return
-    c1, c2 = st.columns([1, 1])
+    c1, c2 = slots if slots is not None else st.columns([1, 1])
     with c1:
+        signed = g.gradient.sum(axis=0)
         W.plotly_static(
-            F.gradient_overlay(
-                pixels,
-                g.gradient.sum(axis=0),
-                signed=True,
-                title=f"Input gradient: {short}",
-                height=340,
+            _figure(
+                ("preview", _array_part(pixels), _array_part(signed), short),
+                lambda: F.gradient_overlay(
+                    pixels, signed, signed=True, title=f"Input gradient: {short}", height=340
+                ),
+                nbytes=4 * (pixels.nbytes + signed.nbytes),
             ),
             key="cond_preview",
         )
     with c2:
         st.metric("Activation", f"{g.activation:.4g}")
-        st.caption(
-            "Where a small change of the input pixels would raise (red) or lower (blue) this "
-            "neuron's activation."
-        )
+        if slots is None:  # with slots, the gradient's own column says it
+            st.caption(
+                "Where a small change of the input pixels would raise (red) or lower (blue) this "
+                "neuron's activation."
+            )
         if g.abs_max == 0.0:
             st.info(
                 "Its gradient is zero everywhere: this neuron does not respond to small "
@@ -407,6 +449,9 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     zmax = F.symmetric_limit(
         attributions if lv.class_token is None else np.append(attributions, lv.class_token)
     )
+    # What every chart below is drawn from: a chart whose inputs did not change is not redrawn.
+    content = _array_part(attributions, totals)
+    size = 4 * attributions.nbytes
 
     left, right = st.columns([2, 3], gap="medium")
     with left:
@@ -416,8 +461,13 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
             f"of {num_channels}. Click a bar to select its {word}."
             + (" Totals include the class token." if layout.has_class_token else "")
         )
+        shown = [int(c) for c in ranked[: view.top_k]]
         W.plotly_click(
-            F.channel_bars(ranked[: view.top_k], totals, selected=channel, height=420),
+            _figure(
+                ("bars", content, shown, int(channel)),
+                lambda: F.channel_bars(ranked[: view.top_k], totals, selected=channel, height=420),
+                nbytes=4 * totals.nbytes,
+            ),
             "cond_bars",
             W.on_click_channel("cond_bars"),
         )
@@ -430,14 +480,20 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
             + (" (over the patch grid)" if layout.is_tokens else "")
             + f". Click a tile to select its {word}."
         )
+        tiles = [int(c) for c in ranked[start:stop]]
+        ncols = 6 if view.page_size <= 36 else 10
         W.plotly_click(
-            F.channel_grid(
-                attributions,
-                ranked[start:stop],
-                totals,
-                zmax=zmax,
-                selected=channel,
-                ncols=6 if view.page_size <= 36 else 10,
+            _figure(
+                ("grid", content, tiles, float(zmax), int(channel), ncols),
+                lambda: F.channel_grid(
+                    attributions,
+                    ranked[start:stop],
+                    totals,
+                    zmax=zmax,
+                    selected=channel,
+                    ncols=ncols,
+                ),
+                nbytes=size,
             ),
             "cond_grid",
             W.on_click_channel("cond_grid"),
@@ -446,30 +502,35 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     st.subheader("Where in the image")
     cell = (int(neuron[1]), int(neuron[2])) if neuron is not None and len(neuron) == 3 else None
     ok, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
-    a, b = st.columns(2, gap="medium")
+    # The selected neuron sits beside the maps it is picked on: a click on the channel map
+    # shows its gradient right next to it, and its numbers next to the summed map below.
+    a, c = st.columns(2, gap="medium")
+    b, d = st.columns(2, gap="medium")
     with a:
         where = "over the patch grid" if layout.is_tokens else "at the layer's resolution"
         st.markdown(f"**{word.capitalize()} {channel}** {where}")
         if layout.has_class_token:
             st.caption("Click a patch to select that neuron, or the class token beside the grid.")
-            grid_col, token_col = st.columns([4, 1], gap="small")
+            grid_col, token_col = st.columns([5, 2], gap="small")
         else:
             st.caption(f"Click a cell to select that neuron ({word}, row, column).")
             grid_col = token_col = None
         with grid_col if grid_col is not None else st.container():
+            marked = cell if neuron is not None and neuron[0] == channel else None
             W.plotly_click(
-                F.spatial_map(
-                    attributions[channel],
-                    channel=channel,
-                    selected_cell=cell if neuron is not None and neuron[0] == channel else None,
-                    zmax=zmax,
+                _figure(
+                    ("map", content, int(channel), marked, float(zmax)),
+                    lambda: F.spatial_map(
+                        attributions[channel], channel=channel, selected_cell=marked, zmax=zmax
+                    ),
+                    nbytes=4 * attributions[channel].nbytes,
                 ),
                 "cond_channel_map",
                 W.on_click_neuron("cond_channel_map"),
             )
         if token_col is not None and lv.class_token is not None:
             with token_col:
-                st.markdown("**Class token**")
+                st.caption("**Class token**")
                 W.plotly_click(
                     F.class_token_cell(
                         float(lv.class_token[channel]),
@@ -493,24 +554,33 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
         st.markdown(f"**All {word}s summed**, upsampled over the image")
         st.caption(f"Click a cell to select the neuron of {word} {channel} at that position.")
         if ok and pixels is not None and spatial is not None:
-            up = resize_map(spatial, F.overlay_size(pixels.shape[:2]))
             W.plotly_click(
-                F.overlay_map(
-                    pixels,
-                    up,
-                    spatial.shape,
-                    channel=channel,
-                    selected_cell=cell,
-                    layer_values=spatial,
+                _figure(
+                    ("overlay", _array_part(pixels), _array_part(spatial), int(channel), cell),
+                    lambda: F.overlay_map(
+                        pixels,
+                        resize_map(spatial, F.overlay_size(pixels.shape[:2])),
+                        spatial.shape,
+                        channel=channel,
+                        selected_cell=cell,
+                        layer_values=spatial,
+                    ),
+                    nbytes=8 * pixels.nbytes,
                 ),
                 "cond_overlay",
                 W.on_click_neuron("cond_overlay"),
             )
-    if neuron is not None:
-        st.subheader("Selected neuron")
-        _neuron_preview(lm, result.layer, tuple(neuron), layout)
-    else:
-        st.caption("Click a cell of a map above to select a neuron and see its input gradient.")
+    with c:
+        st.markdown("**Selected neuron**")
+        if neuron is None:
+            st.caption("Click a cell of a map to select a neuron and see its input gradient here.")
+        else:
+            st.caption(
+                "Its input gradient: where a small change of the pixels would raise (red) or "
+                "lower (blue) this neuron's activation."
+            )
+    if neuron is not None:  # last: the maps are on screen while its gradient is computed
+        _neuron_preview(lm, result.layer, tuple(neuron), layout, slots=(c, d))
 
 
 views(lm, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -10,6 +11,7 @@ from explainer.batch.runner import BatchSettings
 from explainer.limits import max_steps
 from webapp import backend
 from webapp import dataset as D
+from webapp import report as RP
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
@@ -289,14 +291,69 @@ else:
     W.plotly_click(figure, "ds_heatmap", _on_click)
 
     st.subheader("The channels that matter most for each class")
+    top = list(D.top_channels(classes, means, k=5))
     table = pd.DataFrame(
-        [
-            (data.class_name(c), rank, ch, value)
-            for c, rank, ch, value in D.top_channels(classes, means, k=5)
-        ],
+        [(data.class_name(c), rank, ch, value) for c, rank, ch, value in top],
         columns=["class", "rank", "channel", "mean conductance"],
     )
     st.dataframe(table, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(table)))
+
+    def _dataset_view() -> RP.ReportView:
+        """The heatmap and the table as a report view (the store's own model and images, not
+        the session's): every class's mean conductance, and what the heatmap draws of it."""
+        return RP.page_view(
+            "dataset",
+            f"Dataset {data.name}: mean conductance per class and channel of {layer}",
+            ctx=None,
+            layer=layer,
+            target=f"each image's {by} class",
+            settings=(
+                ("Store", data.name),
+                ("Model of the run", data.model),
+                ("Images", D.SLICES[slice_name]),
+                ("Grouped by", "true class" if by == "true" else "predicted class"),
+                (
+                    "Classes (the rows of mean_conductance, in order)",
+                    ", ".join(f"{data.class_name(c)} (#{c})" for c in classes),
+                ),
+                *((str(k), str(v)) for k, v in sorted(data.settings.items())),
+            ),
+            summary=(("Images in the slice", str(int(mask.sum()))),),
+            arrays={
+                "mean_conductance": np.asarray(means, dtype=np.float64),
+                "classes": np.asarray(classes, dtype=np.int64),
+                "image_counts": np.asarray(class_counts, dtype=np.int64),
+                "heatmap": np.asarray(z, dtype=np.float64),
+                "heatmap_classes": np.asarray(rows, dtype=np.int64),
+                "heatmap_channels": np.asarray(shown, dtype=np.int64),
+                "top_class": np.array([t[0] for t in top], dtype=np.int64),
+                "top_rank": np.array([t[1] for t in top], dtype=np.int64),
+                "top_channel": np.array([t[2] for t in top], dtype=np.int64),
+                "top_mean_conductance": np.array([t[3] for t in top], dtype=np.float64),
+            },
+            dims={
+                "mean_conductance": ("class_row", "channel"),
+                "classes": ("class_row",),
+                "image_counts": ("class_row",),
+                "heatmap": ("heatmap_row", "heatmap_column"),
+                "heatmap_classes": ("heatmap_row",),
+                "heatmap_channels": ("heatmap_column",),
+                "top_class": ("row",),
+                "top_rank": ("row",),
+                "top_channel": ("row",),
+                "top_mean_conductance": ("row",),
+            },
+            figures=[
+                (
+                    "class_channel_heatmap",
+                    "Mean conductance per class and channel",
+                    note,
+                    figure,
+                )
+            ],
+        )
+
+    W.view_actions("ds", _dataset_view)
 
 
 # --- one neuron ---------------------------------------------------------------------------------

@@ -10,18 +10,16 @@ import streamlit as st
 
 import webapp
 from explainer.checks import MAX_STAGES, channel_order
-from explainer.errors import ExplainerError, JobCancelled
+from explainer.errors import JobCancelled
 from webapp import backend
 from webapp import dataset as D
 from webapp import figures as F
 from webapp import layouts as L
 from webapp import neuron_card as N
+from webapp import report as RP
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
-
-REMAPPED_KINDS = ("patch_tokens", "class_patch_tokens", "tokens", "channels_last")
-"""Layouts whose neurons (feature, row, column) are not the raw index into the output."""
 
 ctx = webapp.setup()
 W.page_header(
@@ -48,91 +46,92 @@ if not shape or shape[0] == 0 or act.size == 0:
     st.stop()
 
 # --- which neuron (the rule of the Neuron gradient page) ----------------------------------------
-# The card works on the engine's raw index into the layer output. Where the layer's layout
-# differs from it (transformer tokens, channels last), the selection other pages keep (in the
-# layout's terms: feature, patch row, patch column) is translated on the way in and out.
-layout = L.layout_of(lm, layer)
-remapped = layout is not None and layout.kind in REMAPPED_KINDS
+# The card shows the layer in its layout's view terms: (channel, row, column) for a feature map,
+# (feature, patch row, patch column) or the class token for a vision transformer. The selection
+# (shared with the other pages) is kept in those terms; ``raw`` is the engine's index into the
+# layer output, used only for the computations.
+layout = L.layout_choice(lm, layer, shape, "card")
+view = layout.view(act)
+vact = np.asarray(view.values)
+class_token = None if view.class_token is None else np.asarray(view.class_token)
+vshape = tuple(int(s) for s in layout.view_shape)
+word = layout.channel_word
+spatial = len(vshape) == 3
 
 
-def _to_view(raw: tuple[int, ...]) -> tuple[int, ...]:
-    return layout.from_raw(raw) if remapped else raw
-
-
-def _select(raw: tuple[int, ...]) -> None:
-    S.select_neuron(_to_view(tuple(int(i) for i in raw)))
-
-
-def _on_click(chart_key: str):
-    copy = W.on_click_neuron(chart_key)
-
-    def run() -> None:
-        copy()
-        picked = st.session_state.get(S.NEURON)
-        if remapped and picked is not None and N.fits(tuple(picked), shape):
-            _select(tuple(picked))
-
-    return run
+def _select(neuron: tuple[int, ...]) -> None:
+    S.select_neuron(tuple(int(i) for i in neuron))
 
 
 neuron = S.get(S.NEURON)
-if remapped and neuron is not None:
-    try:
-        neuron = layout.to_raw(neuron)
-    except ExplainerError:
-        neuron = (-1,)  # not in this layer: the message below says so
-if neuron is not None and not N.fits(tuple(neuron), shape):
+if neuron is not None and not layout.fits(tuple(neuron)):
     st.warning(
-        f"The selected neuron {tuple(S.get(S.NEURON))} does not exist in layer {md(layer)} (output "
-        f"{'×'.join(map(str, shape))}); showing the strongest neuron instead."
+        f"The selected neuron {tuple(neuron)} does not exist in layer {md(layer)} "
+        f"({md(layout.ranges_text())}); showing the strongest neuron instead."
     )
     neuron = None
 if neuron is None:
-    _select(N.default_neuron(act, None if remapped else st.session_state.get(S.CHANNEL)))
+    _select(N.default_neuron(vact, st.session_state.get(S.CHANNEL)))
     st.caption(
         "No neuron selected yet: showing the most active one. Click a map cell here or on "
         "the Layer conductance page to choose another."
     )
-neuron = tuple(int(i) for i in S.get(S.NEURON))
-if remapped:
-    neuron = layout.to_raw(neuron)
-    st.caption(
-        f"{md(layout.describe())} This card shows the output in the engine's own order "
-        f"({'×'.join(map(str, shape))}); the selected neuron is "
-        f"{md(layout.neuron_text(_to_view(neuron)))}, index {neuron} here."
-    )
+neuron = tuple(int(i) for i in S.get(S.NEURON))  # in view terms
+raw = layout.to_raw(neuron)  # the engine's index
+on_class_token = layout.is_class_token(neuron)
 channel = neuron[0]
-spatial = len(shape) == 3
+who = layout.neuron_text(neuron)
+remapped = layout.kind in N.REMAPPED_KINDS
 
 
 def _sync_inputs() -> None:
-    values = tuple(int(st.session_state.get(f"_w_card_n{i}", 0)) for i in range(len(shape)))
-    if N.fits(values, shape):
+    ss = st.session_state
+    values = tuple(int(ss.get(f"_w_card_n{i}", 0)) for i in range(len(vshape)))
+    if layout.has_class_token and ss.get("_w_card_cls"):
+        values = values[:1]
+    if layout.fits(values):
         _select(values)
 
 
-if len(shape) <= 3:
-    names = (
-        ["channel", "y", "x"]
-        if spatial
-        else (["unit"] if len(shape) == 1 else ["channel", "position"])
-    )
-    cols = st.columns([1] * len(names) + [3])
+def _input_names() -> list[str]:
+    if spatial:
+        return [word, "patch row", "patch column"] if layout.is_tokens else ["channel", "y", "x"]
+    if len(vshape) == 2:
+        return [word, "token" if layout.kind == "tokens" else "position"]
+    return ["unit" if word == "channel" else word]
+
+
+heading = (
+    f"Neuron **{neuron}** ({md(who)}) of layer {md(layer)} · output "
+    f"{'×'.join(map(str, shape))}" + (f", raw index {raw}" if remapped else "")
+)
+if len(vshape) <= 3:
+    names = _input_names()
+    extra = 1 if layout.has_class_token else 0
+    cols = st.columns([1] * len(names) + [3], vertical_alignment="bottom")
     for i, name in enumerate(names):
-        W.bind(f"_w_card_n{i}", int(neuron[i]))
+        W.bind(f"_w_card_n{i}", int(neuron[i]) if i < len(neuron) else 0)
         cols[i].number_input(
             name,
             min_value=0,
-            max_value=shape[i] - 1,
+            max_value=vshape[i] - 1,
             step=1,
             key=f"_w_card_n{i}",
             on_change=_sync_inputs,
+            disabled=i > 0 and on_class_token,
         )
-    cols[-1].markdown(
-        f"Neuron **{neuron}** of layer {md(layer)} · output {'×'.join(map(str, shape))}"
-    )
+    if extra:
+        W.bind("_w_card_cls", on_class_token)
+        st.toggle(  # on its own line: a narrow column clips its label
+            "Class token",
+            key="_w_card_cls",
+            on_change=_sync_inputs,
+            help="The class token is the transformer's summary of the whole image: it has no "
+            "place on the patch grid.",
+        )
+    cols[-1].markdown(heading)
 else:
-    st.markdown(f"Neuron **{neuron}** of layer {md(layer)} · output {'×'.join(map(str, shape))}")
+    st.markdown(heading)
 
 with st.expander("Target, baseline and integration settings (shared with Layer conductance)"):
     W.settings_form(ctx, "card")
@@ -163,20 +162,22 @@ with W.progress_bar("Neuron conductance: integrating along the path") as report:
         image,
         prep,
         layer,
-        neuron,
+        raw,
         settings,
         report,
     )
 ok_g, grads = W.attempt(
-    "Computing the neuron's gradient", backend.neuron_gradients, lm, image, prep, layer, [neuron]
+    "Computing the neuron's gradient", backend.neuron_gradients, lm, image, prep, layer, [raw]
 )
 ok_p, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
-share = N.shares(cond.attributions, cond.channel_totals, neuron)
+cond_view = layout.view(np.asarray(cond.attributions))
+totals = cond_view.channel_totals  # per channel (feature) of the view, class token included
+share = N.shares(cond.attributions, totals, raw, channel=channel)
 
 m1, m2, m3, m4 = st.columns(4)
 m1.metric(
     "Activation",
-    f"{float(act[neuron]):.4g}",
+    f"{float(act[raw]):.4g}",
     help="The neuron's value for this image: how strongly it fires.",
 )
 m2.metric(
@@ -186,53 +187,67 @@ m2.metric(
     "F(image) − F(baseline), flows through this neuron. Positive: it pushes the target's score up.",
 )
 m3.metric(
-    "Channel share",
+    f"{word.capitalize()} share",
     "–" if math.isnan(share.channel_share) else f"{share.channel_share:.1%}",
     help="The conductance of the neuron's whole channel divided by the layer's total, which "
     "is the score difference F(image) − F(baseline). Channels push in both directions, so a "
     "share can be negative or above 100%.",
 )
 m4.metric(
-    "Channel rank",
+    f"{word.capitalize()} rank",
     f"{share.rank} of {share.channels}",
     help="Where the channel stands when the layer's channels are ordered by conductance, "
     "largest first.",
 )
 st.caption(
-    f"Explaining the score of **{target_text}**. The channel carries {share.channel:.4g} of "
+    f"Explaining the score of **{target_text}**. The {word} carries {share.channel:.4g} of "
     f"the layer's {share.layer:.4g} ("
     + ("–" if math.isnan(share.abs_share) else f"{share.abs_share:.1%}")
     + " of all the conductance in the layer, counting pushes up and down alike)."
 )
 
 opacity = st.columns([1, 3])[0].slider("Map opacity", 0.2, 1.0, 0.9, 0.05, key="_w_card_opacity")
+# The figures drawn here, (name, title, caption, figure): the download row offers them.
+drawn: list[tuple[str, str, str, object]] = []
+grad = nc_map = None
 a, b, c = st.columns(3, gap="medium")
 with a:
-    if spatial:
-        st.markdown(f"**Activation of channel {channel}**")
+    if spatial and not on_class_token:
+        where = "patch grid" if layout.is_tokens else "image"
+        title = f"Activation of {word} {channel}"
+        st.markdown(f"**{title}**")
         st.caption(
-            "The channel over the image; the outlined cell is the neuron. Click a cell "
+            f"The {word} over the {where}; the outlined cell is the neuron. Click a cell "
             "to select that neuron."
         )
-        W.plotly_click(
-            F.spatial_map(
-                act[channel],
-                channel=channel,
-                selected_cell=(neuron[1], neuron[2]),
-                colorbar_title="activation",
-                height=340,
-            ),
-            "card_activation",
-            _on_click("card_activation"),
+        figure = F.spatial_map(
+            vact[channel],
+            channel=channel,
+            selected_cell=(neuron[1], neuron[2]),
+            colorbar_title="activation",
+            height=340,
         )
-    elif len(shape) == 1:
-        st.markdown("**Activation of every unit**")
+        W.plotly_click(figure, "card_activation", W.on_click_neuron("card_activation"))
+        drawn.append(("activation_map", title, f"The selected neuron is {who}.", figure))
+    elif on_class_token and class_token is not None:
+        title = f"Activation of every {word} of the class token"
+        st.markdown(f"**{title}**")
+        st.caption(
+            "The class token has no place on the patch grid. Click a bar to select that "
+            f"{word}, or switch the class token off above to pick a patch."
+        )
+        figure = F.feature_strip(
+            class_token, selected=channel, yaxis_title="activation", height=340
+        )
+        W.plotly_click(figure, "card_strip", W.on_click_neuron("card_strip"))
+        drawn.append(("activation", title, f"The selected neuron is {who}.", figure))
+    elif len(vshape) == 1:
+        title = "Activation of every unit"
+        st.markdown(f"**{title}**")
         st.caption("Click a bar to select that unit.")
-        W.plotly_click(
-            F.feature_strip(act, selected=neuron[0], yaxis_title="activation", height=340),
-            "card_strip",
-            _on_click("card_strip"),
-        )
+        figure = F.feature_strip(vact, selected=channel, yaxis_title="activation", height=340)
+        W.plotly_click(figure, "card_strip", W.on_click_neuron("card_strip"))
+        drawn.append(("activation", title, f"The selected neuron is {who}.", figure))
     else:
         st.markdown(f"Layer output {shape}: choose the neuron with the numbers above.")
 with b:
@@ -242,9 +257,18 @@ with b:
     )
     if ok_g and grads and ok_p:
         grad = np.asarray(grads[0].gradient, dtype=np.float64)
-        W.plotly_static(
-            F.gradient_overlay(pixels, grad.sum(axis=0), signed=True, opacity=opacity, height=340),
-            key="card_gradient",
+        figure = F.gradient_overlay(
+            pixels, grad.sum(axis=0), signed=True, opacity=opacity, height=340
+        )
+        W.plotly_static(figure, key="card_gradient")
+        drawn.append(
+            (
+                "neuron_gradient",
+                f"Input gradient of {who}",
+                "Summed over the colour channels: red pixels would raise the neuron, blue "
+                "lower it.",
+                figure,
+            )
         )
 with c:
     st.markdown("**Neuron conductance** (summed over colour channels)")
@@ -253,9 +277,17 @@ with c:
         "pushes the target's score up through it, blue down."
     )
     if ok_nc and nc is not None and ok_p:
-        W.plotly_static(
-            N.conductance_overlay(pixels, np.asarray(nc.attributions).sum(axis=0), opacity),
-            key="card_nc",
+        nc_map = np.asarray(nc.attributions)
+        figure = N.conductance_overlay(pixels, nc_map.sum(axis=0), opacity)
+        W.plotly_static(figure, key="card_nc")
+        drawn.append(
+            (
+                "neuron_conductance",
+                f"Neuron conductance of {who}",
+                "Summed over the colour channels: the pixels whose effect on the target flows "
+                "through the neuron.",
+                figure,
+            )
         )
 if ok_nc and nc is not None:
     if not np.any(nc.attributions):
@@ -270,6 +302,48 @@ if ok_nc and nc is not None:
         f"{share.neuron:.4g} (the two differ only by the integration error, which shrinks "
         f"with more steps). {nc.n_steps} steps, {S.METHOD_NAMES.get(nc.method, nc.method)}."
     )
+
+
+def _card_view() -> RP.ReportView:
+    """The card's maps as a report view: what the three maps show, and the numbers behind."""
+    spatial_dims = ("channel", "y", "x") if spatial else ("unit",)
+    if layout.is_tokens and spatial:
+        spatial_dims = ("feature", "patch_row", "patch_column")
+    return RP.page_view(
+        "neuron_card",
+        f"Neuron card: {who}, layer {layer}, for {image.name}",
+        ctx=ctx,
+        layer=layer,
+        target=W.target_label(lm, cond.target),
+        settings=tuple(RP.settings_rows(settings, RP.setting_names())),
+        summary=(
+            ("Neuron", who),
+            ("Raw index into the output", f"{raw} of {'×'.join(map(str, shape))}"),
+            ("Activation", f"{float(act[raw]):.6g}"),
+            ("Conductance", f"{share.neuron:.6g}"),
+            (f"{word.capitalize()} rank", f"{share.rank} of {share.channels}"),
+        ),
+        channel=channel,
+        neuron=neuron,
+        arrays={
+            "activation": vact,
+            "class_token_activation": class_token,
+            f"{word}_conductance_totals": totals,
+            "neuron_gradient": grad,
+            "neuron_conductance": nc_map,
+        },
+        dims={
+            "activation": spatial_dims[: vact.ndim],
+            "class_token_activation": ("feature",),
+            f"{word}_conductance_totals": (word,),
+            "neuron_gradient": ("rgb", "y", "x"),
+            "neuron_conductance": ("rgb", "y", "x"),
+        },
+        figures=drawn,
+    )
+
+
+W.view_actions("card", _card_view)
 
 
 # --- causal check -------------------------------------------------------------------------------
@@ -295,11 +369,11 @@ def _causal_check() -> None:
         "the rest of the model runs unchanged, and the model's new prediction and score are "
         "shown."
     )
-    channels = shape[0]
-    order = channel_order(cond.channel_totals)
+    channels = int(totals.size)
+    order = channel_order(totals)
     top_default = min(3, channels)
     k = st.columns([1, 1])[0].slider(
-        "Zero the top k channels (largest conductance first)",
+        f"Zero the top k {word}s (largest conductance first)",
         1,
         max(2, channels),
         top_default,
@@ -307,13 +381,15 @@ def _causal_check() -> None:
         disabled=channels < 2,
     )
     k = min(int(k), channels)
-    variants: list[list[tuple[int, ...]]] = [[neuron]]
-    names = ["this neuron"]
-    if len(shape) > 1:
-        variants.append([(channel,)])
-        names.append(f"its whole channel {channel}")
-    variants.append([(int(i),) for i in order[:k]])
-    names.append(f"the top {k} channel{'s' if k > 1 else ''}")
+    variants: list[list[tuple[int, ...]]] = [[raw]]
+    names = [f"this neuron ({who})"]
+    if len(vshape) > 1:
+        variants.append(N.channel_units(layout, channel))
+        names.append(f"its whole {word} {channel}")
+    variants.append([u for i in order[:k] for u in N.channel_units(layout, int(i))])
+    names.append(f"the top {k} {word}{'s' if k > 1 else ''}")
+    arrays: dict[str, np.ndarray] = {}
+    drawn_here: list[tuple[str, str, str, object]] = []
     ok, ablated = W.attempt(
         "Zeroing units of the layer", backend.ablation, lm, image, prep, layer, settings, variants
     )
@@ -340,14 +416,30 @@ def _causal_check() -> None:
                 }
             )
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        scores = [before] + [ablated.target_score(i) for i in range(len(names))]
+        arrays["causal_target_score"] = np.asarray(scores, dtype=np.float64)
+        arrays["causal_change"] = np.asarray(scores, dtype=np.float64) - before
+        arrays["causal_predicted_class"] = np.asarray(
+            [ablated.predicted()] + [ablated.predicted(i) for i in range(len(names))],
+            dtype=np.int64,
+        )
+        arrays["top_channels"] = np.asarray(order[:k], dtype=np.int64)
         st.caption(
-            f"The target score is the model's score for {target_text}. Top channels: "
+            f"The target score is the model's score for {target_text}. Top {word}s: "
             + ", ".join(str(int(i)) for i in order[:k][:20])
             + (" …" if k > 20 else "")
             + "."
         )
 
-    st.markdown("**How many top channels does it take to change the decision?**")
+    st.markdown(f"**How many top {word}s does it take to change the decision?**")
+    if remapped:
+        st.caption(
+            f"The flip search zeroes whole slices of the output's first dimension, which on "
+            f"this layer ({md(layout.describe())}) are not its {word}s, so it is not run here. "
+            f"The table above zeroes whole {word}s."
+        )
+        _causal_row(arrays, drawn_here, names)
+        return
     with W.progress_bar("Zeroing more and more top channels", unit="channels") as report:
         ok, flip = W.attempt(
             "Searching for the flip", backend.flip_search, lm, image, prep, layer, settings, report
@@ -367,13 +459,55 @@ def _causal_check() -> None:
                 "on this layer's channels ranked this way.",
                 icon=":material/info:",
             )
-        W.plotly_static(N.flip_figure(flip, lm.labels), key="card_flip")
+        figure = N.flip_figure(flip, lm.labels)
+        W.plotly_static(figure, key="card_flip")
         st.caption(
             "Channels are zeroed in order of their conductance, those that push the target's "
             "score up most first. The conductance paper (Dhamdhere et al., 2018) reports that "
             "on average 3.7 filters of a layer of Inception are enough to flip its decision: a "
             "small number means the decision is concentrated in a few channels."
         )
+        drawn_here.append(
+            (
+                "flip_search",
+                "The target score as more and more top channels are zeroed",
+                "Channels are zeroed in order of their conductance, largest first.",
+                figure,
+            )
+        )
+        arrays["flip_target_score"] = np.asarray(flip.target_scores, dtype=np.float64)
+        arrays["flip_predicted_class"] = np.asarray(flip.predicted, dtype=np.int64)
+    _causal_row(arrays, drawn_here, names)
+
+
+def _causal_row(arrays: dict[str, np.ndarray], drawn_here: list, names: list[str]) -> None:
+    """The download row of the causal check (inside its fragment, so a new k is what it keeps)."""
+    rows = ["nothing", *names]
+    W.view_actions(
+        "card_causal",
+        lambda: RP.page_view(
+            "causal_check",
+            f"Causal check of {who}, layer {layer}, for {image.name}",
+            ctx=ctx,
+            layer=layer,
+            target=W.target_label(lm, cond.target),
+            settings=(("Zeroed (causal_* rows, in order)", "; ".join(rows)),),
+            summary=(("Neuron", who), ("Raw index", str(raw))),
+            channel=channel,
+            neuron=neuron,
+            arrays=arrays,
+            dims={
+                "causal_target_score": ("variant",),
+                "causal_change": ("variant",),
+                "causal_predicted_class": ("variant",),
+                "top_channels": ("rank",),
+                "flip_target_score": ("zeroed",),
+                "flip_predicted_class": ("zeroed",),
+            },
+            figures=drawn_here,
+            with_image=False,
+        ),
+    )
 
 
 causal_check()
@@ -394,7 +528,8 @@ def _show_randomisation(result) -> None:
     kind, sentence = result.verdict
     show = {"depends": st.success, "same": st.warning, "partly": st.info, "empty": st.info}
     show.get(kind, st.info)(f"**Verdict.** {sentence}")
-    W.plotly_static(N.randomisation_figure(result), key="card_randomisation")
+    figure = N.randomisation_figure(result)
+    W.plotly_static(figure, key="card_randomisation")
     rows = []
     for number, title in enumerate(N.stage_titles(result)):
         rows.append(
@@ -411,6 +546,48 @@ def _show_randomisation(result) -> None:
         + f" Each map: {result.n_steps} steps, {S.METHOD_NAMES.get(result.method, result.method)}"
         f"; the weights are re-initialised with the model's own initialisation, seed "
         f"{result.seed}, in a copy of the model (the model in use is not changed)."
+    )
+    stages = ["learned weights", *(f"after re-initialising {t}" for t in result.stages)]
+    W.view_actions(
+        "card_sanity",
+        lambda: RP.page_view(
+            "sanity_check",
+            f"Sanity check of {who}, layer {layer}, for {image.name}",
+            ctx=ctx,
+            layer=layer,
+            target=W.target_label(lm, result.target),
+            settings=(
+                ("Integration", f"{result.n_steps} steps, {result.method}"),
+                ("Seed", str(result.seed)),
+                ("Maps (rows of randomisation_maps, in order)", "; ".join(stages)),
+            ),
+            summary=(("Neuron", who), ("Verdict", f"{kind}: {sentence}")),
+            channel=channel,
+            neuron=neuron,
+            arrays={
+                "randomisation_maps": np.asarray(result.maps, dtype=np.float64),
+                "spearman": np.asarray(result.spearman, dtype=np.float64),
+                "ssim": np.asarray(result.ssim, dtype=np.float64),
+                "predicted_class": np.asarray(result.predicted, dtype=np.int64),
+                "modules_reinitialised": np.asarray(result.modules, dtype=np.int64),
+            },
+            dims={
+                "randomisation_maps": ("stage", "y", "x"),
+                "spearman": ("stage_after_first",),
+                "ssim": ("stage_after_first",),
+                "predicted_class": ("stage",),
+                "modules_reinitialised": ("stage_after_first",),
+            },
+            figures=[
+                (
+                    "randomisation",
+                    "The neuron's conductance map as the layers are re-initialised",
+                    N.THRESHOLDS_TEXT,
+                    figure,
+                )
+            ],
+            with_image=False,
+        ),
     )
 
 
@@ -438,7 +615,7 @@ def _sanity_check(asked: bool) -> None:
     result = None
     with W.progress_bar("Randomising the layers from the output down", unit="maps") as report:
         try:
-            result = backend.randomisation(lm, image, prep, layer, neuron, settings, report)
+            result = backend.randomisation(lm, image, prep, layer, raw, settings, report)
         except JobCancelled:
             st.session_state[S.CARD_CHECK] = None
             st.session_state[S.CARD_STOPPED] = request
@@ -466,7 +643,7 @@ st.markdown(
     "rescale its map, so the first steps often keep a correlation of 1; the layers at and below "
     "it decide."
 )
-request = (backend.model_key(lm), image.digest, layer, neuron, settings)
+request = (backend.model_key(lm), image.digest, layer, raw, settings)
 ok, done = W.attempt(
     "Reading the sanity check",
     backend.randomisation_cached,
@@ -474,7 +651,7 @@ ok, done = W.attempt(
     image,
     prep,
     layer,
-    neuron,
+    raw,
     settings,
 )
 if ok and done is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -12,6 +13,7 @@ import webapp
 from explainer.cache import digest
 from webapp import backend
 from webapp import figures as F
+from webapp import report as RP
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
@@ -148,18 +150,15 @@ st.caption(
     f"{len(summaries[0].top_channels) if summaries else 5} strongest channels hold. Click a "
     "bar to open the layer."
 )
-W.plotly_click(
-    F.overview_chart(
-        [s.layer for s in summaries],
-        [s.share for s in summaries],
-        [s.concentration for s in summaries],
-        [s.relative_delta for s in summaries],
-        tolerance=tolerance,
-        selected=S.get(S.LAYER),
-    ),
-    "ovw_chart",
-    _open_from_chart,
+chart = F.overview_chart(
+    [s.layer for s in summaries],
+    [s.share for s in summaries],
+    [s.concentration for s in summaries],
+    [s.relative_delta for s in summaries],
+    tolerance=tolerance,
+    selected=S.get(S.LAYER),
 )
+W.plotly_click(chart, "ovw_chart", _open_from_chart)
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -211,6 +210,63 @@ st.dataframe(
     },
     height=min(35 * (len(summaries) + 1) + 12, 600),
 )
+
+
+def _overview_view() -> RP.ReportView:
+    """The overview as a report view: the chart, and the table's numbers one array a column
+    (the layer names, in row order, are in the view's settings)."""
+    names = [s.layer for s in summaries]
+    return RP.page_view(
+        "overview",
+        f"Layer overview of {len(names)} layers for {image.name}",
+        ctx=ctx,
+        layer=f"{len(names)} layers",
+        target=W.target_label(lm, overview.target),
+        settings=(
+            *RP.settings_rows(settings, RP.setting_names()),
+            ("Tolerance", f"{tolerance:.3%}"),
+            ("Layers (the rows of every array, in order)", ", ".join(names)),
+        ),
+        summary=(
+            ("F(image) − F(baseline)", f"{overview.output_diff:.6g}"),
+            ("Completeness holds", f"{holding} of {len(names)}"),
+        ),
+        arrays={
+            "share": np.array([s.share for s in summaries], dtype=np.float64),
+            "total_conductance": np.array([s.total for s in summaries], dtype=np.float64),
+            "relative_delta": np.array([s.relative_delta for s in summaries], dtype=np.float64),
+            "top_share": np.array([s.concentration for s in summaries], dtype=np.float64),
+            "positive": np.array([s.positive for s in summaries], dtype=np.float64),
+            "negative": np.array([s.negative for s in summaries], dtype=np.float64),
+            "completeness_holds": np.array(
+                [s.relative_delta <= tolerance for s in summaries], dtype=np.int64
+            ),
+        },
+        dims={
+            k: ("layer",)
+            for k in (
+                "share",
+                "total_conductance",
+                "relative_delta",
+                "top_share",
+                "positive",
+                "negative",
+                "completeness_holds",
+            )
+        },
+        figures=[
+            (
+                "overview",
+                "Every layer's share of F(image) − F(baseline), in network order",
+                "Top: each layer's total conductance as a share of the score difference. "
+                "Bottom: the share its strongest channels hold.",
+                chart,
+            )
+        ],
+    )
+
+
+W.view_actions("ovw", _overview_view)
 silent = [s.layer for s in summaries if s.total == 0.0 and s.positive == 0.0]
 if silent:
     st.caption(

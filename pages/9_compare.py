@@ -13,6 +13,7 @@ from explainer.baselines import BASELINE_KINDS
 from webapp import backend
 from webapp import compare as C
 from webapp import figures as F
+from webapp import report as RP
 from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
@@ -311,6 +312,7 @@ else:
     st.caption("Click a cell (or a bar) in any pane to select that neuron in every pane.")
 
 # --- the panes ----------------------------------------------------------------------------------
+drawn: list[tuple[str, str, str, object]] = []  # (name, title, caption, figure) for downloads
 for i, (pane, column) in enumerate(zip(computed, st.columns(len(computed)), strict=True)):
     with column, st.container(border=True, key=f"cmp_pane{i}"):
         st.markdown(f"**{i + 1}. {md(pane.title)}**")
@@ -343,6 +345,15 @@ for i, (pane, column) in enumerate(zip(computed, st.columns(len(computed)), stri
         if result.is_spatial and i != max(j for j, g in enumerate(groups) if g == groups[i]):
             figure.update_traces(showscale=False, selector=dict(type="heatmap"))  # one per scale
         W.plotly_click(figure, f"cmp_map{i}", lambda i=i: _on_click(i))
+        shows = f"channel {channels[i]}" if result.is_spatial and view == "channel" else "sum"
+        drawn.append(
+            (
+                f"pane{i + 1}_map",
+                f"Pane {i + 1}: {pane.title}",
+                f"Layer {pane.layer}, target {W.target_label(lm, result.target)}, {shows}.",
+                figure,
+            )
+        )
         if neuron is not None:
             value = float(result.attributions[neuron] if result.is_spatial else maps[i][neuron])
             st.markdown(f"Neuron **{neuron}**: conductance **{value:.4g}**")
@@ -356,6 +367,50 @@ for i, (pane, column) in enumerate(zip(computed, st.columns(len(computed)), stri
             else:
                 st.caption(f"The selected neuron {tuple(chosen)} is outside this layer.")
 
+
+def _compare_view() -> RP.ReportView:
+    """The panes as a report view: each pane's map as drawn, and its channel totals."""
+    arrays: dict[str, np.ndarray] = {}
+    dims: dict[str, tuple[str, ...]] = {}
+    rows = []
+    for i, pane in enumerate(computed):
+        if pane.result is None or maps[i] is None:
+            rows.append((f"Pane {i + 1}", f"{pane.title}: no map"))
+            continue
+        result = pane.result
+        shown = np.asarray(maps[i], dtype=np.float64)
+        arrays[f"pane{i + 1}_map"] = shown
+        dims[f"pane{i + 1}_map"] = ("y", "x") if shown.ndim == 2 else ("unit",)[: shown.ndim]
+        arrays[f"pane{i + 1}_channel_totals"] = np.asarray(result.channel_totals)
+        dims[f"pane{i + 1}_channel_totals"] = ("channel",)
+        rows.append(
+            (
+                f"Pane {i + 1}",
+                f"{pane.title} · layer {pane.layer} · target "
+                f"{W.target_label(lm, result.target)} · F(x) − F(b) {result.output_diff:.6g} · "
+                f"delta {result.relative_delta:.3%}",
+            )
+        )
+    return RP.page_view(
+        "compare",
+        f"Comparison of {len(computed)} panes ({C.MODES.get(spec.mode, spec.mode)}) for "
+        f"{image.name}",
+        ctx=ctx,
+        layer=layer,
+        target=W.target_setting_text(lm, settings),
+        settings=(
+            *RP.settings_rows(settings, RP.setting_names()),
+            ("Each pane shows", "the selected channel" if view == "channel" else "all channels"),
+            ("One colour scale for the same score", "yes" if shared else "no"),
+        ),
+        summary=tuple(rows),
+        arrays=arrays,
+        dims=dims,
+        figures=drawn,
+    )
+
+
+W.view_actions("cmp", _compare_view)
 W.next_step(
     W.PAGE_CONDUCTANCE,
     "Next: every channel of the chosen layer",

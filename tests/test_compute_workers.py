@@ -57,7 +57,9 @@ def _conductance_args(x, baseline, **extra):
 
 
 def _pid(executor: LocalExecutor, source: ModelSource) -> int | None:
-    return next((w.pid for w in executor.workers() if w.model_key == source.key), None)
+    return next(
+        (w.pid for w in executor.workers() if w.model_key == source.key and not w.background), None
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -118,6 +120,33 @@ def test_cancel_stops_a_running_job_and_keeps_the_worker(pool, demo):
     assert scores.shape == (8,)
 
 
+def test_a_background_job_runs_beside_the_interactive_ones(pool, demo):
+    """A long refinement submitted as a background job does not hold up a click: the model's
+    interactive jobs run on its other worker meanwhile, and both give the usual results."""
+    lm, x, baseline = demo
+    args = _conductance_args(x, baseline, n_steps=1024, internal_batch_size=1, layer="conv1")
+    long = pool.submit(BUILTIN, "conductance", args, background=True)
+    deadline = time.monotonic() + START_S
+    while long.progress is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert long.progress is not None and not long.done()
+    grads = pool.submit(
+        BUILTIN, "neuron_gradients", {"layer": "block1", "x": x.numpy(), "neurons": [(0, 1, 1)]}
+    ).result(60)
+    assert not long.done(), "the click waited for the background job"
+    expected = analysis.compute_neuron_gradients(lm.model, "block1", x, [(0, 1, 1)])[0]
+    np.testing.assert_allclose(grads[0].gradient, expected.gradient, rtol=1e-4, atol=1e-7)
+    workers = [w for w in pool.workers() if w.model_key == BUILTIN.key]
+    assert sorted(w.background for w in workers) == [False, True]
+    assert len({w.pid for w in workers}) == 2
+    long.cancel()
+    with pytest.raises(JobCancelled):
+        long.result(30)
+    quick = pool.submit(BUILTIN, "conductance", _conductance_args(x, baseline), background=True)
+    solo = analysis.compute_conductance(lm.model, "block2", x, 1, baseline, n_steps=16)
+    np.testing.assert_allclose(quick.result(60).attributions, solo.attributions, rtol=1e-4)
+
+
 def test_a_worker_killed_mid_request_is_restarted_and_the_job_retried(pool, demo):
     lm, x, baseline = demo
     args = _conductance_args(x, baseline, n_steps=256, internal_batch_size=1, layer="conv1")
@@ -132,7 +161,7 @@ def test_a_worker_killed_mid_request_is_restarted_and_the_job_retried(pool, demo
         lm.model, "conv1", x, 1, baseline, n_steps=256, internal_batch_size=1
     )
     np.testing.assert_allclose(result.attributions, solo.attributions, rtol=1e-4, atol=1e-6)
-    status = next(w for w in pool.workers() if w.model_key == BUILTIN.key)
+    status = next(w for w in pool.workers() if w.model_key == BUILTIN.key and not w.background)
     assert status.restarts == 1 and status.pid != pid and not _alive(pid)
 
 

@@ -155,3 +155,37 @@ def test_the_render_page_may_load_nothing_from_outside():
 def test_html_prints_to_pdf():
     pdf = export.html_pdf("<h1>Report</h1><p>Hello</p>")
     assert pdf.startswith(b"%PDF-")
+
+
+# --- a failed PNG or SVG, in words ---------------------------------------------------------------
+def test_a_missing_chromium_executable_is_named_and_the_fix_given(monkeypatch, tmp_path):
+    """Chromium configured but not there (a removed package, a wrong CHROMIUM_PATH): the launch
+    fails, and the message says what happened and what still works."""
+    missing = str(tmp_path / "no-such-chromium")
+    monkeypatch.setattr(export, "chromium_path", lambda: missing)
+    with pytest.raises(export.ChromiumMissing) as info:
+        export.figure_png(go.Figure())
+    assert info.value.path == missing
+    message = export.render_failure_message(info.value, "png")
+    assert message.startswith("The PNG could not be drawn: the server's Chromium is missing")
+    assert missing in message and "apt-get install chromium" in message
+    assert "CSV and NPZ downloads and the HTML report still work" in message
+
+
+def test_a_timeout_and_a_crash_say_what_happened():
+    import threading
+
+    release = threading.Event()
+    with pytest.raises(export.ExportTimeout) as info:
+        export._with_timeout(lambda: release.wait(5), 0.2, "Drawing SVG files")
+    release.set()
+    message = export.render_failure_message(info.value, "svg")
+    assert message.startswith("The SVG could not be drawn: drawing took longer than")
+    assert "still work" in message
+    crash = export.ChromiumFailed("Drawing PNG files failed in Chromium: Target crashed")
+    message = export.render_failure_message(crash, "png")
+    assert "Chromium failed while drawing it" in message and "Target crashed" in message
+    assert "still work" in message
+    # A figure too large to draw keeps its own sentence.
+    message = export.render_failure_message(export.ExportError("The figure is too large."), "png")
+    assert "The figure is too large" in message

@@ -1165,3 +1165,29 @@ def test_zip_bomb_is_refused_before_unpacking(monkeypatch):
     assert len(data) < 64 * 1024
     with pytest.raises(ModelLoadError, match="unpacks to more than"):
         load_model(data, filename="bomb.pt", arch="resnet18")
+
+
+def test_several_fitting_architectures_are_offered_by_name(monkeypatch):
+    from explainer.intake import registry
+
+    data = _save(torchvision.models.resnet18(weights=None, num_classes=4).state_dict())
+    # No two torchvision architectures share every tensor: two of them are made to here.
+    monkeypatch.setattr(registry, "_fitting_architectures", lambda shapes: ["resnet18", "resnet34"])
+    with pytest.raises(ModelLoadError) as info:
+        load_model(data, filename="resnet50 resnet101.pt")  # names in the file name do not count
+    message = str(info.value)
+    assert "pick the architecture it was trained with" in message
+    assert registry.offered_architectures(message) == ["resnet18", "resnet34"]
+
+
+def test_offered_architectures_reads_only_known_names_of_the_final_hint():
+    from explainer.intake.registry import offered_architectures
+
+    hint = "Architectures whose layers match this file:"
+    assert offered_architectures("The file is damaged.") == []
+    found = offered_architectures(f"x. {hint} resnet18, not_an_arch, vgg11.")
+    assert found == ["resnet18", "vgg11"]
+    many = "resnet18, resnet34, resnet50, vgg11, vgg13, vgg16, vgg19, alexnet"
+    assert offered_architectures(f"{hint} {many} and 2 more.")[-1] == "alexnet"
+    # A hint quoted in a file name earlier in the message is not the one read.
+    assert offered_architectures(f"a {hint} vgg11.pt b. {hint} resnet18.") == ["resnet18"]

@@ -460,7 +460,8 @@ def test_vit_suggests_encoder_layers(torchvision_trees):
     assert "encoder.layers.encoder_layer_1" in tree.suggested
     assert tree.suggested[-1] == "encoder"  # the last module before the `heads` classifier
     attention = tree.nodes["encoder.layers.encoder_layer_0.self_attention"]
-    assert not attention.usable and "None" in attention.reason
+    # It returns (output, None): the one tensor is explained, the None passed on.
+    assert attention.usable and attention.output_shapes == [(1, 5, 16)]
     # MultiheadAttention uses out_proj's weights without calling it.
     out_proj = tree.nodes["encoder.layers.encoder_layer_0.self_attention.out_proj"]
     assert out_proj.reason == "not reached by the forward pass"

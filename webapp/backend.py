@@ -34,7 +34,16 @@ from explainer.baselines import BASELINE_KINDS, make_baseline
 from explainer.cache import ContentCache, digest
 from explainer.compute import LocalExecutor, ModelSource
 from explainer.errors import AttributionError, ExplainerError
-from explainer.images import Preprocessing, deprocess, load_image, preprocess
+from explainer.images import (
+    FitLayout,
+    Preprocessing,
+    deprocess,
+    fit_layout,
+    fit_preview,
+    load_image,
+    mark_padding,
+    preprocess,
+)
 from explainer.intake import ModelInfo
 from explainer.tree import ModuleTree
 from webapp.state import AttributionSettings, ImageEntry, LabelsOverride, ModelRef, PrepSpec
@@ -45,6 +54,10 @@ RESULT_CACHE_BYTES = 768 * 1024 * 1024
 RESULT_CACHE_ENTRIES = 1024
 BUILTIN = ModelSource("builtin")
 """The built-in demo model."""
+
+FIRST_LOOK_STEPS = 4
+"""Gauss-Legendre steps of a first look: a coarse map shown while the asked-for one is
+refined in the background."""
 
 # How often a waiting page checks its job's progress and whether the user moved on.
 _POLL_S = 0.1
@@ -138,6 +151,11 @@ def run(
     return wait(executor().submit(lm.source, op, args), progress)
 
 
+def submit(lm: ServedModel, op: str, args: Mapping[str, Any] | None = None) -> Any:
+    """Start ``op`` on ``lm``'s background worker and return its job handle at once."""
+    return executor().submit(lm.source, op, args, background=True)
+
+
 def resolve_model(ref: ModelRef, labels: LabelsOverride | None = None) -> ServedModel:
     """The model a :class:`ModelRef` names, with the user's labels applied.
 
@@ -177,7 +195,14 @@ def model_key(lm: ServedModel) -> str:
 
 # --- preprocessing and inputs -------------------------------------------------------------------
 def preprocessing(spec: PrepSpec, lm: ServedModel) -> Preprocessing:
-    """Turn the user's preset into a :class:`~explainer.images.Preprocessing` for this model."""
+    """Turn the user's preset and fit mode into a :class:`~explainer.images.Preprocessing` for
+    this model."""
+    prep = _preset(spec, lm)
+    return prep if spec.fit == "crop" else dataclasses.replace(prep, fit=spec.fit)
+
+
+def _preset(spec: PrepSpec, lm: ServedModel) -> Preprocessing:
+    """The preset's normalisation and geometry for this model (centre crop)."""
     channels, height, width = lm.input_size
     size = (height, width)
     if spec.preset == "imagenet":
@@ -202,8 +227,16 @@ def _scores_every_position(lm: ServedModel) -> bool:
 
 
 def prep_key(prep: Preprocessing) -> str:
-    """Digest of every preprocessing field (a frozen dataclass)."""
-    return digest("prep", repr(dataclasses.astuple(prep)))
+    """Digest of every preprocessing field (a frozen dataclass).
+
+    The default fit mode, ``"crop"``, is left out: keys made before there was a choice stay.
+    """
+    fields = tuple(
+        getattr(prep, f.name)
+        for f in dataclasses.fields(prep)
+        if f.name != "fit" or prep.fit != "crop"
+    )
+    return digest("prep", repr(fields))
 
 
 def input_tensor(image: ImageEntry, prep: Preprocessing) -> torch.Tensor:
@@ -223,9 +256,47 @@ def _array(x: torch.Tensor) -> np.ndarray:
 
 
 def display_image(image: ImageEntry, prep: Preprocessing) -> np.ndarray:
-    """What the model sees, as an ``(H, W, 3)`` uint8 array (the preprocessed input, undone)."""
+    """What the model sees, as an ``(H, W, 3)`` uint8 array (the preprocessed input, undone).
+
+    Padding (fit mode ``"pad"``) is hatched, so it is not mistaken for part of the picture.
+    """
     key = digest("display", image.digest, prep_key(prep))
-    return result_cache().get_or_compute(key, lambda: deprocess(input_tensor(image, prep), prep))
+
+    def compute() -> np.ndarray:
+        pixels = deprocess(input_tensor(image, prep), prep)
+        if prep.fit == "pad":
+            layout = image_fit(image, prep)
+            if any(layout.padding):
+                pixels = mark_padding(pixels, layout.placed)
+        return pixels
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def image_fit(image: ImageEntry, prep: Preprocessing) -> FitLayout:
+    """What ``prep`` cuts, pads or stretches of ``image`` (:func:`explainer.images.fit_layout`).
+
+    Raises
+    ------
+    explainer.errors.ImageLoadError
+        When the bytes are not a readable image.
+    """
+    key = digest("fit", image.digest, prep_key(prep))
+
+    def compute() -> FitLayout:
+        width, height = load_image(image.data).size
+        return fit_layout(width, height, prep)
+
+    return result_cache().get_or_compute(key, compute)
+
+
+def fit_picture(image: ImageEntry, prep: Preprocessing, max_side: int = 240) -> np.ndarray:
+    """A preview of what ``prep`` does to ``image``'s shape (:func:`explainer.images.fit_preview`):
+    the cut parts shaded, or the padding hatched, or the stretched picture."""
+    key = digest("fit_preview", image.digest, prep_key(prep), max_side)
+    return result_cache().get_or_compute(
+        key, lambda: fit_preview(load_image(image.data), prep, max_side)
+    )
 
 
 def validate_image(data: bytes) -> None:
@@ -499,20 +570,78 @@ def conductance(
     )
 
     def compute() -> analysis.ConductanceResult:
-        x = input_tensor(image, prep)
-        base = baseline_tensor(x, prep, settings)
-        args = {
-            "layer": layer,
-            "x": _array(x),
-            "target": target,
-            "baseline": _array(base),
-            "method": settings.method,
-            "n_steps": int(settings.n_steps),
-            "internal_batch_size": chunk_size(settings),
-        }
+        args = _conductance_args(image, prep, layer, target, settings)
         return run(lm, "conductance", args, progress)
 
     return result_cache().get_or_compute(key, compute)
+
+
+def _conductance_args(
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    target: analysis.Target,
+    settings: AttributionSettings,
+) -> dict[str, Any]:
+    x = input_tensor(image, prep)
+    base = baseline_tensor(x, prep, settings)
+    return {
+        "layer": layer,
+        "x": _array(x),
+        "target": target,
+        "baseline": _array(base),
+        "method": settings.method,
+        "n_steps": int(settings.n_steps),
+        "internal_batch_size": chunk_size(settings),
+    }
+
+
+def first_look_settings(settings: AttributionSettings) -> AttributionSettings | None:
+    """The cheap settings of a first look at ``settings``' map, or ``None`` when the asked-for
+    map is about as cheap already (few steps)."""
+    if int(settings.n_steps) <= 2 * FIRST_LOOK_STEPS:
+        return None
+    return dataclasses.replace(
+        settings, method="gausslegendre", n_steps=FIRST_LOOK_STEPS, internal_batch_size=None
+    )
+
+
+def start_conductance(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+) -> tuple[str, Any]:
+    """Submit the conductance :func:`conductance` computes as a background job, without
+    waiting: its cache key and job handle. The job runs on the model's background worker, so
+    the page's clicks are answered while it runs; :func:`keep_result` stores its value."""
+    target = resolve_target(lm, image, prep, settings)
+    key = _conductance_key(
+        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
+    )
+    args = _conductance_args(image, prep, layer, target, settings)
+    return key, submit(lm, "conductance", args)
+
+
+def conductance_key(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+) -> str:
+    """The cache key of :func:`conductance`'s result (reads the scores when the target depends
+    on them)."""
+    target = resolve_target(lm, image, prep, settings)
+    return _conductance_key(
+        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
+    )
+
+
+def keep_result(key: str, value: Any) -> None:
+    """Store a background job's result under its cache key."""
+    result_cache().put(key, value)
 
 
 def conductance_cached(

@@ -62,8 +62,52 @@ class ExportError(ExplainerError):
 class ChromiumMissing(ExportError):
     """The browser that draws PNG, SVG and PDF files is not installed."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str | None = None) -> None:
         super().__init__(INSTALL_HINT)
+        self.path = path
+        """The executable that was tried and is not there (``None``: none was found)."""
+
+
+class ExportTimeout(ExportError):
+    """A browser job ran past its wall-clock limit and was stopped."""
+
+
+class ChromiumFailed(ExportError):
+    """Chromium started but crashed or refused the job."""
+
+
+def render_failure_message(exc: BaseException, fmt: str) -> str:
+    """What a failed PNG or SVG download tells the user: what happened and what to do.
+
+    ``fmt`` is ``"png"`` or ``"svg"``. The sentence always ends by naming the downloads that
+    still work, so nobody thinks the page's results are lost.
+    """
+    what = f"The {fmt.upper()} could not be drawn"
+    if isinstance(exc, ChromiumMissing):
+        where = f" (looked for {exc.path})" if exc.path else ""
+        why = (
+            f"the server's Chromium is missing{where}. Operator: install it with "
+            "apt-get install chromium (or set CHROMIUM_PATH to its executable) and restart "
+            "the app"
+        )
+    elif isinstance(exc, ExportTimeout):
+        why = (
+            f"drawing took longer than {RENDER_TIMEOUT_S:.0f} s and was stopped. Try again when "
+            "the server is less busy, or show fewer channels"
+        )
+    elif isinstance(exc, ChromiumFailed):
+        why = (
+            f"Chromium failed while drawing it ({str(exc).rstrip('.')}). Try again; if it keeps "
+            "failing, the operator should check that Chromium starts on the server"
+        )
+    elif isinstance(exc, ExportError):
+        why = str(exc).rstrip(".")
+    else:
+        why = f"an unexpected error occurred ({type(exc).__name__}: {exc})"
+    return (
+        f"{what}: {why}. Nothing on this page is lost: the CSV and NPZ downloads and the HTML "
+        "report still work."
+    )
 
 
 # --- arrays -------------------------------------------------------------------------------------
@@ -202,7 +246,7 @@ def _with_timeout(job: Callable[[], T], timeout_s: float, what: str) -> T:
         try:
             return future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError as exc:
-            raise ExportError(
+            raise ExportTimeout(
                 f"{what} took longer than {timeout_s:.0f} s and was stopped; try a smaller view."
             ) from exc
     finally:
@@ -242,7 +286,9 @@ def _browser_job(work: Callable[[Any], T], what: str, timeout_s: float) -> T:
                     browser.close()
         except PlaywrightError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"{what} failed in Chromium: {first}") from exc
+            if "executable doesn't exist" in first.lower():
+                raise ChromiumMissing(executable) from exc
+            raise ChromiumFailed(f"{what} failed in Chromium: {first}") from exc
 
     return _with_timeout(job, timeout_s, what)
 

@@ -19,6 +19,7 @@ import base64
 import io
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.colors as pc
@@ -782,6 +783,184 @@ def gradient_overlay(
     _base_layout(fig, height, title)
     fig.update_layout(clickmode="none", hoverdistance=0)
     _image_axes(fig, arr.shape[1], arr.shape[0])
+    return fig
+
+
+GRADIENT_PERCENTILE = 99.5
+"""Percentile of |gradient| (over the non-zero pixels) where the robust colour scale saturates."""
+
+
+def robust_limit(
+    values: np.ndarray | Sequence[float], percentile: float = GRADIENT_PERCENTILE
+) -> float:
+    """The ``percentile`` of |values| over the finite non-zero entries; 1.0 when there are none.
+
+    Input gradients of large images are dominated by a handful of pixels: a colour scale that
+    ends at the largest value leaves everything else nearly invisible. Zeros are left out so
+    that a small receptive field in a large image does not pull the limit down to zero.
+    """
+    arr = np.abs(np.asarray(values, dtype=np.float64)).ravel()
+    arr = arr[np.isfinite(arr) & (arr > 0.0)]
+    if not arr.size:
+        return 1.0
+    return float(np.percentile(arr, float(percentile)))
+
+
+@dataclass(frozen=True)
+class FieldBox:
+    """A square-ish crop of an image around where a gradient is non-negligible.
+
+    Rows ``top:bottom`` and columns ``left:right`` (half-open, inside the image) are the crop;
+    ``support_height`` x ``support_width`` is the bounding box of the pixels that reached the
+    threshold, before the margin was added.
+    """
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    support_height: int
+    support_width: int
+    image_height: int
+    image_width: int
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def whole_image(self) -> bool:
+        return self.height == self.image_height and self.width == self.image_width
+
+
+def _span(low: int, high: int, size: int, extent: int) -> tuple[int, int]:
+    """``[start, start + size)`` centred on ``[low, high)``, shifted into ``[0, extent)``."""
+    size = min(size, extent)
+    start = int(math.floor((low + high - size) / 2))
+    start = max(0, min(start, extent - size))
+    return start, start + size
+
+
+def receptive_field_box(
+    magnitude: np.ndarray,
+    limit: float,
+    *,
+    fraction: float = 0.01,
+    margin: float = 0.1,
+    min_side: int = 16,
+) -> FieldBox | None:
+    """The crop that shows where ``magnitude`` (an ``(H, W)`` map) is non-negligible.
+
+    A pixel counts when its |value| is at least ``fraction`` of ``limit`` (the colour limit the
+    map is drawn with). The bounding box of those pixels grows by ``margin`` of its longer side
+    (at least 2 px) on every side, then to a square of at least ``min_side`` px, kept inside the
+    image (shifted at the edges, cut to the image when larger). ``None`` when no pixel counts.
+    """
+    arr = np.abs(np.asarray(magnitude, dtype=np.float64))
+    if arr.ndim != 2:
+        raise ValueError(f"expected an (H, W) map, got shape {arr.shape}")
+    h, w = arr.shape
+    mask = np.isfinite(arr) & (arr >= float(fraction) * float(limit)) & (arr > 0.0)
+    if not mask.any():
+        return None
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    left, right = int(cols[0]), int(cols[-1]) + 1
+    support_h, support_w = bottom - top, right - left
+    pad = max(2, math.ceil(float(margin) * max(support_h, support_w)))
+    side = max(support_h + 2 * pad, support_w + 2 * pad, int(min_side))
+    y0, y1 = _span(top, bottom, side, h)
+    x0, x1 = _span(left, right, side, w)
+    return FieldBox(y0, y1, x0, x1, support_h, support_w, h, w)
+
+
+def value_text(value: float) -> str:
+    """A colour-bar or caption number: three significant digits, a real minus sign."""
+    return f"{value:.3g}".replace("-", "\u2212")
+
+
+def saturating_colorbar(title: str, limit: float, low: float, high: float, *, signed: bool) -> dict:
+    """A horizontal colour bar under the plot whose ticks show real values.
+
+    ``limit`` is where the colours end, ``low`` and ``high`` the smallest and largest values of
+    the map: an end the map goes beyond is labelled ``≥ limit`` (``≤ −limit``), so a reader
+    knows that the colour there stands for that value or more. All maps drawn with it reserve
+    the same space under the plot, so figures of the same height have plots of the same size.
+    """
+    # Three ticks: their labels stay apart on a narrow panel and inside the figure's margins.
+    ticks = [-limit, 0.0, limit] if signed else [0.0, limit / 2, limit]
+    text = [value_text(t) for t in ticks]
+    tolerance = 1e-9 * limit
+    if high > limit + tolerance:
+        text[-1] = "\u2265 " + text[-1]
+    if signed and low < -limit - tolerance:
+        text[0] = "\u2264 " + text[0]
+    return dict(
+        orientation="h",
+        x=0.5,
+        xanchor="center",
+        y=-0.03,
+        yanchor="top",
+        len=0.8,
+        thickness=10,
+        tickmode="array",
+        tickvals=ticks,
+        ticktext=text,
+        tickangle=0,  # level labels: the bar reserves the same height whatever they say
+        tickfont=dict(size=11),
+        title=dict(text=html(title), side="top", font=dict(size=12)),
+        outlinewidth=0,
+    )
+
+
+def bottom_colorbar(
+    fig: go.Figure, title: str, *, signed: bool, limit: float | None = None
+) -> go.Figure:
+    """Move the colour bar of ``fig``'s first heatmap under the plot (see
+    :func:`saturating_colorbar`); ``limit`` defaults to the heatmap's ``zmax``."""
+    heat = next(t for t in fig.data if t.type == "heatmap")
+    z = np.asarray(heat.z, dtype=np.float64)
+    finite = z[np.isfinite(z)]
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 0.0
+    end = float(limit if limit is not None else heat.zmax)
+    heat.update(colorbar=saturating_colorbar(title, end, low, high, signed=signed))
+    # A panel narrower than it is tall leaves room above or below its square plot: keep the
+    # plot on its colour bar, so the room goes above, the same in every panel.
+    fig.update_yaxes(constraintoward="bottom")
+    return fig
+
+
+def gradient_panel(
+    image: np.ndarray,
+    grad2d: np.ndarray,
+    *,
+    signed: bool,
+    limit: float,
+    opacity: float = 0.9,
+    height: int = 360,
+    crop: FieldBox | None = None,
+) -> go.Figure:
+    """:func:`gradient_overlay` with its colours ending at ``limit`` (an honest colour bar under
+    the plot, see :func:`saturating_colorbar`), optionally zoomed to ``crop``.
+
+    The map keeps its real values (hover shows them); only the colours saturate.
+    """
+    fig = gradient_overlay(image, grad2d, signed=signed, opacity=opacity, height=height, zmax=limit)
+    bottom_colorbar(fig, "gradient" if signed else "|gradient|", signed=signed, limit=limit)
+    return zoom_to(fig, crop)
+
+
+def zoom_to(fig: go.Figure, crop: FieldBox | None) -> go.Figure:
+    """Show only ``crop`` of every image-like subplot of ``fig`` (``None``: leave it whole)."""
+    if crop is not None:
+        fig.update_xaxes(range=[crop.left - 0.5, crop.right - 0.5])
+        fig.update_yaxes(range=[crop.bottom - 0.5, crop.top - 0.5])
     return fig
 
 

@@ -11,8 +11,12 @@ import numpy as np
 import plotly.graph_objects as go
 
 from explainer.checks import DEPENDS_BELOW, SAME_ABOVE, FlipResult, RandomisationResult
+from explainer.layout import Layout
 from webapp import figures as F
 from webapp.text import html
+
+REMAPPED_KINDS = ("patch_tokens", "class_patch_tokens", "tokens", "channels_last")
+"""Layouts whose neurons (feature, row, column) are not the raw index into the output."""
 
 FOCUS_NOTE = "Opened from the neuron card"
 """The start of the note the Dataset page shows when the card sent the user there."""
@@ -56,12 +60,22 @@ class Shares:
     channels: int
 
 
-def shares(attributions: np.ndarray, totals: np.ndarray, neuron: Sequence[int]) -> Shares:
-    """:class:`Shares` of ``neuron`` from a layer conductance result's arrays."""
+def shares(
+    attributions: np.ndarray,
+    totals: np.ndarray,
+    neuron: Sequence[int],
+    channel: int | None = None,
+) -> Shares:
+    """:class:`Shares` of ``neuron`` from a layer conductance result's arrays.
+
+    ``neuron`` indexes ``attributions``; ``totals`` are the per-channel totals and ``channel``
+    the neuron's channel among them (by default the neuron's first index; a layout whose
+    channels are not the first dimension, e.g. a transformer's features, passes its own).
+    """
     values = np.asarray(attributions, dtype=np.float64)
     per_channel = np.asarray(totals, dtype=np.float64).reshape(-1)
     index = tuple(int(i) for i in neuron)
-    channel = index[0]
+    channel = index[0] if channel is None else int(channel)
     layer = float(per_channel.sum())
     magnitude = float(np.abs(per_channel).sum())
     return Shares(
@@ -244,3 +258,19 @@ THRESHOLDS_TEXT = (
     "in between, part of it survives. A dash means a map is flat (the same value everywhere), "
     "which counts as no resemblance."
 )
+
+
+def channel_units(layout: Layout, channel: int) -> list[tuple[int, ...]]:
+    """The raw indices that zero one channel (feature) of a layer of ``layout``.
+
+    Channels first, a channel is the index prefix ``(channel,)``. Where the channel is not the
+    first raw dimension (a transformer's feature, a channels-last map), it is every position's
+    unit of that feature, the class token included.
+    """
+    if layout.kind not in REMAPPED_KINDS:
+        return [(int(channel),)]
+    rest = layout.view_shape[1:]
+    units = [layout.to_raw((int(channel), *pos)) for pos in np.ndindex(*rest)]
+    if layout.has_class_token:
+        units.append(layout.to_raw((int(channel),)))
+    return units

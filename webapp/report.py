@@ -48,6 +48,12 @@ KINDS = {
     "conductance": "Layer conductance",
     "neuron": "Neuron gradient",
     "convergence": "Convergence",
+    "neuron_card": "Neuron card",
+    "causal_check": "Causal check",
+    "sanity_check": "Sanity check",
+    "overview": "Layer overview",
+    "compare": "Comparison",
+    "dataset": "Dataset",
 }
 
 EXPLANATIONS = {
@@ -68,6 +74,36 @@ EXPLANATIONS = {
         "how far the sum of conductance misses F(image) − F(baseline). The plot shows how the "
         "delta shrinks as the number of steps grows; where a line falls below the dashed "
         "tolerance, that many steps are enough."
+    ),
+    "neuron_card": (
+        "One neuron of the layer in detail: its activation over the image, its input gradient "
+        "(which pixels would raise or lower it), and its neuron conductance (which pixels' "
+        "effect on the target flows through it)."
+    ),
+    "causal_check": (
+        "Conductance says how much flows through a unit; zeroing the unit shows whether the "
+        "model needs it. The neuron, its whole channel and the top channels by conductance are "
+        "set to 0 in turn, and the model's new prediction and target score are recorded."
+    ),
+    "sanity_check": (
+        "The cascading randomisation test: the model's layers are re-initialised from the "
+        "output down, the neuron's conductance map is computed again after each step and "
+        "compared with the original by Spearman rank correlation and SSIM (1 means identical, "
+        "0 unrelated). A map that does not change shows the image rather than the model."
+    ),
+    "overview": (
+        "Every layer of the model in network order: the share of F(image) − F(baseline) that "
+        "the layer's conductance adds up to (about 100% where completeness holds), the relative "
+        "delta, and how much of the layer's conductance its strongest channels hold."
+    ),
+    "compare": (
+        "The same conductance map side by side for several images, layers, targets, "
+        "baselines, or the model against a randomised copy. Panes that explain the same score "
+        "can share one colour scale."
+    ),
+    "dataset": (
+        "The mean conductance of each channel over the images of each class in a dataset run: "
+        "red channels push the class's score up on average, blue ones push it down."
     ),
 }
 
@@ -369,9 +405,17 @@ _FIGURES: dict[str, Callable[[ReportView], list[Drawing]]] = {
 }
 
 
+def _figures_kept(view: ReportView) -> list[Drawing]:
+    """The figures a view was built with (pages whose figures are drawn once, by the page)."""
+    return [
+        (snap.name, snap.title, snap.caption, lambda spec=snap.spec: go.Figure(json.loads(spec)))
+        for snap in view.figures
+    ]
+
+
 def view_figures(view: ReportView) -> list[Drawing]:
     """The view's figures, drawn from its arrays on demand: (name, title, caption, draw)."""
-    return _FIGURES[view.kind](view)
+    return _FIGURES.get(view.kind, _figures_kept)(view)
 
 
 def figure_names(view: ReportView) -> list[tuple[str, str]]:
@@ -396,6 +440,8 @@ def freeze(view: ReportView) -> ReportView:
     """The view with private read-only arrays and its figures drawn as JSON, ready to keep."""
     arrays = {k: readonly(v) for k, v in view.arrays.items() if v is not None}
     thawed = replace(view, arrays=arrays)
+    if view.kind not in _FIGURES:
+        return thawed  # its figures were kept as JSON when it was built
     figures = tuple(
         FigureSnapshot(name, title, caption, export.figure_json(draw()))
         for name, title, caption, draw in view_figures(thawed)
@@ -724,7 +770,7 @@ def _common(ctx: Any, layer: str) -> dict[str, Any]:
     pixels = _quiet(backend.display_image, image, prep)
     return dict(
         created=now(),
-        model=model_card(lm.info),
+        model=model_card(lm.info) + (("Preprocessing", prep.describe()),),
         model_digest=str(lm.sha256),
         image_name=image.name,
         image_digest=image.digest,
@@ -735,10 +781,14 @@ def _common(ctx: Any, layer: str) -> dict[str, Any]:
     )
 
 
-def _names() -> dict[str, dict[str, str]]:
+def setting_names() -> dict[str, dict[str, str]]:
+    """The names of the integration methods and baselines, for :func:`settings_rows`."""
     from webapp import state as S
 
     return {"methods": S.METHOD_NAMES, "baselines": S.BASELINE_NAMES}
+
+
+_names = setting_names
 
 
 def _selected_neuron(shape: tuple[int, ...], ctx: Any, layer: str) -> tuple[int, ...] | None:
@@ -778,7 +828,8 @@ def conductance_view(ctx: Any, result: Any) -> ReportView:
 
     common = _common(ctx, result.layer)
     pixels = common.pop("pixels")
-    settings = S.get(S.SETTINGS)
+    # The steps and rule the shown map was computed with: a first look uses fewer than asked.
+    settings = replace(S.get(S.SETTINGS), method=result.method, n_steps=int(result.n_steps))
     tolerance = float(S.get(S.TOLERANCE))
     attr = np.asarray(result.attributions)
     channel = S.get(S.CHANNEL)
@@ -918,6 +969,66 @@ def convergence_view(
     )
 
 
+def page_view(
+    kind: str,
+    title: str,
+    *,
+    ctx: Any | None,
+    layer: str,
+    arrays: Mapping[str, Any],
+    dims: Mapping[str, Sequence[str]],
+    figures: Sequence[tuple[str, str, str, go.Figure]] = (),
+    target: str = "",
+    settings: Sequence[tuple[str, str]] = (),
+    summary: Sequence[tuple[str, str]] = (),
+    channel: int | None = None,
+    neuron: Sequence[int] | None = None,
+    with_image: bool = True,
+) -> ReportView:
+    """A view of a page that draws its own figures (Neuron card, Layer overview, Compare,
+    Dataset): the figures the page showed are kept as JSON, and the arrays behind them.
+
+    ``figures`` holds ``(name, title, caption, figure)``; ``arrays`` the numbers, with their
+    dimension names in ``dims`` (``None`` values are left out). Without a model and an image
+    in ``ctx`` (the Dataset page reads a stored run) the model and image rows stay empty.
+    """
+    if ctx is not None and getattr(ctx, "lm", None) is not None and ctx.image is not None:
+        common = _common(ctx, layer)
+        pixels = common.pop("pixels")
+        pixels = pixels if with_image else None
+    else:
+        common = dict(
+            created=now(),
+            model=(),
+            model_digest="",
+            image_name="",
+            image_digest="",
+            prediction=(),
+            prediction_is_coverage=False,
+            layer=layer,
+        )
+        pixels = None
+    kept = {k: readonly(v) for k, v in arrays.items() if v is not None}
+    if pixels is not None:
+        kept["image"] = readonly(pixels)
+    return ReportView(
+        kind=kind,
+        title=title,
+        target=target,
+        settings=tuple(settings),
+        summary=tuple(summary),
+        channel=channel,
+        neuron=None if neuron is None else tuple(int(i) for i in neuron),
+        arrays=kept,
+        dims={k: tuple(v) for k, v in dims.items()} | {"image": ("y", "x", "rgb")},
+        figures=tuple(
+            FigureSnapshot(name, fig_title, caption, export.figure_json(fig))
+            for name, fig_title, caption, fig in figures
+        ),
+        **common,
+    )
+
+
 def _png(view: ReportView, name: str) -> bytes:
     return export.figure_png(figure_spec(view, name))
 
@@ -930,12 +1041,54 @@ def _csv(view: ReportView, name: str) -> bytes:
     return export.array_csv(view.arrays[name], view.dims.get(name), name=f"Array {name!r}")
 
 
-def actions_row(key: str, view: ReportView | None) -> None:
+class RenderJob:
+    """One PNG or SVG download, drawn at most once by whichever asks first.
+
+    Two callers want the same file when its button is clicked: the browser's download request
+    (run by the server in a thread of its own) and the page's rerun that the click starts. The
+    download gets the file; the rerun waits for the same drawing and shows a clear message
+    when it failed (the browser alone would show only a generic error under the button).
+    """
+
+    def __init__(self, draw: Callable[[], bytes], fmt: str) -> None:
+        import threading
+
+        self._draw = draw
+        self._lock = threading.Lock()
+        self.fmt = fmt
+        self.done = False
+        self.data: bytes | None = None
+        self.message: str | None = None
+        """What the user reads when the drawing failed (:func:`export.render_failure_message`)."""
+
+    def __call__(self) -> bytes:
+        with self._lock:
+            if not self.done:
+                try:
+                    self.data = self._draw()
+                except Exception as exc:  # noqa: BLE001 - turned into a message for the page
+                    self.message = export.render_failure_message(exc, self.fmt)
+                self.done = True
+        if self.message is not None:
+            raise export.ExportError(self.message)
+        assert self.data is not None
+        return self.data
+
+
+def _render_jobs_key(key: str) -> str:
+    return f"_export_{key}_render_jobs"
+
+
+def actions_row(key: str, view: ReportView | Callable[[], ReportView | None] | None) -> None:
     """A "Download" menu (every figure as PNG/SVG, every array as CSV, all as NPZ) and an
     "Add this view to the report" button, in one row under a page's views.
 
+    ``view`` is the view, or a function that builds it: then it is built only when the user
+    opens the menu or adds the view, so a click elsewhere on the page does not pay for it.
     Downloads are made when clicked (they do not slow the page down). PNG and SVG need
-    Chromium on the server; where it is missing the row says so and offers the rest.
+    Chromium on the server; where it is missing the row says so and offers the rest. A PNG or
+    SVG that fails to draw (Chromium missing or crashing, a timeout) is explained under the
+    row after the click, and nothing else on the page changes.
     """
     import functools
 
@@ -946,54 +1099,91 @@ def actions_row(key: str, view: ReportView | None) -> None:
 
     if view is None:
         return
-    stem = file_stem(f"{view.kind}_{view.layer}_{view.image_name}", view.kind)
-    left, middle, right = st.columns([1.2, 2.2, 3], vertical_alignment="center")
-    with left.popover("Download", icon=":material/download:", width="stretch"):
+    built: list[ReportView | None] = [] if callable(view) else [view]
+
+    def the_view() -> ReportView | None:
+        if not built:
+            ok, made = W.attempt("Preparing the downloads", view)
+            built.append(made if ok else None)
+        return built[0]
+
+    previous: dict[str, RenderJob] = dict(st.session_state.get(_render_jobs_key(key)) or {})
+    jobs: dict[str, RenderJob] = {}
+    clicked: list[str] = []
+    # Wide enough at 1024 px for "Download" and the add button's label (they wrap, not clip).
+    left, middle, right = st.columns([1.6, 2.6, 1.8], vertical_alignment="center")
+    menu = left.popover(
+        "Download",
+        icon=":material/download:",
+        width="stretch",
+        key=f"{key}_downloads",
+        on_change="rerun",  # its files are listed only while it is open
+    )
+    with menu:
         st.markdown("**Figures**")
         chromium = export.chromium_available()
         if not chromium:
             st.caption(INSTALL_HINT_MD)
-        for name, title in figure_names(view):
+        shown = the_view() if menu.open else None
+        if shown is None and menu.open:
+            st.caption("Nothing to download here yet.")
+        stem = (
+            ""
+            if shown is None
+            else file_stem(f"{shown.kind}_{shown.layer}_{shown.image_name}", shown.kind)
+        )
+        for name, title in figure_names(shown) if shown is not None else []:
             a, b, c = st.columns([3, 1, 1], vertical_alignment="center")
             a.caption(esc_md(title))
             for column, fmt, fn, mime in (
                 (b, "png", _png, "image/png"),
                 (c, "svg", _svg, "image/svg+xml"),
             ):
-                column.download_button(
+                job_id = f"{name}_{fmt}"
+                jobs[job_id] = RenderJob(functools.partial(fn, shown, name), fmt)
+                file_name = f"{stem}_{name}.{fmt}"
+                if column.download_button(
                     fmt.upper(),
-                    data=functools.partial(fn, view, name),
-                    file_name=f"{stem}_{name}.{fmt}",
+                    data=jobs[job_id],
+                    file_name=file_name,
                     mime=mime,
                     key=f"{key}_dl_{name}_{fmt}",
+                    help=f"Save {file_name}",
                     disabled=not chromium,
-                    on_click="ignore",
+                    on_click="rerun",  # the rerun shows what went wrong, if anything does
                     width="stretch",
-                )
-        st.markdown("**Arrays**")
-        for name, array in view.arrays.items():
+                ):
+                    clicked.append(job_id)
+        if shown is not None:
+            st.markdown("**Arrays**")
+        for name, array in shown.arrays.items() if shown is not None else []:
             a, b = st.columns([4, 1], vertical_alignment="center")
             shape = " × ".join(str(s) for s in np.shape(array))
             a.caption(f"{esc_md(name)} · {shape}")
             b.download_button(
                 "CSV",
-                data=functools.partial(_csv, view, name),
+                data=functools.partial(_csv, shown, name),
                 file_name=f"{stem}_{name}.csv",
                 mime="text/csv",
                 key=f"{key}_dl_{name}_csv",
+                help=f"Save {stem}_{name}.csv",
                 on_click="ignore",
                 width="stretch",
             )
-        st.download_button(
-            "All arrays (NPZ)",
-            data=functools.partial(export.arrays_npz, view.arrays),
-            file_name=f"{stem}.npz",
-            mime="application/octet-stream",
-            key=f"{key}_dl_npz",
-            on_click="ignore",
-            icon=":material/folder_zip:",
-            width="stretch",
-        )
+        if shown is not None:
+            st.download_button(
+                "All arrays (NPZ)",
+                data=functools.partial(export.arrays_npz, shown.arrays),
+                file_name=f"{stem}.npz",
+                mime="application/octet-stream",
+                key=f"{key}_dl_npz",
+                help=f"Save {stem}.npz",
+                on_click="ignore",
+                icon=":material/folder_zip:",
+                width="stretch",
+            )
+    if menu.open:  # a closed menu keeps the drawings of its last PNG/SVG clicks
+        st.session_state[_render_jobs_key(key)] = jobs
     with middle:
         added = st.button(
             "Add this view to the report",
@@ -1003,8 +1193,9 @@ def actions_row(key: str, view: ReportView | None) -> None:
             "the review report. Build the report on the Report page.",
         )
     current = list(S.get(S.REPORT_VIEWS) or [])
-    if added:
-        ok, grown = W.attempt("Adding the view to the report", add_view, current, view)
+    snapshot = the_view() if added else None
+    if snapshot is not None:
+        ok, grown = W.attempt("Adding the view to the report", add_view, current, snapshot)
         if ok and grown is not None:
             st.session_state[S.REPORT_VIEWS] = grown
             current = grown
@@ -1016,6 +1207,25 @@ def actions_row(key: str, view: ReportView | None) -> None:
                 label=f"Report: {len(current)} view{'s' if len(current) != 1 else ''} collected",
                 icon=":material/description:",
             )
+    # A click on PNG or SVG reruns the page: wait for that file's drawing (done once, shared
+    # with the download) and say plainly when it failed.
+    for job_id in clicked:
+        job = previous.get(job_id)
+        if job is not None and not job.done:
+            with st.spinner(f"Drawing the {job.fmt.upper()} file…"):
+                try:
+                    job()
+                except export.ExportError:
+                    pass  # its message is shown below
+    for job_id, job in previous.items():
+        if job.done and job.message is not None:
+            st.error(esc_md(job.message), icon=":material/broken_image:")
+            # Said once: a closed menu keeps its jobs, and the message would stay forever.
+            kept = st.session_state.get(_render_jobs_key(key)) or {}
+            if kept.get(job_id) is job:
+                st.session_state[_render_jobs_key(key)] = {
+                    k: v for k, v in kept.items() if k != job_id
+                }
 
 
 INSTALL_HINT_MD = (

@@ -78,6 +78,20 @@ COMPARE = "compare_spec"
 """The :class:`webapp.compare.CompareSpec` of the Compare page (mode and what each pane shows)."""
 COMPARE_SELECTION = "compare_selection"
 """``(layer, neuron)`` selected on the Compare page, shared by every pane, or ``None``."""
+GRADIENT_RANGE = "gradient_range"
+"""How neuron-gradient maps are coloured: ``"robust"`` (colours saturate at a high percentile
+of |gradient|) or ``"full"`` (up to the largest value)."""
+GRADIENT_ZOOM = "gradient_zoom"
+"""``bool``: neuron-gradient maps are cropped to where the gradient is non-negligible."""
+ARCH_OFFER = "arch_offer"
+"""``(file digest, architectures)``: the architectures offered for a weights-only file that did
+not load as it was (several fit it, or not the one picked), or ``None``."""
+ARCH_PICK = "arch_pick"
+"""The architecture the user picked from :data:`ARCH_OFFER`, to load with on this run, or
+``None``."""
+REFINEMENT = "refinement"
+"""The :class:`webapp.refine.Refinement` of the map the conductance page refines in the
+background (a job handle and what it computes), or ``None``."""
 
 METHODS: tuple[str, ...] = (
     "gausslegendre",
@@ -110,6 +124,13 @@ PREP_PRESETS: dict[str, str] = {
     "none": "None (pixels in [0, 1])",
     "custom": "Custom mean / std",
 }
+
+FIT_NAMES: dict[str, str] = {
+    "crop": "Crop the centre",
+    "pad": "Pad to a square",
+    "resize": "Stretch",
+}
+"""How a non-square picture is fitted to the model's input (:data:`explainer.images.FIT_MODES`)."""
 
 
 # --- value types --------------------------------------------------------------------------------
@@ -181,12 +202,14 @@ class ImageEntry:
 class PrepSpec:
     """The preprocessing preset, resolved against a model by :func:`webapp.backend.preprocessing`.
 
-    ``mean`` and ``std`` are only used by the ``"custom"`` preset.
+    ``mean`` and ``std`` are only used by the ``"custom"`` preset. ``fit`` is how a picture whose
+    shape is not the model's input is fitted to it (:data:`FIT_NAMES`).
     """
 
     preset: str = "model"
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    fit: str = "crop"
 
 
 @dataclass(frozen=True)
@@ -278,6 +301,8 @@ DEFAULTS: dict[str, Any] = {
     PRESENTATION: False,
     TOUR_STEP: None,
     TOUR_FACTS: None,
+    GRADIENT_RANGE: "robust",
+    GRADIENT_ZOOM: False,
 }
 
 

@@ -12,7 +12,8 @@ arch        architecture picked for a weights-only file; ``classes``: number of 
 labels      digest prefix of the uploaded class-names file
 images      the session's images in order, comma-separated digest prefixes (``none``: no image;
             absent: the sample images); ``image``: the one explained, when not the first
-prep        preprocessing preset; ``mean`` and ``std`` for the custom one
+prep        preprocessing preset; ``mean`` and ``std`` for the custom one; ``fit``: how a
+            non-square picture is fitted (``pad`` or ``resize``; absent: ``crop``)
 layer       the chosen layer's name; ``layout`` the layout the user chose for it, if any
 target      class explained (absent: the predicted class); ``position``: output position of a
             per-position model, ``_`` for automatic
@@ -86,6 +87,7 @@ PARAMS = (
     "prep",
     "mean",
     "std",
+    "fit",
     "baseline",
     "constant",
     "sigma",
@@ -175,6 +177,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "prep": (_choice(tuple(S.PREP_PRESETS)), ", ".join(S.PREP_PRESETS)),
     "mean": (lambda t: _floats(t, -1e6, 1e6), "one to four numbers, like 0.485,0.456,0.406"),
     "std": (lambda t: _floats(t, 1e-9, 1e6), "one to four positive numbers"),
+    "fit": (_choice(tuple(S.FIT_NAMES)), ", ".join(S.FIT_NAMES)),
     "layer": (_layer, "a layer name"),
     "layout": (_choice(LAYOUTS), ", ".join(LAYOUTS)),
     "target": (lambda t: _int(t, 0, max_classes() - 1), "a class number"),
@@ -308,6 +311,8 @@ def view_params() -> dict[str, str]:
         if prep.preset == "custom":
             out["mean"] = ",".join(_number(v) for v in prep.mean)
             out["std"] = ",".join(_number(v) for v in prep.std)
+    if prep.fit != "crop":
+        out["fit"] = prep.fit
     if settings.baseline != _DEFAULT.baseline:
         out["baseline"] = settings.baseline
     if settings.constant != _DEFAULT.constant:
@@ -432,6 +437,9 @@ def _restore_settings(values: dict[str, Any]) -> None:
             _note("The link's custom mean and std have different lengths; they were left out.")
             mean, std = spec.mean, spec.std
         st.session_state[S.PREP] = S.PrepSpec(preset, tuple(mean), tuple(std))
+    fit = values.get("fit")
+    if fit is not None:
+        st.session_state[S.PREP] = replace(S.get(S.PREP), fit=fit)
 
 
 def _restore_images(values: dict[str, Any], store: persist.UploadStore | None) -> None:

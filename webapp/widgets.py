@@ -24,7 +24,7 @@ from explainer.demo import sample_image_paths
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
 from explainer.limits import max_steps, max_upload_bytes
-from webapp import backend, presentation, tour, urlstate
+from webapp import backend, presentation, style, tour, urlstate
 from webapp import glossary as G
 from webapp import state as S
 from webapp.text import md
@@ -246,6 +246,7 @@ def setup() -> Context:
     """Initialise state, load the model and images, draw the sidebar; call once at a page's top."""
     page_config()
     S.init_defaults()
+    style.apply()
     presentation.apply()
     urlstate.restore_once()  # a link's view, on the session's first run
     if S.IMAGES not in st.session_state:
@@ -496,12 +497,12 @@ def view_actions(key: str, make_view: Callable[[], Any]) -> None:
 
     ``make_view`` returns the page's :class:`webapp.report.ReportView` (or ``None`` when there
     is nothing to keep); a failure to build it is shown and costs nothing else on the page.
+    It is called only when the user opens the download menu or adds the view, never on the
+    reruns of other clicks (a snapshot of a page is not free to build).
     """
     from webapp import report  # report builds on this module
 
-    ok, view = attempt("Preparing the downloads", make_view)
-    if ok and view is not None:
-        report.actions_row(key, view)
+    report.actions_row(key, make_view)
 
 
 # --- attribution settings (shared by the conductance and convergence pages) ---------------------

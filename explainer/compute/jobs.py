@@ -185,9 +185,18 @@ class Executor(Protocol):
     """Runs jobs on models; see :class:`explainer.compute.local.LocalExecutor`."""
 
     def submit(
-        self, model: ModelSource, op: str, args: Mapping[str, Any] | None = None
+        self,
+        model: ModelSource,
+        op: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        background: bool = False,
     ) -> JobHandle:
-        """Queue ``op(args)`` on ``model`` and return its handle at once."""
+        """Queue ``op(args)`` on ``model`` and return its handle at once.
+
+        A ``background`` job (a long refinement nobody waits for) must not hold up the
+        interactive ones on the same model: executors run it apart from them where they can.
+        """
         ...
 
     def shutdown(self) -> None:

@@ -57,6 +57,9 @@ that its limits (memory, CPU) apply to the workers on top of their own."""
 CANCEL_GRACE_S = 1.0
 """How long a cancelled job may take to stop on its own before its worker is killed."""
 
+BACKGROUND_SUFFIX = "+background"
+"""Appended to a model's key for the worker that runs its background jobs."""
+
 _POLL_S = 0.05
 _MAX_QUEUED = 256  # replies waiting for the dispatcher; the reader waits beyond that
 _RSS_EVERY_S = 0.1
@@ -89,6 +92,8 @@ class WorkerStatus:
     restarts: int
     peak_rss_bytes: int
     network_isolated: bool
+    background: bool = False
+    """Whether it runs the model's background jobs (see :meth:`LocalExecutor.submit`)."""
 
 
 @dataclass
@@ -210,10 +215,14 @@ def _what(op: str) -> str:
 class _Slot:
     """One model's worker process, its queue of jobs and the thread that feeds it."""
 
-    def __init__(self, owner: LocalExecutor, source: ModelSource) -> None:
+    def __init__(self, owner: LocalExecutor, source: ModelSource, background: bool = False) -> None:
         self.owner = owner
         self.source = source
         self.key = source.key
+        self.background = background
+        # How many interactive jobs of the same model hold this (background) worker paused.
+        self.paused = 0
+        self.pause_lock = threading.Lock()
         self.cond = threading.Condition()
         self.queue: collections.deque[_Job] = collections.deque()
         self.closed = False
@@ -278,6 +287,7 @@ class _Slot:
                 restarts=self.restarts,
                 peak_rss_bytes=self.peak_rss,
                 network_isolated=self.isolated,
+                background=self.background,
             )
 
     # --- the dispatcher thread ----------------------------------------------------------------
@@ -313,6 +323,11 @@ class _Slot:
                 return
             job.tries += 1
             self.job_peak = 0
+            # An interactive job has the CPU to itself: the model's background worker (a long
+            # refinement) is paused while it runs, and resumed after.
+            sibling = None if self.background else self.owner._background_slot(self.key)
+            if sibling is not None:
+                sibling.pause()
             try:
                 self._ensure_worker(job, deadline)
                 if handle.op == "info":
@@ -336,6 +351,9 @@ class _Slot:
                     continue
                 handle.set_exception(stop.error)
                 return
+            finally:
+                if sibling is not None:
+                    sibling.resume()
             if reply["kind"] == "result":
                 value = reply.get("value")
                 if not result_fits(handle.op, value):
@@ -532,6 +550,29 @@ class _Slot:
                 raise _Stopped(errors.WorkerLimitError(_time_message(job.timeout_s, op), "time"))
             select.select([], [fd], [], _POLL_S)
 
+    def pause(self) -> None:
+        """Stop this worker's process (SIGSTOP) until :meth:`resume`; calls nest."""
+        with self.pause_lock:
+            self.paused += 1
+            if self.paused == 1:
+                self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        with self.pause_lock:
+            self.paused = max(0, self.paused - 1)
+            if self.paused == 0:
+                self._signal(signal.SIGCONT)
+
+    def _signal(self, signum: int) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        for pid in (proc.pid, *_descendants(proc.pid)):
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+
     def _kill(self) -> None:
         proc = self.proc
         if proc is not None and proc.poll() is None:
@@ -607,6 +648,8 @@ class _Slot:
                 if cancel_sent is None:
                     cancel_sent = now
                     self._send({"kind": "cancel", "id": job_id}, job, now + CANCEL_GRACE_S)
+                elif self.paused:
+                    cancel_sent = now  # a paused worker cannot stop yet: its grace waits
                 elif now - cancel_sent > CANCEL_GRACE_S:
                     self._kill()
                     raise _Stopped(errors.JobCancelled("The request was cancelled."))
@@ -698,22 +741,33 @@ class LocalExecutor:
         return max(1, self._max_workers or limits.max_workers())
 
     def submit(
-        self, model: ModelSource, op: str, args: Mapping[str, Any] | None = None
+        self,
+        model: ModelSource,
+        op: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        background: bool = False,
     ) -> JobHandle:
-        """Queue ``op`` on ``model``'s worker (started on demand); return the job's handle."""
+        """Queue ``op`` on ``model``'s worker (started on demand); return the job's handle.
+
+        A ``background`` job runs on a second worker of the same model, so that a long
+        refinement never makes a click wait behind it; that worker counts towards
+        ``EXPLAINER_MAX_WORKERS`` like any other.
+        """
         handle = JobHandle(op)
         job = _Job(handle, dict(args or {}), self.timeout_s())
         evicted: list[_Slot] = []
+        key = model.key + BACKGROUND_SUFFIX if background else model.key
         with self._lock:
             if self._closed:
                 handle.set_cancelled("The server is shutting down.")
                 return handle
-            slot = self._slots.get(model.key)
+            slot = self._slots.get(key)
             if slot is None or slot.closed:
                 evicted = self._make_room()
-                slot = _Slot(self, model)
-                self._slots[model.key] = slot
-            self._slots.move_to_end(model.key)
+                slot = _Slot(self, model, background)
+                self._slots[key] = slot
+            self._slots.move_to_end(key)
         for old in evicted:  # outside the lock: stopping a worker can take a moment
             old.close(
                 "The model's worker was stopped to make room for another model (this server "
@@ -724,6 +778,14 @@ class LocalExecutor:
         else:
             slot.enqueue(job)
         return handle
+
+    def _background_slot(self, key: str) -> _Slot | None:
+        """The background worker of the model whose key is ``key``, when it runs a job."""
+        with self._lock:
+            slot = self._slots.get(key + BACKGROUND_SUFFIX)
+        if slot is None or slot.closed or slot.running is None:
+            return None
+        return slot
 
     def _make_room(self) -> list[_Slot]:
         """Drop closed slots and take out the least recently used ones beyond the limit (the

@@ -305,9 +305,18 @@ class RayExecutor:
 
     # --- the job interface
     def submit(
-        self, model: ModelSource, op: str, args: Mapping[str, Any] | None = None
+        self,
+        model: ModelSource,
+        op: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        background: bool = False,
     ) -> JobHandle:
-        """Queue ``op`` on ``model``'s actors (started on demand); return the job's handle."""
+        """Queue ``op`` on ``model``'s actors (started on demand); return the job's handle.
+
+        ``background`` jobs share the model's actors: with more than one actor per model a
+        refinement and a click run side by side anyway.
+        """
         handle = JobHandle(op)
         job = _Job(handle, dict(args or {}))
         with self._lock:

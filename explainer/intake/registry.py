@@ -51,6 +51,7 @@ __all__ = [
     "identify",
     "list_architectures",
     "model_from_state_dict",
+    "offered_architectures",
     "preprocessing",
     "segmentation_size_note",
 ]
@@ -553,6 +554,10 @@ def _fitting_architectures(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     return sorted(fits, key=order.__getitem__)
 
 
+# Opens the list of fitting architectures at the end of a load failure's message.
+_FIT_HINT = " Architectures whose layers match this file: "
+
+
 def _fit_hint(fits: Sequence[str]) -> str:
     if not fits:
         return (
@@ -560,7 +565,21 @@ def _fit_hint(fits: Sequence[str]) -> str:
             "design, export it with torch.export and upload the .pt2 file."
         )
     shown = ", ".join(fits[:8]) + (f" and {len(fits) - 8} more" if len(fits) > 8 else "")
-    return f" Architectures whose layers match this file: {shown}."
+    return f"{_FIT_HINT}{shown}."
+
+
+def offered_architectures(message: str) -> list[str]:
+    """The architectures a load failure's message names as fitting the file, in its order.
+
+    The message may come from a worker process: only names of :func:`list_architectures` count,
+    and only those of the hint at its end (a file name earlier in the text cannot add any).
+    """
+    _, found, tail = message.rpartition(_FIT_HINT.strip())
+    if not found:
+        return []
+    known = set(list_architectures())
+    names = [n.strip() for n in tail.split(" and ", 1)[0].rstrip(". ").split(",")]
+    return list(dict.fromkeys(n for n in names if n in known))
 
 
 def _examples(keys: Sequence[str], n: int = 3) -> str:

@@ -170,8 +170,9 @@ def pixel_model_bytes() -> bytes:
 
 
 def count_jobs(monkeypatch, op: str) -> list[dict]:
-    """Record the arguments of every ``op`` job ``webapp.backend`` sends to a model's worker
-    (what was computed, as opposed to served from the cache)."""
+    """Record the arguments of every ``op`` job ``webapp.backend`` sends to a model's worker,
+    waited for or in the background (what was computed, as opposed to served from the
+    cache)."""
     from webapp import backend
 
     calls: list[dict] = []
@@ -182,7 +183,14 @@ def count_jobs(monkeypatch, op: str) -> list[dict]:
             calls.append(dict(args or {}))
         return real(lm, name, args, progress)
 
+    def counting_background(lm, name, args=None):
+        if name == op:
+            calls.append(dict(args or {}))
+        return real_submit(lm, name, args)
+
+    real_submit = backend.submit
     monkeypatch.setattr(backend, "run", counting)
+    monkeypatch.setattr(backend, "submit", counting_background)
     return calls
 
 

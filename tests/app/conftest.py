@@ -21,6 +21,9 @@ from apphelpers import APP, TIMEOUT  # noqa: E402
 _UPLOADS = tempfile.mkdtemp(prefix="explainer-test-uploads-")
 os.environ["EXPLAINER_UPLOAD_DIR"] = _UPLOADS
 atexit.register(shutil.rmtree, _UPLOADS, ignore_errors=True)
+# Pages wait for the asked-for conductance map, never showing a first look, unless a test asks
+# for one (tests/app/test_first_look.py): the other suites check the values of the full map.
+os.environ["EXPLAINER_FIRST_LOOK_AFTER_S"] = "300"
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 

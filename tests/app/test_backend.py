@@ -204,7 +204,11 @@ def test_soak_of_hundreds_of_requests_keeps_memory_bounded(demo, monkeypatch):
         return int(line.split()[1]) / 1024
 
     def worker_pid() -> int:
-        return next(w.pid for w in backend.executor().workers() if w.model_key == lm.source.key)
+        return next(
+            w.pid
+            for w in backend.executor().workers()
+            if w.model_key == lm.source.key and not w.background
+        )
 
     lm, prep, _ = demo
     cache = ContentCache(max_bytes=16 * 2**20, max_entries=64)

@@ -10,8 +10,18 @@ from apphelpers import (
     error_text,
     open_page,
     plotly_specs,
+    values,
     visible,
     widget,
+)
+from downloadhelpers import (
+    capture,
+    csv_array,
+    download_helps,
+    download_keys,
+    npz_arrays,
+    open_menu,
+    row_files,
 )
 from test_literal_text import assert_literal, hostile_app  # noqa: F401 - a fixture
 
@@ -202,3 +212,27 @@ def test_hostile_class_names_stay_literal_on_both_pages(hostile_app):  # noqa: F
     open_page(app, PAGE_OVERVIEW)
     assert not app.error, error_text(app)
     assert_literal(app, labels)
+
+
+def test_each_panes_map_downloads_as_drawn(app, monkeypatch):
+    offered = capture(monkeypatch)
+    app.session_state[S.SETTINGS] = S.AttributionSettings(target=2)
+    open_page(app, PAGE_COMPARE)
+    open_menu(app, "cmp")
+    assert not app.error, error_text(app)
+    panes = _panes(app)
+    assert len(panes) == 2
+    files = row_files(offered, "compare_")
+    (npz,) = [name for name in files if name.endswith(".npz")]
+    stem = npz[: -len(".npz")]
+    for i in (1, 2):
+        assert {f"{stem}_pane{i}_map.png", f"{stem}_pane{i}_map.svg"} <= set(files)
+        assert f"cmp_dl_pane{i}_map_csv" in download_keys(app)
+        # The CSV holds the map the pane draws, cell for cell.
+        drawn = np.asarray(values(panes[f"cmp_map{i - 1}"]["data"][0]["z"]), dtype=np.float64)
+        np.testing.assert_allclose(csv_array(files, f"{stem}_pane{i}_map.csv"), drawn, rtol=1e-6)
+    arrays = npz_arrays(files, npz)
+    assert {"pane1_map", "pane2_map", "pane1_channel_totals", "pane2_channel_totals"} <= set(arrays)
+    # Both panes explain class 2: one shared scale, and different images give different maps.
+    assert not np.allclose(arrays["pane1_map"], arrays["pane2_map"])
+    assert f"Save {stem}_pane1_map.png" in download_helps(app)

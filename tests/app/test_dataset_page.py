@@ -19,6 +19,7 @@ from apphelpers import (
     visible,
     widget,
 )
+from downloadhelpers import capture, csv_array, download_keys, npz_arrays, open_menu, row_files
 from PIL import Image
 
 from explainer.batch.runner import BatchSettings, run_batch
@@ -330,3 +331,38 @@ def test_a_tampered_store_gives_a_plain_message(on_store, runs, tmp_path, change
     assert expected in message, message
     assert str(tmp_path) not in message
     assert "ds_heatmap" not in plotly_specs(at)
+
+
+def test_the_heatmap_and_the_table_download_as_shown(app, runs, monkeypatch):
+    offered = capture(monkeypatch)
+    monkeypatch.setenv("EXPLAINER_DATASET_DIR", str(runs))
+    open_page(app, PAGE_DATASET)
+    open_menu(app, "ds")
+    assert not app.error, error_text(app)
+    files = row_files(offered, "dataset_block3")
+    (npz,) = [name for name in files if name.endswith(".npz")]
+    stem = npz[: -len(".npz")]
+    assert {
+        f"{stem}_class_channel_heatmap.png",
+        f"{stem}_class_channel_heatmap.svg",
+        f"{stem}_heatmap.csv",
+        f"{stem}_mean_conductance.csv",
+        f"{stem}_top_mean_conductance.csv",
+    } <= set(files)
+    assert {"ds_dl_class_channel_heatmap_png", "ds_dl_heatmap_csv", "ds_dl_npz"} <= (
+        download_keys(app)
+    )
+    z = np.asarray(values(plotly_specs(app)["ds_heatmap"]["data"][0]["z"]), dtype=np.float64)
+    np.testing.assert_allclose(csv_array(files, f"{stem}_heatmap.csv"), z, rtol=1e-12)
+    arrays = npz_arrays(files, npz)
+    table = frame(app, "mean conductance")
+    np.testing.assert_allclose(arrays["top_mean_conductance"], table["mean conductance"])
+    np.testing.assert_array_equal(arrays["top_channel"], table["channel"])
+    names = [DEMO_LABELS[c] for c in arrays["top_class"]]
+    assert names == list(table["class"])
+    # The heatmap is every class's row of the full matrix, at the drawn channels.
+    rows = [list(arrays["classes"]).index(c) for c in arrays["heatmap_classes"]]
+    np.testing.assert_allclose(
+        arrays["mean_conductance"][rows][:, arrays["heatmap_channels"]], arrays["heatmap"]
+    )
+    assert "image" not in arrays  # the session's image is not the store's

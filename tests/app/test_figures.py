@@ -221,3 +221,85 @@ def test_class_and_title_text_is_escaped_for_plotly():
     assert all("<b>" not in t.hovertemplate for t in fig.data)
     fig = F.convergence_plot([("<i>m</i>", 4, 0.1)], method_names={})
     assert fig.data[0].name == "&lt;i&gt;m&lt;/i&gt;" and "<i>" not in fig.data[0].hovertemplate
+
+
+# --- robust colour range and receptive-field zoom of gradient maps ------------------------------
+def test_robust_limit_is_the_percentile_of_the_non_zero_magnitudes():
+    rng = np.random.default_rng(0)
+    grad = np.zeros((224, 224))
+    grad[90:130, 80:120] = rng.standard_cauchy((40, 40))  # heavy tails: a few huge pixels
+    magnitudes = np.abs(grad[grad != 0])
+    assert F.robust_limit(grad) == pytest.approx(np.percentile(magnitudes, 99.5), rel=1e-12)
+    assert F.robust_limit(grad, 99.0) == pytest.approx(np.percentile(magnitudes, 99), rel=1e-12)
+    assert F.robust_limit(grad) < F.symmetric_limit(grad)  # the outliers do not set the scale
+    # The zeros around a small field do not pull the limit down; NaNs are ignored.
+    grad[0, 0] = np.nan
+    assert F.robust_limit(grad) == pytest.approx(np.percentile(magnitudes, 99.5), rel=1e-12)
+    assert F.robust_limit(np.zeros((4, 4))) == 1.0
+    assert F.robust_limit([np.nan, 0.0]) == 1.0
+
+
+def test_receptive_field_box_finds_a_known_support():
+    grad = np.full((224, 224), 1e-6)  # everywhere, far below 1% of the limit
+    grad[100:131, 50:71] = 2.0  # the support: 31 rows x 21 columns
+    box = F.receptive_field_box(grad, limit=2.0)
+    assert (box.support_height, box.support_width) == (31, 21)
+    pad = 4  # 10% of the longer side, rounded up
+    assert box.height == box.width == 31 + 2 * pad  # square, around the longer side
+    assert (box.top, box.bottom) == (100 - pad, 131 + pad)
+    assert box.left <= 50 and box.right >= 71 and (box.left + box.right) // 2 == 60
+    assert not box.whole_image
+    # A pixel at 1% of the limit counts, one just below does not.
+    grad[10, 60] = 0.02
+    grad[200, 60] = 0.0199
+    box = F.receptive_field_box(grad, limit=2.0)
+    assert box.support_height == 131 - 10 and box.top < 10 and box.bottom < 200
+
+
+def test_receptive_field_box_stays_inside_the_image():
+    corner = np.zeros((224, 224))
+    corner[0:3, 220:224] = -5.0  # signed values count by magnitude
+    box = F.receptive_field_box(corner, limit=5.0)
+    assert (box.top, box.bottom, box.left, box.right) == (0, 16, 208, 224)  # at least 16 px
+    wide = np.ones((32, 48))
+    box = F.receptive_field_box(wide, limit=1.0)
+    assert (box.top, box.bottom, box.left, box.right) == (0, 32, 0, 48) and box.whole_image
+    assert F.receptive_field_box(np.zeros((8, 8)), limit=1.0) is None
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        F.receptive_field_box(np.zeros((3, 8, 8)), limit=1.0)
+
+
+def test_gradient_panel_saturates_honestly_and_zooms():
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    grad = np.zeros((64, 64))
+    grad[20:30, 30:40] = np.linspace(-1.0, 1.0, 100).reshape(10, 10)
+    grad[25, 35] = 50.0  # one outlier
+    limit = F.robust_limit(grad)
+    box = F.receptive_field_box(grad, limit)
+    fig = F.gradient_panel(image, grad, signed=True, limit=limit, crop=box)
+    heat = next(t for t in fig.data if t.type == "heatmap")
+    assert heat.zmax == pytest.approx(limit) and heat.zmin == pytest.approx(-limit)
+    np.testing.assert_allclose(np.asarray(heat.z), grad, rtol=1e-6)  # values are not clipped
+    bar = heat.colorbar
+    assert bar.orientation == "h" and list(bar.tickvals) == pytest.approx([-limit, 0, limit])
+    assert bar.ticktext[-1] == "\u2265 " + F.value_text(limit)  # the clipped end is marked
+    assert bar.ticktext[0] == F.value_text(-limit)  # nothing below -limit: not marked
+    assert list(fig.layout.xaxis.range) == [box.left - 0.5, box.right - 0.5]
+    assert list(fig.layout.yaxis.range) == [box.bottom - 0.5, box.top - 0.5]
+    # Full range: nothing saturates, so no end is marked; no crop shows the whole image.
+    fig = F.gradient_panel(image, grad, signed=False, limit=F.symmetric_limit(grad))
+    bar = next(t for t in fig.data if t.type == "heatmap").colorbar
+    assert not any("\u2265" in t or "\u2264" in t for t in bar.ticktext)
+    assert list(fig.layout.xaxis.range) == [-0.5, 63.5]
+
+
+def test_panels_with_bottom_colour_bars_reserve_the_same_space():
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    a = F.bottom_colorbar(
+        F.spatial_map(np.ones((4, 4)), channel=0, height=300), "activation", signed=True
+    )
+    b = F.gradient_panel(image, np.ones((32, 32)), signed=True, limit=0.5, height=300)
+    for fig in (a, b):
+        bar = next(t for t in fig.data if t.type == "heatmap").colorbar
+        assert (bar.orientation, bar.len, bar.thickness, bar.tickangle) == ("h", 0.8, 10, 0)
+        assert fig.layout.height == 300 and fig.layout.margin.r == fig.layout.margin.l == 8

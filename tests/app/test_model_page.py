@@ -345,3 +345,47 @@ def test_user_images_then_own_model_set_the_samples_aside_at_once(app):
     assert any(e.source == "sample" for e in app.session_state["images"])  # the demo keeps them
     upload_model(app, resnet18_state_dict_bytes(), "resnet18_weights.pt", "resnet18")
     assert [e.name for e in app.session_state["images"]] == ["mine.png"]
+
+
+def test_several_fitting_architectures_are_offered_as_buttons(app, monkeypatch):
+    from explainer.intake import load_model, registry
+    from webapp import backend
+
+    # No two torchvision architectures share every tensor. Here the intake finds two for the
+    # file (the refusal is computed in this process, with the registry patched); any load with
+    # an architecture picked goes to the real worker.
+    monkeypatch.setattr(registry, "_fitting_architectures", lambda shapes: ["resnet18", "resnet34"])
+    real = backend.resolve_model
+
+    def resolve(ref, labels=None):
+        if ref.kind == "upload" and ref.arch is None:
+            load_model(ref.data, filename=ref.filename)
+            raise AssertionError("the patched registry should have refused the file")
+        return real(ref, labels)
+
+    monkeypatch.setattr(backend, "resolve_model", resolve)
+    widget(app, "file_uploader", "_w_image_files").set_value(
+        [("mine.png", png_bytes((10, 200, 30)), "image/png")]
+    )
+    app.run()
+    mine = [e.digest for e in app.session_state["images"] if e.name == "mine.png"]
+    upload_model(app, resnet18_state_dict_bytes(), "weights.pt", "")  # "Detect from the file"
+    assert "pick the architecture it was trained with" in error_text(app)
+    assert app.session_state["model_ref"].kind == "builtin"
+    offers = [b for b in app.button if b.label.startswith("Use ")]
+    assert [b.label for b in offers] == ["Use resnet18", "Use resnet34"]
+    # The offer stays on the next runs (the error message itself is shown once).
+    app.run()
+    assert [b.label for b in app.button if b.label.startswith("Use ")] == [b.label for b in offers]
+
+    next(b for b in app.button if b.label == "Use resnet18").click()
+    app.run()
+    assert not app.exception and not app.error, error_text(app)
+    ref = app.session_state["model_ref"]
+    assert (ref.kind, ref.arch, ref.filename) == ("upload", "resnet18", "weights.pt")
+    assert widget(app, "selectbox", "_w_arch").value == "resnet18"
+    page = visible(" ".join(str(m.value) for m in [*app.markdown, *app.success]))
+    assert "weights.pt" in page and "resnet18" in page
+    # The user's image stays (the demo's samples are set aside, as with any model of one's own).
+    assert [e.digest for e in app.session_state["images"]] == mine
+    assert not [b for b in app.button if b.label.startswith("Use ")]  # the offer is gone

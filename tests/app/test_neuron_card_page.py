@@ -10,15 +10,19 @@ from apphelpers import (
     error_text,
     open_page,
     plotly_specs,
+    upload_model,
     values,
     visible,
     widget,
 )
+from downloadhelpers import capture, csv_array, download_keys, npz_arrays, open_menu, row_files
+from test_layouts_in_app import VIT_LAYER, model_bytes, raw_output
 
 from explainer import checks
 from explainer.errors import ExplainerError, JobCancelled
 from webapp import backend
 from webapp import dataset as D
+from webapp import neuron_card as N
 from webapp import state as S
 
 
@@ -62,7 +66,7 @@ def test_default_neuron_shows_its_maps_shares_and_causal_check(app):
     table = frame(app, "zeroed")
     assert table["zeroed"].tolist() == [
         "nothing (the model as it is)",
-        "this neuron",
+        f"this neuron (channel {neuron[0]} at row {neuron[1]}, column {neuron[2]})",
         f"its whole channel {neuron[0]}",
         "the top 3 channels",
     ]
@@ -130,7 +134,10 @@ def test_a_linear_layer_has_units_and_no_channel_row(app):
     open_page(app, PAGE_NEURON_CARD)
     assert not app.error
     assert "card_strip" in plotly_specs(app)
-    assert frame(app, "zeroed")["zeroed"].tolist()[1:] == ["this neuron", "the top 3 channels"]
+    assert frame(app, "zeroed")["zeroed"].tolist()[1:] == [
+        "this neuron (feature 2)",
+        "the top 3 features",
+    ]
 
 
 def test_the_sanity_check_runs_on_request_and_gives_a_verdict(app, monkeypatch):
@@ -298,3 +305,165 @@ def test_the_dataset_page_opens_on_the_cards_channel(app, monkeypatch, store_fol
         assert app.session_state[D.NEURON] == ("block3", 5)
     else:
         assert "no results for layer **block2**" in note and "--layers block2" in note
+
+
+# --- downloads ----------------------------------------------------------------------------------
+def _stem(files: dict) -> str:
+    (npz,) = [name for name in files if name.endswith(".npz")]
+    return npz[: -len(".npz")]
+
+
+def test_the_maps_the_causal_check_and_the_sanity_check_download_as_shown(app, monkeypatch):
+    offered = capture(monkeypatch)
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (38, 4, 6)
+    open_page(app, PAGE_NEURON_CARD)
+    open_menu(app, "card")
+    open_menu(app, "card_causal")
+    assert not app.error, error_text(app)
+    specs = plotly_specs(app)
+
+    maps = row_files(offered, "neuron_card_block3_")
+    stem = _stem(maps)
+    for name in ("activation_map", "neuron_gradient", "neuron_conductance"):
+        assert {f"{stem}_{name}.png", f"{stem}_{name}.svg"} <= set(maps), sorted(maps)
+        assert f"card_dl_{name}_png" in download_keys(app)
+    activation = csv_array(maps, f"{stem}_activation.csv")
+    assert activation.shape == (64, 8, 8)
+    drawn = np.asarray(values(specs["card_activation"]["data"][0]["z"]), dtype=np.float64)
+    np.testing.assert_allclose(activation[38], drawn, rtol=1e-6)
+    arrays = npz_arrays(maps, f"{stem}.npz")
+    drawn_nc = values(specs["card_nc"]["data"][1]["z"])
+    np.testing.assert_allclose(arrays["neuron_conductance"].sum(axis=0), drawn_nc, rtol=1e-5)
+    assert arrays["neuron_gradient"].shape == (3, *arrays["image"].shape[:2])
+
+    causal = row_files(offered, "causal_check_block3_")
+    stem = _stem(causal)
+    assert {f"{stem}_flip_search.png", f"{stem}_causal_target_score.csv"} <= set(causal)
+    scores = csv_array(causal, f"{stem}_causal_target_score.csv")
+    table = frame(app, "zeroed")
+    assert [f"{s:.4g}" for s in scores] == table["target score"].tolist()
+    arrays = npz_arrays(causal, f"{stem}.npz")
+    np.testing.assert_array_equal(arrays["top_channels"].shape, (3,))
+    np.testing.assert_allclose(
+        arrays["flip_target_score"], values(specs["card_flip"]["data"][0]["y"]), rtol=1e-12
+    )
+
+
+def test_the_sanity_check_downloads_its_maps_and_scores(app, monkeypatch):
+    offered = capture(monkeypatch)
+    app.session_state[S.LAYER] = "block3"
+    app.session_state[S.NEURON] = (38, 4, 6)
+    open_page(app, PAGE_NEURON_CARD)
+    button(app, "Run the sanity check").click()
+    app.run()
+    assert not app.error, error_text(app)
+    open_menu(app, "card_sanity")
+    files = row_files(offered, "sanity_check_block3_")
+    stem = _stem(files)
+    assert {f"{stem}_randomisation.png", f"{stem}_spearman.csv", f"{stem}_ssim.csv"} <= set(files)
+    lm, image, prep = served(app)
+    done = backend.randomisation_cached(
+        lm, image, prep, "block3", (38, 4, 6), app.session_state[S.SETTINGS]
+    )
+    assert done is not None
+    arrays = npz_arrays(files, f"{stem}.npz")
+    np.testing.assert_allclose(arrays["randomisation_maps"], done.maps, rtol=1e-12)
+    np.testing.assert_allclose(
+        csv_array(files, f"{stem}_spearman.csv"), done.spearman, rtol=1e-12, equal_nan=True
+    )
+    table = frame(app, "Spearman ρ")
+    assert table["Spearman ρ"].tolist()[1:] == [N.number(v) for v in done.spearman]
+
+
+# --- a vision transformer: the card speaks in features and patches ------------------------------
+def test_a_vision_transformer_neuron_is_shown_in_feature_and_patch_terms(app, monkeypatch):
+    offered = capture(monkeypatch)
+    upload_model(app, model_bytes("vit"), "vit.pt2", arch="resnet18")
+    assert not app.error, error_text(app)
+    app.session_state[S.LAYER] = VIT_LAYER
+    app.session_state[S.NEURON] = (5, 2, 3)
+    open_page(app, PAGE_NEURON_CARD)
+    assert not app.error, error_text(app)
+    raw = raw_output(app, "vit", VIT_LAYER)  # (17 tokens, 16 features)
+    heading = texts(app, "markdown")
+    assert "Neuron **(5, 2, 3)** (feature 5 at patch row 2, column 3)" in heading
+    assert "raw index (12, 5)" in heading  # token 1 + 2 * 4 + 3
+    assert float(metrics(app)["Activation"]) == pytest.approx(raw[12, 5], rel=1e-3, abs=1e-4)
+    assert {"Feature share", "Feature rank"} <= set(metrics(app))
+    labels = [n.label for n in app.number_input if n.key.startswith("_w_card_n")]
+    assert labels == ["feature", "patch row", "patch column"]
+    assert widget(app, "toggle", "_w_card_cls").value is False
+    # Feature 5 over the 4x4 patch grid, not a token's row of features.
+    grid = np.asarray(values(plotly_specs(app)["card_activation"]["data"][0]["z"]))
+    np.testing.assert_allclose(grid, raw[1:, 5].reshape(4, 4), rtol=1e-3, atol=1e-4)
+    assert "Activation of feature 5" in heading
+    table = frame(app, "zeroed")
+    assert table["zeroed"].tolist() == [
+        "nothing (the model as it is)",
+        "this neuron (feature 5 at patch row 2, column 3)",
+        "its whole feature 5",
+        "the top 3 features",
+    ]
+    # Zeroing feature 5 zeroes it in every token (an independent forward pass with a hook).
+    before = float(table["target score"].tolist()[0])
+    whole = float(table["target score"].tolist()[2])
+    plain, zeroed = _scores_with_feature_zeroed(app, 5)
+    target = int(np.argmin(np.abs(plain - before)))
+    assert zeroed[target] == pytest.approx(whole, rel=1e-3, abs=1e-3)
+    assert "card_flip" not in plotly_specs(app)
+    assert "flip search zeroes whole slices" in texts(app, "caption")
+    # The downloads and the report view are in the same terms.
+    open_menu(app, "card")
+    files = row_files(offered, "neuron_card_")
+    arrays = npz_arrays(files, _stem(files) + ".npz")
+    np.testing.assert_allclose(
+        arrays["activation"], raw[1:].T.reshape(16, 4, 4), rtol=1e-3, atol=1e-4
+    )
+    np.testing.assert_allclose(arrays["class_token_activation"], raw[0], rtol=1e-3, atol=1e-4)
+    next(b for b in app.button if b.key == "card_add_report").click()
+    app.run()
+    (view,) = app.session_state[S.REPORT_VIEWS]
+    assert view.neuron == (5, 2, 3)
+    assert ("Neuron", "feature 5 at patch row 2, column 3") in view.summary
+    assert "feature 5 at patch row 2, column 3" in view.title
+
+    # The class token: its own neuron, drawn as a strip of its features.
+    app.session_state[S.NEURON] = (5,)
+    app.run()
+    assert not app.error, error_text(app)
+    assert "Neuron **(5,)** (feature 5 of the class token)" in texts(app, "markdown")
+    assert float(metrics(app)["Activation"]) == pytest.approx(raw[0, 5], rel=1e-3, abs=1e-4)
+    assert "card_strip" in plotly_specs(app) and "card_activation" not in plotly_specs(app)
+    assert widget(app, "toggle", "_w_card_cls").value is True
+    zeroed_first = frame(app, "zeroed")["zeroed"].tolist()[1]
+    assert zeroed_first == "this neuron (feature 5 of the class token)"
+
+
+def _scores_with_feature_zeroed(app, feature: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ViT's scores for the active image, as they are and with ``feature`` of the layer's
+    output set to 0 in every token, computed here with plain torch."""
+    import torch
+
+    from explainer.images import Preprocessing, load_image, preprocess
+    from explainer.intake import load_model
+
+    lm = load_model(model_bytes("vit"), filename="m.pt2")
+    prep = Preprocessing.for_model(lm.input_size, lm.mean, lm.std)
+    active = app.session_state[S.ACTIVE_IMAGE]
+    entry = next(e for e in app.session_state[S.IMAGES] if e.digest == active)
+    x = preprocess(load_image(entry.data), prep)
+
+    def zero(module, args, out):
+        out = out.clone()
+        out[:, :, feature] = 0
+        return out
+
+    with torch.no_grad():
+        plain = lm.model(x)[0].double().numpy()
+        handle = lm.model.get_submodule(VIT_LAYER).register_forward_hook(zero)
+        try:
+            zeroed = lm.model(x)[0].double().numpy()
+        finally:
+            handle.remove()
+    return plain, zeroed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from apphelpers import (
     PAGE_OVERVIEW,
@@ -13,8 +14,18 @@ from apphelpers import (
     plotly_specs,
     resnet18_state_dict_bytes,
     upload_model,
+    values,
     visible,
     widget,
+)
+from downloadhelpers import (
+    capture,
+    csv_array,
+    download_helps,
+    download_keys,
+    npz_arrays,
+    open_menu,
+    row_files,
 )
 
 from explainer.errors import ExplainerError
@@ -118,3 +129,36 @@ def test_a_large_model_computes_only_when_asked(app, monkeypatch):
     assert not app.exception
     assert len(jobs) == 1 and app.dataframe
     assert app.dataframe[0].value["layer"].iloc[0] == "conv1"
+
+
+def test_the_chart_and_the_table_download_as_the_page_shows_them(app, monkeypatch):
+    offered = capture(monkeypatch)
+    open_page(app, PAGE_OVERVIEW)
+    assert not download_keys(app)  # the menu is closed: nothing is prepared yet
+    open_menu(app, "ovw")
+    assert not app.error, error_text(app)
+    table = app.dataframe[0].value
+    files = row_files(offered, "overview_")
+    (npz,) = [name for name in files if name.endswith(".npz")]
+    stem = npz[: -len(".npz")]
+    assert stem.startswith("overview_16_layers_")
+    columns = ["share", "total_conductance", "relative_delta", "top_share", "completeness_holds"]
+    expected = {f"{stem}_overview.png", f"{stem}_overview.svg", npz}
+    expected |= {f"{stem}_{name}.csv" for name in columns}
+    assert expected <= set(files)
+    keys = download_keys(app)
+    assert {"ovw_dl_overview_png", "ovw_dl_overview_svg", "ovw_dl_share_csv", "ovw_dl_npz"} <= keys
+    assert f"Save {stem}_share.csv" in download_helps(app)
+    # The files hold the numbers of the table, in its row order.
+    share = csv_array(files, f"{stem}_share.csv")
+    np.testing.assert_allclose(100 * share, table["share"].to_numpy(), rtol=1e-12)
+    arrays = npz_arrays(files, npz)
+    np.testing.assert_allclose(arrays["total_conductance"], table["total conductance"].to_numpy())
+    np.testing.assert_allclose(
+        100 * arrays["relative_delta"], table["|delta| relative"].to_numpy(), rtol=1e-12
+    )
+    np.testing.assert_array_equal(
+        arrays["completeness_holds"], (table["completeness"] == "✓").to_numpy().astype(int)
+    )
+    chart = plotly_specs(app)["ovw_chart"]
+    np.testing.assert_allclose(np.asarray(values(chart["data"][0]["y"])) / 100, share, rtol=1e-6)

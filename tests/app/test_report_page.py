@@ -8,11 +8,14 @@ from apphelpers import (
     PAGE_CONDUCTANCE,
     PAGE_CONVERGENCE,
     PAGE_NEURON,
+    PAGE_OVERVIEW,
     PAGE_REPORT,
     error_text,
     open_page,
+    plotly_specs,
     visible,
 )
+from downloadhelpers import capture, open_menu, row_files
 from streamlit.testing.v1 import AppTest
 
 from webapp import export
@@ -141,3 +144,54 @@ def test_convergence_view_carries_the_sweep_and_the_verdict(app):
     assert view.verdict.tolerance == pytest.approx(app.session_state["tolerance"])
     assert view.arrays["sweep_n_steps"].size > 0
     assert [f.name for f in view.figures] == ["convergence"]
+
+
+def test_a_png_that_cannot_be_drawn_is_a_clear_message_and_loses_nothing(
+    app, monkeypatch, tmp_path
+):
+    """Chromium configured but missing on the server: the click's rerun says what happened
+    and what still works; the page, its choices and the other downloads stay."""
+    offered = capture(monkeypatch)
+    missing = str(tmp_path / "no-chromium-here")
+    monkeypatch.setattr(export, "chromium_path", lambda: missing)
+    open_page(app, PAGE_OVERVIEW)
+    open_menu(app, "ovw")
+    settings = app.session_state["attr_settings"]
+    files = row_files(offered, "overview_")
+    (png,) = [name for name in files if name.endswith("_overview.png")]
+    button = _download(app, "ovw_dl_overview_png")
+    assert not button.proto.disabled
+    # The server runs the download; it fails, and the page's next run explains it.
+    with pytest.raises(export.ExportError):
+        files[png].data()
+    app.run()
+    assert not app.exception
+    message = error_text(app)
+    assert "The PNG could not be drawn: the server's Chromium is missing" in message
+    assert missing in message and "apt-get install chromium" in message
+    assert "the CSV and NPZ downloads and the HTML report still work" in message
+    assert "Traceback" not in message and "BrowserType" not in message
+    # Nothing is lost: the chart, the table, the settings, and the other downloads.
+    assert "ovw_chart" in plotly_specs(app) and len(app.dataframe[0].value) == 16
+    assert app.session_state["attr_settings"] == settings
+    csv = png.replace("_overview.png", "_total_conductance.csv")
+    assert export.read_array_csv(offered[csv].data()).shape == (16,)
+    # The message is said once: the next click elsewhere does not repeat it.
+    app.run()
+    assert "could not be drawn" not in error_text(app)
+
+
+def test_views_of_the_new_pages_go_into_the_report(app):
+    open_page(app, PAGE_OVERVIEW)
+    next(b for b in app.button if b.key == "ovw_add_report").click()
+    app.run()
+    assert not app.error, error_text(app)
+    (view,) = app.session_state["report_views"]
+    assert view.kind == "overview" and [f.name for f in view.figures] == ["overview"]
+    assert all(not a.flags.writeable for a in view.arrays.values())
+    html = R.build_html(app.session_state["report_views"])
+    figures = R.embedded_figures(html)
+    assert list(figures) == ["overview"]
+    assert "Layer overview" in html and "Every layer of the model in network order" in html
+    open_page(app, PAGE_REPORT)
+    assert not app.error, error_text(app)
