@@ -2,10 +2,11 @@
 stays live.
 
 The request is the built-in model's ``conv1`` at 1000 Gauss-Legendre steps in passes of one path
-point (a request no other test makes, so the server's cache cannot hold it), far longer than the half second the page waits before it shows a first look. While the
-refinement runs, a click on a map cell must select the neuron and draw its input gradient (the
-click is answered by the model's other worker), the progress must keep moving, and the refined
-map must replace the first look by itself. Times are printed, not asserted.
+point (a request no other test makes, so the server's cache cannot hold it), far longer than the
+quarter second the page waits before it shows a first look. While the refinement runs, a click on
+a map cell must select the neuron and draw its input gradient (the click is answered by the
+model's other worker), the progress must keep moving, and the refined map must replace the first
+look by itself. Times are printed, not asserted.
 """
 
 from __future__ import annotations
