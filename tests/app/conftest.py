@@ -21,10 +21,15 @@ from apphelpers import APP, TIMEOUT  # noqa: E402
 _UPLOADS = tempfile.mkdtemp(prefix="explainer-test-uploads-")
 os.environ["EXPLAINER_UPLOAD_DIR"] = _UPLOADS
 atexit.register(shutil.rmtree, _UPLOADS, ignore_errors=True)
-# Pages wait for the asked-for conductance map, never showing a first look, unless a test asks
-# for one (tests/app/test_first_look.py): the other suites check the values of the full map.
-os.environ["EXPLAINER_FIRST_LOOK_AFTER_S"] = "300"
 from streamlit.testing.v1 import AppTest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _full_maps(monkeypatch):
+    """Pages wait for the asked-for conductance map, never showing a first look, unless a test
+    asks for one (tests/app/test_first_look.py): the other suites check the full map's values.
+    Set per test, so that the browser tests' server (same pytest process) keeps the default."""
+    monkeypatch.setenv("EXPLAINER_FIRST_LOOK_AFTER_S", "300")
 
 
 @pytest.fixture
