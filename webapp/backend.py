@@ -564,10 +564,7 @@ def conductance(
     explainer.errors.ExplainerError
         For an unusable layer, a target out of range, bad settings or an unreadable image.
     """
-    target = resolve_target(lm, image, prep, settings)
-    key = _conductance_key(
-        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
-    )
+    target, key = _request(lm, image, prep, layer, settings)
 
     def compute() -> analysis.ConductanceResult:
         args = _conductance_args(image, prep, layer, target, settings)
@@ -612,16 +609,14 @@ def start_conductance(
     prep: Preprocessing,
     layer: str,
     settings: AttributionSettings,
-) -> tuple[str, Any]:
+) -> Any:
     """Submit the conductance :func:`conductance` computes as a background job, without
-    waiting: its cache key and job handle. The job runs on the model's background worker, so
-    the page's clicks are answered while it runs; :func:`keep_result` stores its value."""
-    target = resolve_target(lm, image, prep, settings)
-    key = _conductance_key(
-        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
-    )
+    waiting: its job handle. The job runs on the model's background worker, so the page's
+    clicks are answered while it runs; :func:`keep_result` stores its value under
+    :func:`conductance_key`."""
+    target, _ = _request(lm, image, prep, layer, settings)
     args = _conductance_args(image, prep, layer, target, settings)
-    return key, submit(lm, "conductance", args)
+    return submit(lm, "conductance", args)
 
 
 def conductance_key(
@@ -633,10 +628,22 @@ def conductance_key(
 ) -> str:
     """The cache key of :func:`conductance`'s result (reads the scores when the target depends
     on them)."""
+    return _request(lm, image, prep, layer, settings)[1]
+
+
+def _request(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    settings: AttributionSettings,
+) -> tuple[analysis.Target, str]:
+    """The target a conductance request explains and the cache key of its result."""
     target = resolve_target(lm, image, prep, settings)
-    return _conductance_key(
+    key = _conductance_key(
         lm, image, prep, layer, target, settings, settings.method, settings.n_steps
     )
+    return target, key
 
 
 def keep_result(key: str, value: Any) -> None:
@@ -658,10 +665,7 @@ def conductance_cached(
         scores_key = digest("scores", model_key(lm), image.digest, prep_key(prep))
         if result_cache().get(scores_key) is None:
             return None
-    target = resolve_target(lm, image, prep, settings)
-    key = _conductance_key(
-        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
-    )
+    target, key = _request(lm, image, prep, layer, settings)
     return result_cache().get(key)
 
 

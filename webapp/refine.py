@@ -27,7 +27,6 @@ from streamlit import runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from explainer import analysis
-from explainer.errors import ExplainerError, JobCancelled
 from explainer.limits import first_look_after_s
 from webapp import backend
 from webapp import state as S
@@ -97,11 +96,7 @@ class Refinement:
             return None
         try:
             self.handle.result(timeout=0)
-        except JobCancelled as exc:
-            return exc
-        except ExplainerError as exc:
-            return exc
-        except Exception as exc:  # noqa: BLE001 - reported like any other failure
+        except Exception as exc:  # noqa: BLE001 - any failure (cancelled, limits, bugs) is shown
             return exc
         return None
 
@@ -146,7 +141,7 @@ def _start(
         return old, False
     if old is not None and old.running:
         old.handle.cancel()  # a newer request replaces the older one
-    key, handle = backend.start_conductance(lm, image, prep, layer, settings)
+    handle = backend.start_conductance(lm, image, prep, layer, settings)
     refinement = Refinement(key, handle, _settings_words(settings), time.monotonic())
     run = get_script_run_ctx(suppress_warning=True)
     refinement.session_id = run.session_id if run is not None else None
@@ -306,10 +301,9 @@ def progress(refinement: Refinement, first_steps: int) -> None:
 @st.fragment(run_every=POLL_S)
 def _live(refinement: Refinement, first_steps: int) -> None:
     if not refinement.running or refinement.stopped:
-        if not refinement.stopped and collect(refinement):
-            st.rerun(scope="app")  # the refined map is ready: redraw the page with it
-        elif not refinement.stopped:
-            st.rerun(scope="app")  # it failed: the page says why
+        if not refinement.stopped:
+            collect(refinement)
+            st.rerun(scope="app")  # redraw the page with the refined map, or say why it failed
         return
     refinement.seen = time.monotonic()
     elapsed = refinement.seen - refinement.started
