@@ -9,11 +9,12 @@ weights on 224x224 images) it explains the same generated folder with ``run_batc
 - ``local``: the local compute workers (one sandboxed worker process, all cores);
 - ``local x2``: two local workers, one torch thread each;
 - ``ray 1 node``: a Ray cluster of one node (``ray start --head``, all cores), one actor per CPU;
-- ``ray 2 nodes``: a head and a second node (``ray start --address``), one CPU each, on this
-  machine, one actor per node.
+- ``ray 2 nodes``: a head and a second node (as ``ray start --address`` adds one), one CPU each,
+  on this machine, one actor per node.
 
-Clusters are started on loopback addresses in a private folder and stopped afterwards (only
-their own processes). Each configuration writes a new store. "rate" counts the images after the
+Clusters run on loopback only (every node has the address 127.0.0.1, see
+``explainer.compute.ray_connect``) in a private folder and are stopped afterwards (only their
+own processes). Each configuration writes a new store. "rate" counts the images after the
 first wave (one per worker), from the end of that wave to the last result (steady state: models
 loaded, actors placed, kernels warm); "wall" is the whole run, start-up included;
 "peak/worker" is the largest peak resident memory of one worker process (or actor). Results
@@ -44,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from explainer.batch.cli import model_source  # noqa: E402
 from explainer.batch.runner import BatchSettings, run_batch  # noqa: E402
 from explainer.compute import LocalExecutor, ModelSource  # noqa: E402
+from explainer.compute.ray_connect import LOOPBACK  # noqa: E402
 from explainer.demo import DEMO_LABELS, render_sample  # noqa: E402
 
 MODELS = {
@@ -75,37 +77,54 @@ def _free_port() -> int:
 
 
 class Cluster:
-    """A Ray cluster on this machine, on loopback addresses, stopped with only its processes."""
+    """A Ray cluster on this machine, on loopback only, stopped with only its processes.
+
+    Every node has the address 127.0.0.1, so Ray binds its servers to loopback (any other
+    address, 127.0.0.2 included, binds them to every interface). The head starts with
+    ``ray start --head``, every further node with ``explainer.compute.ray_connect``'s ``node``
+    command (``ray start --address`` refuses to add a node on 127.0.0.1). This process keeps
+    127.0.0.1 as a driver too: the variables the cluster needs (token authentication,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) are set in its environment, before Ray is imported.
+    """
 
     def __init__(self, cpus: list[int], token: Path) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="explainer-ray-bench."))
-        self.env = {
-            **os.environ,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token),
-        }
-        os.environ.update({k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is read as Ray is imported: on Linux Ray replaces
+        # 127.0.0.1 by the outward address unless it is 0.
+        os.environ.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(token),
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        )
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+                    "EXPLAINER_RAY_BENCH": str(self.folder)}  # fmt: skip
         port = _free_port()
-        self.address = f"127.0.0.2:{port}"
+        self.address = f"{LOOPBACK}:{port}"
         try:
             for i, count in enumerate(cpus):
-                where = (
-                    ["--head", "--node-ip-address=127.0.0.2", f"--port={port}",
-                     "--include-dashboard=false"]
-                    if i == 0
-                    else [f"--address={self.address}", f"--node-ip-address=127.0.0.{i + 2}"]
-                )  # fmt: skip
-                command = [
-                    "ray", "start", *where, f"--num-cpus={count}", "--disable-usage-stats",
-                    f"--temp-dir={self.folder / f'node{i}'}",
-                    f"--dashboard-agent-listen-port={_free_port()}",
-                    f"--metrics-export-port={_free_port()}",
-                ]  # fmt: skip
-                subprocess.run(
-                    command, env={**self.env, "EXPLAINER_RAY_BENCH": str(self.folder)},
-                    check=True, capture_output=True, timeout=300,
-                )  # fmt: skip
+                folder = str(self.folder / f"node{i}")
+                if i == 0:
+                    command = [
+                        "ray", "start", "--head", f"--node-ip-address={LOOPBACK}",
+                        f"--port={port}", f"--num-cpus={count}", "--include-dashboard=false",
+                        f"--dashboard-host={LOOPBACK}", "--disable-usage-stats",
+                        f"--temp-dir={folder}", f"--dashboard-agent-listen-port={_free_port()}",
+                        f"--metrics-export-port={_free_port()}",
+                    ]  # fmt: skip
+                else:
+                    command = [
+                        sys.executable, "-m", "explainer.compute.ray_connect", "node",
+                        self.address, folder, f"--num-cpus={count}",
+                        f"--agent-port={_free_port()}", f"--metrics-port={_free_port()}",
+                    ]  # fmt: skip
+                done = subprocess.run(
+                    command, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=300
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(
+                        f"Ray node {i} did not start ({' '.join(command[:4])} ...): "
+                        f"{(done.stderr or done.stdout)[-2000:]}"
+                    )
         except BaseException:
             self.stop()
             raise

@@ -20,9 +20,10 @@ from __future__ import annotations
 import difflib
 import itertools
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -98,15 +99,19 @@ class ConductanceResult:
     relative_delta : float
         ``|delta| / max(|output_diff|, eps)``.
     method : str
-        Integration rule.
+        Integration rule; ``"auto"`` for path points the engine chose to a tolerance.
     n_steps : int
-        Number of integration steps.
+        Number of integration steps (with ``"auto"``: intervals between the chosen points).
     is_spatial : bool
         True for ``(C, H, W)`` layers.
     layer_moves : bool
         Whether the layer's output differs between the image and the baseline. When it does
         and every conductance is zero, no gradient reaches the layer from the score (a step
         function, rounding or a detached branch lies between them).
+    status : str
+        ``"fixed"`` for a fixed number of steps; with ``"auto"``, why the engine stopped adding
+        points: ``"converged"`` (within the tolerance), ``"cap"`` (the most steps allowed),
+        ``"stalled"`` (the delta does not come from the steps), ``"memory"`` or ``"stopped"``.
     """
 
     layer: str
@@ -121,6 +126,7 @@ class ConductanceResult:
     n_steps: int
     is_spatial: bool
     layer_moves: bool = True
+    status: str = "fixed"
 
     @property
     def target_class(self) -> int:
@@ -465,9 +471,11 @@ def compute_conductance(
     baseline: Tensor,
     *,
     method: str = "gausslegendre",
-    n_steps: int = 50,
+    n_steps: int | str = 50,
     internal_batch_size: int | None = None,
     progress: Progress | None = None,
+    tolerance: float | None = None,
+    steps_cap: int | None = None,
 ) -> ConductanceResult:
     """Layer conductance of ``layer_name`` for one image, target output and baseline.
 
@@ -489,12 +497,20 @@ def compute_conductance(
     method : str, optional
         Integration rule: ``"gausslegendre"``, ``"riemann_left"``, ``"riemann_right"``,
         ``"riemann_middle"`` or ``"riemann_trapezoid"``.
-    n_steps : int, optional
-        Number of integration steps.
+    n_steps : int or "auto", optional
+        Number of integration steps; ``"auto"``: the engine adds path points until
+        ``|delta| <= tolerance * |F(x) - F(baseline)|`` or the server's step limit
+        (``method`` is then not used; the result's ``status`` says why it stopped).
     internal_batch_size : int, optional
         Path points evaluated per forward pass (bounds memory); all at once when None.
     progress : callable, optional
-        ``progress(done, total)``, called as chunks of the path finish.
+        ``progress(done, total)``, called as chunks of the path finish (with ``"auto"``, the
+        total is the most path points the engine may use).
+    tolerance : float, optional
+        The relative delta ``n_steps="auto"`` aims for, e.g. ``0.01``.
+    steps_cap : int, optional
+        The most steps ``n_steps="auto"`` may use (at most, and by default, the server's
+        step limit).
 
     Returns
     -------
@@ -513,6 +529,8 @@ def compute_conductance(
         n_steps=n_steps,
         internal_batch_size=internal_batch_size,
         progress=progress,
+        tolerance=tolerance,
+        steps_cap=steps_cap,
     )
     return overview[layer_name]
 
@@ -525,14 +543,18 @@ def compute_layer_overview(
     baseline: Tensor,
     *,
     method: str = "gausslegendre",
-    n_steps: int = 50,
+    n_steps: int | str = 50,
     internal_batch_size: int | None = None,
     progress: Progress | None = None,
+    tolerance: float | None = None,
+    steps_cap: int | None = None,
 ) -> dict[str, ConductanceResult]:
     """Layer conductance of several layers from one pass along the path.
 
     Same parameters as :func:`compute_conductance`, with a list of layer names; the engine
     walks the path once and records every layer, which is much cheaper than one call per layer.
+    With ``n_steps="auto"`` the points are chosen for every layer at once (each layer's delta
+    within the tolerance).
 
     Returns
     -------
@@ -557,7 +579,11 @@ def compute_layer_overview(
             slot = len(modules)
             modules.append(module)
         slot_of_name[name] = slot
-    _check_settings(method, n_steps)
+    auto = isinstance(n_steps, str) and n_steps == "auto"
+    if auto:
+        _check_tolerance(tolerance)
+    else:
+        _check_settings(method, n_steps)
     x = _prepare_input(model, x, "image")
     baseline = _prepare_baseline(model, baseline, x)
     first_name = {slot: name for name, slot in reversed(slot_of_name.items())}
@@ -569,27 +595,40 @@ def compute_layer_overview(
     moves = [not torch.equal(out[0], out[1]) for out in layer_outputs]
 
     engine = LayerConductance(_scores_function(model, key), modules)
-    with torch.enable_grad():
+    steps_options = (
+        {"tolerance": float(tolerance), "max_steps": _points_cap(steps_cap)} if auto else {}
+    )
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unconverged "auto" run: its status says so
         attributions = engine.attribute(
             x,
             baselines=baseline,
             target=target,
-            n_steps=int(n_steps),
+            n_steps="auto" if auto else int(n_steps),
             method=method,
             internal_batch_size=internal_batch_size,
             progress=progress,
+            **steps_options,
         )
+    if auto:  # points, not intervals, are what the engine counts
+        method, n_steps = "auto", max(1, int(engine.last_steps[0]) - 1)
+        status = str(engine.last_status[0])
+    else:
+        status = "fixed"
     # The probe already gave F(x) - F(baseline): the deltas need no further forward passes.
     return {
-        name: _conductance_result(
-            name,
-            target,
-            attributions[slot],
-            _delta(attributions[slot], output_diff),
-            output_diff,
-            method,
-            int(n_steps),
-            moves[slot],
+        name: replace(
+            _conductance_result(
+                name,
+                target,
+                attributions[slot],
+                _delta(attributions[slot], output_diff),
+                output_diff,
+                method,
+                int(n_steps),
+                moves[slot],
+            ),
+            status=status,
         )
         for name, slot in slot_of_name.items()
     }
@@ -878,6 +917,25 @@ def _check_settings(method: Any, n_steps: Any) -> None:
         raise AttributionError(
             f"n_steps={int(n_steps)} is above this server's limit of {max_steps()} steps; use "
             "fewer steps (the convergence page shows how many are enough)."
+        )
+
+
+def _points_cap(steps_cap: Any) -> int:
+    """Path points of at most ``steps_cap`` steps (the server's step limit when ``None``)."""
+    if steps_cap is None:
+        return max_steps() + 1
+    _check_settings("gausslegendre", steps_cap)
+    return int(steps_cap) + 1
+
+
+def _check_tolerance(tolerance: Any) -> None:
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float, np.floating))
+        or not 0 < float(tolerance) < 1
+    ):
+        raise AttributionError(
+            f"n_steps='auto' needs a tolerance between 0 and 1, e.g. 0.01; got {tolerance!r}."
         )
 
 

@@ -172,6 +172,9 @@ class FlipResult:
         with the first ``k`` channels zeroed, ``k = 0, 1, ...``.
     target_scores : np.ndarray
         The target's score for the same ``k``.
+    channel_axis : int
+        The dimension of the layer output (without the batch dimension) whose slices were
+        zeroed as channels.
     """
 
     layer: str
@@ -182,6 +185,7 @@ class FlipResult:
     flipped_at: int | None
     predicted: np.ndarray
     target_scores: np.ndarray
+    channel_axis: int = 0
 
     @property
     def before(self) -> int:
@@ -331,13 +335,19 @@ def _prepared(
     return layer, x, target, shape, key, scores
 
 
-def _channels(shape: tuple[int, ...], layer_name: str) -> int:
-    if not shape or shape[0] == 0:
+def _channels(shape: tuple[int, ...], layer_name: str, axis: int = 0) -> int:
+    """The number of channels along ``axis`` of an output shaped ``shape`` (no batch)."""
+    if not 0 <= int(axis) < max(1, len(shape)):
+        raise AttributionError(
+            f"Layer {layer_name!r} has outputs shaped {shape}, without a dimension {axis} to "
+            "take as channels; pick another layout or layer."
+        )
+    if not shape or shape[int(axis)] == 0:
         raise AttributionError(
             f"Layer {layer_name!r} has outputs shaped {shape}, without channels to zero; pick "
             "another layer."
         )
-    return shape[0]
+    return shape[int(axis)]
 
 
 class _Scaling:
@@ -506,6 +516,7 @@ def flip_search(
     order: Sequence[int],
     *,
     limit: int | None = None,
+    channel_axis: int = 0,
     progress: Progress | None = None,
 ) -> FlipResult:
     """The smallest ``k`` such that zeroing channels ``order[:k]`` changes the predicted class.
@@ -521,11 +532,18 @@ def flip_search(
         conductance (the channels that push the target's score up most come first).
     limit : int, optional
         Most channels to zero.
+    channel_axis : int
+        The dimension of the layer output (without the batch dimension) that holds the
+        channels: 0 for a convolution's ``(C, H, W)``, the last one for a vision
+        transformer's ``(tokens, features)`` or a channels-last ``(H, W, C)`` map
+        (:attr:`explainer.layout.Layout.channel_axis`). Zeroing a channel zeroes it at every
+        position (every token, the class token included).
     progress : callable, optional
         ``progress(done, total)`` in values of ``k`` tried.
     """
     layer, x, target, shape, key, scores = _prepared(model, layer_name, x, target)
-    channels = _channels(shape, layer_name)
+    axis = int(channel_axis)
+    channels = _channels(shape, layer_name, axis)
     chosen = [int(c) for c in order]
     if len(set(chosen)) != len(chosen) or not all(0 <= c < channels for c in chosen):
         raise AttributionError(
@@ -540,9 +558,14 @@ def flip_search(
     rows = next(batches)
     while k < total and flipped_at is None:
         ks = list(range(k + 1, min(total, k + rows) + 1))
-        mask = torch.ones((len(ks), channels, *[1] * (len(shape) - 1)), dtype=torch.float32)
+        # One row per k; the mask has the channels along ``axis`` and size 1 elsewhere, so it
+        # broadcasts over every position of the output.
+        sizes = [1] * len(shape)
+        sizes[axis] = channels
+        mask = torch.ones((len(ks), channels), dtype=torch.float32)
         for row, count in enumerate(ks):
             mask[row, chosen[:count]] = 0.0
+        mask = mask.reshape(len(ks), *sizes)
         values = _scores_with(model, layer, x, mask, key)
         for row, count in enumerate(ks):
             predicted.append(predicted_class(values[row]))
@@ -563,6 +586,7 @@ def flip_search(
         flipped_at=flipped_at,
         predicted=np.asarray(predicted, dtype=np.int64),
         target_scores=np.asarray(target_scores, dtype=np.float64),
+        channel_axis=axis,
     )
 
 

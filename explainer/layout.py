@@ -158,6 +158,14 @@ class Layout:
         return s
 
     @property
+    def channel_axis(self) -> int:
+        """The dimension of the raw output (without the batch dimension) that holds the
+        channels: the last one for tokens and channels-last maps, else the first."""
+        if self.is_tokens or self.kind == "channels_last":
+            return len(self.shape) - 1
+        return 0
+
+    @property
     def num_channels(self) -> int:
         return int(self.view_shape[0]) if self.view_shape else 1
 

@@ -575,7 +575,8 @@ elif ctx.lm is not None and ctx.prep is not None:
                         ),
                         key=f"_top_{entry.digest[:16]}",
                     )
-                b1, b2 = st.columns(2)
+                # One above the other: side by side, a narrow card (1024 px) broke the words.
+                b1 = b2 = st.container()
                 b1.button(
                     "Explain",
                     key=f"_w_explain_{entry.digest[:16]}",

@@ -32,7 +32,7 @@ W.page_header(
 )
 lm, image, prep, layer = W.require_usable_layer(ctx)
 
-settings = W.settings_form(ctx, "cond")
+settings = W.settings_form(ctx, "cond", auto_steps=True)
 with W.progress_bar("Integrating along the path") as report:
     ok, answer = W.attempt(
         "Computing conductance", refine.conductance, lm, image, prep, layer, settings, report
@@ -77,12 +77,33 @@ m4.metric(
     "the Convergence page, which also shows how the delta shrinks with more steps.",
 )
 G.explain("score-difference", "conductance", "delta", label="What do these numbers mean?")
+if result.method == "auto" and refinement is None:
+    st.caption(
+        f"Automatic steps: the engine used {result.n_steps} steps "
+        + {
+            "converged": "to bring the delta within your tolerance.",
+            "cap": f"(the most you allow, n_steps = {result.n_steps}) and stopped there.",
+            "stalled": "and stopped: more steps no longer shrank the delta.",
+            "memory": "and stopped: more points would not fit in the server's memory budget.",
+        }.get(result.status, f"({md(result.status)}).")
+    )
 if not converged and refinement is None:  # a first look is approximate by design
+    if result.status == "stalled":
+        advice = (
+            "More steps do not shrink this delta: part of the score difference does not pass "
+            "through this layer (a skip connection around it, for example). Pick a layer the "
+            "whole signal passes through to see all of it."
+        )
+    elif result.method == "auto":
+        advice = "Allow more steps (n_steps above is the most the engine may use)."
+    else:
+        advice = (
+            "Raise the number of steps, switch to Gauss-Legendre, or let the engine choose the "
+            "steps above; the Convergence page shows how many steps this image needs."
+        )
     st.warning(
         f"The conductance misses the score difference by {result.relative_delta:.1%}, more than "
-        f"your tolerance of {tolerance:.2%}: the maps below are not reliable yet. Raise the "
-        "number of steps or switch to Gauss-Legendre above; the Convergence page shows how many "
-        "steps this image needs."
+        f"your tolerance of {tolerance:.2%}: the maps below are not reliable yet. {advice}"
     )
 ok_scores, image_scores = W.attempt("Reading the model's scores", backend.scores, lm, image, prep)
 score_scale = float(np.max(np.abs(image_scores))) if ok_scores and image_scores is not None else 0.0
@@ -191,7 +212,7 @@ def _sync_page() -> None:
 
 def _grid_controls(num_channels: int) -> tuple[S.GridView, list[int] | None]:
     view: S.GridView = S.get(S.GRID)
-    c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
+    c1, c2, c3, c4 = st.columns([3.4, 2, 1.6, 2.6])  # the ranking names are the longest
     W.bind("_w_rank", view.rank)
     c1.selectbox(
         "Order channels by",
@@ -203,7 +224,14 @@ def _grid_controls(num_channels: int) -> tuple[S.GridView, list[int] | None]:
     top_max = max(1, min(num_channels, 100))
     if top_max > 1:
         W.bind("_w_topk", max(1, min(view.top_k, top_max)))
-        c2.slider("Bars shown (top-k)", 1, top_max, key="_w_topk", on_change=_sync_grid)
+        c2.slider(
+            "Bars shown",
+            1,
+            top_max,
+            key="_w_topk",
+            on_change=_sync_grid,
+            help="How many channels the bar chart shows: the top k in the chosen order.",
+        )
     sizes = [16, 36, 64, 100]
     W.bind("_w_page_size", view.page_size if view.page_size in sizes else 36)
     c3.selectbox("Tiles per page", sizes, key="_w_page_size", on_change=_sync_grid)
@@ -381,6 +409,7 @@ def _sequence_views(
 @st.fragment
 def views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     """Charts and selection; a click reruns only this fragment (the result is an argument)."""
+    refine.collect_gradients()  # the shown channel's cells, computed while the user looked
     try:
         _views(lm, result)
     except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay as they were
@@ -581,6 +610,16 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
             )
     if neuron is not None:  # last: the maps are on screen while its gradient is computed
         _neuron_preview(lm, result.layer, tuple(neuron), layout, slots=(c, d))
+    # Every cell of the shown channel map, computed in the background while the user looks:
+    # the next click on it is answered from the cache (small models; see the backend's limit).
+    rows, cols = attributions.shape[-2:]
+    refine.prefetch_gradients(
+        lm,
+        image,
+        prep,
+        result.layer,
+        [layout.to_raw((channel, y, x)) for y in range(rows) for x in range(cols)],
+    )
 
 
 views(lm, result)

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 import webapp
-from webapp import backend
+from webapp import backend, presentation
 from webapp import figures as F
 from webapp import glossary as G
 from webapp import report as RP
@@ -14,7 +14,7 @@ from webapp import state as S
 from webapp import widgets as W
 from webapp.text import md
 
-STEP_CHOICES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+STEP_CHOICES = S.SWEEP_STEPS
 # Sweeps cheaper than this (parameters x total steps) run without a click.
 AUTO_RUN_BUDGET = 2e9
 
@@ -31,7 +31,7 @@ G.explain(
 )
 lm, image, prep, layer = W.require_usable_layer(ctx)
 
-settings = W.settings_form(ctx, "conv")
+settings = W.settings_form(ctx, "conv", auto_steps=True)
 
 
 def _sync_tolerance() -> None:
@@ -194,7 +194,7 @@ st.caption(
     "this image and layer."
 )
 sweep_settings: S.SweepSettings = S.get(S.SWEEP)
-with st.form("sweep_form"):
+with presentation.controls("Sweep: methods and steps"), st.form("sweep_form"):
     methods = st.multiselect(
         "Methods",
         list(S.METHODS),
@@ -207,13 +207,16 @@ with st.form("sweep_form"):
         list(STEP_CHOICES),
         default=[s for s in sweep_settings.steps if s in STEP_CHOICES],
     )
-    relative = c3.toggle("Relative |delta|", value=True)
+    relative = c3.toggle("Relative |delta|", value=sweep_settings.relative)
     run = st.form_submit_button("Run sweep", type="primary")
 if run:
     st.session_state[S.SWEEP] = S.SweepSettings(
-        methods=tuple(methods), steps=tuple(sorted(int(s) for s in steps))
+        methods=tuple(methods),
+        steps=tuple(sorted(int(s) for s in steps)),
+        relative=bool(relative),
     )
 sweep_settings = S.get(S.SWEEP)
+relative = sweep_settings.relative
 
 if not sweep_settings.methods or not sweep_settings.steps:
     st.info("Pick at least one method and one number of steps, then run the sweep.")

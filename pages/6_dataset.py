@@ -9,7 +9,7 @@ import streamlit as st
 import webapp
 from explainer.batch.runner import BatchSettings
 from explainer.limits import max_steps
-from webapp import backend
+from webapp import backend, presentation
 from webapp import dataset as D
 from webapp import report as RP
 from webapp import state as S
@@ -184,7 +184,10 @@ def _progress() -> None:
     st.rerun(scope="app")
 
 
-data = _choose_store()
+with presentation.controls("Results store", expanded=st.session_state.get(D.STORE) is None):
+    data = _choose_store()
+if data is None and presentation.active():
+    st.caption("No results store is open: open **Results store** above to pick or upload one.")
 _run_form(expanded=data is None)
 if st.session_state.get(D.JOB) is not None:
     _progress()
@@ -229,7 +232,8 @@ elif focus is not None:
     )
 neuron = st.session_state.get(D.NEURON)
 layer_now = neuron[0] if neuron and neuron[0] in layers else layers[-1]
-c1, c2, c3 = st.columns([2, 3, 2])
+with presentation.controls("Layer, images and grouping"):
+    c1, c2, c3 = st.columns([2, 3, 2])
 W.bind("_w_ds_layer", layer_now)
 layer = c1.selectbox("Layer", layers, key="_w_ds_layer", on_change=_on_layer)
 labelled = data.has_true_labels

@@ -11,7 +11,7 @@ import streamlit as st
 import webapp
 from explainer.checks import MAX_STAGES, channel_order
 from explainer.errors import JobCancelled
-from webapp import backend
+from webapp import backend, presentation
 from webapp import dataset as D
 from webapp import figures as F
 from webapp import layouts as L
@@ -133,7 +133,9 @@ if len(vshape) <= 3:
 else:
     st.markdown(heading)
 
-with st.expander("Target, baseline and integration settings (shared with Layer conductance)"):
+with presentation.controls(
+    "Target, baseline and integration settings (shared with Layer conductance)", always=True
+):
     W.settings_form(ctx, "card")
 settings = S.get(S.SETTINGS)
 
@@ -432,46 +434,57 @@ def _causal_check() -> None:
         )
 
     st.markdown(f"**How many top {word}s does it take to change the decision?**")
-    if remapped:
-        st.caption(
-            f"The flip search zeroes whole slices of the output's first dimension, which on "
-            f"this layer ({md(layout.describe())}) are not its {word}s, so it is not run here. "
-            f"The table above zeroes whole {word}s."
-        )
-        _causal_row(arrays, drawn_here, names)
-        return
-    with W.progress_bar("Zeroing more and more top channels", unit="channels") as report:
+    with W.progress_bar(f"Zeroing more and more top {word}s", unit=f"{word}s") as report:
         ok, flip = W.attempt(
-            "Searching for the flip", backend.flip_search, lm, image, prep, layer, settings, report
+            "Searching for the flip",
+            backend.flip_search,
+            lm,
+            image,
+            prep,
+            layer,
+            settings,
+            report,
+            channel_axis=layout.channel_axis,
         )
     if ok and flip is not None:
         if flip.flipped_at is not None:
             st.success(
-                f"Zeroing the top **{flip.flipped_at}** channel"
+                f"Zeroing the top **{flip.flipped_at}** {word}"
                 f"{'s' if flip.flipped_at > 1 else ''} of {flip.channels} changes the prediction "
                 f"from **{_label(flip.before)}** to **{_label(flip.after)}**.",
                 icon=":material/bolt:",
             )
         else:
             st.info(
-                f"No number of top channels, up to all {flip.searched} of {flip.channels}, "
+                f"No number of top {word}s, up to all {flip.searched} of {flip.channels}, "
                 f"changes the prediction ({_label(flip.before)}): the decision does not rest "
-                "on this layer's channels ranked this way.",
+                f"on this layer's {word}s ranked this way.",
                 icon=":material/info:",
             )
-        figure = N.flip_figure(flip, lm.labels)
+        figure = N.flip_figure(flip, lm.labels, word=word)
         W.plotly_static(figure, key="card_flip")
+        where = (
+            f" A {word} is zeroed in every token, the class token included."
+            if layout.is_tokens
+            else (
+                f" A {word} is zeroed at every position of the map."
+                if layout.kind == "channels_last"
+                else ""
+            )
+        )
         st.caption(
-            "Channels are zeroed in order of their conductance, those that push the target's "
-            "score up most first. The conductance paper (Dhamdhere et al., 2018) reports that "
-            "on average 3.7 filters of a layer of Inception are enough to flip its decision: a "
-            "small number means the decision is concentrated in a few channels."
+            f"{word.capitalize()}s are zeroed in order of their conductance, those that push the "
+            f"target's score up most first.{where} The conductance paper (Dhamdhere et al., "
+            "2018) reports that on average 3.7 filters of a layer of Inception are enough to "
+            "flip its decision: a small number means the decision is concentrated in a few "
+            "channels."
         )
         drawn_here.append(
             (
                 "flip_search",
-                "The target score as more and more top channels are zeroed",
-                "Channels are zeroed in order of their conductance, largest first.",
+                f"The target score as more and more top {word}s are zeroed",
+                f"{word.capitalize()}s are zeroed in order of their conductance, largest first."
+                + where,
                 figure,
             )
         )

@@ -10,7 +10,7 @@ import streamlit as st
 
 import webapp
 from explainer.baselines import BASELINE_KINDS
-from webapp import backend
+from webapp import backend, presentation
 from webapp import compare as C
 from webapp import figures as F
 from webapp import report as RP
@@ -95,7 +95,10 @@ def _on_pane(index: int) -> None:
 
 
 # --- what is compared ---------------------------------------------------------------------------
-c1, c2 = st.columns([3, 2])
+# Every choice of what is compared and how it is drawn goes in one box (an expander in
+# presentation mode); the messages about the choices stay outside it, in view.
+with presentation.controls("What is compared, the panes and their colour scale") as choices:
+    c1, c2 = st.columns([3, 2])
 W.bind("_w_cmp_mode", spec.mode)
 c1.radio(
     "Compare",
@@ -147,7 +150,7 @@ else:
         "model's worker; the model itself is not changed."
     )
 
-with st.expander("Target, baseline and integration, shared by every pane", expanded=False):
+with presentation.controls("Target, baseline and integration, shared by every pane", always=True):
     settings = W.settings_form(ctx, "cmp")
 
 
@@ -167,7 +170,7 @@ def describe(mode: str, value) -> str:
 
 unique = list(dict.fromkeys(options))
 if spec.mode != "random":
-    columns = st.columns(len(panes))
+    columns = choices.columns(len(panes))
     for i, value in enumerate(panes):
         W.bind(f"_w_cmp_pane{i}", value if value in unique else unique[0])
         columns[i].selectbox(
@@ -178,6 +181,37 @@ if spec.mode != "random":
             on_change=_on_pane,
             args=(i,),
         )
+
+
+def _on_view() -> None:
+    st.session_state[S.COMPARE] = replace(
+        S.get(S.COMPARE),
+        view=st.session_state["_w_cmp_view"],
+        shared=bool(st.session_state["_w_cmp_shared"]),
+    )
+
+
+v1, v2 = choices.columns([2, 3])
+W.bind("_w_cmp_view", spec.view)
+view = v1.radio(
+    "Each pane shows",
+    ["channel", "sum"],
+    format_func=lambda v: "The selected channel" if v == "channel" else "All channels summed",
+    horizontal=True,
+    key="_w_cmp_view",
+    on_change=_on_view,
+    help="A spatial layer's map of the selected neuron's channel (each pane's strongest "
+    "channel until a neuron is selected), or the sum over its channels.",
+)
+W.bind("_w_cmp_shared", spec.shared)
+shared = v2.toggle(
+    "One colour scale for panes that explain the same score",
+    key="_w_cmp_shared",
+    on_change=_on_view,
+    help="Conductance is measured in units of the explained score, so panes that explain the "
+    "same class (at the same output position) compare on one scale. Every pane draws the "
+    "scale it uses under its map.",
+)
 for a, b in C.duplicates(panes):
     st.info(f"Panes {a} and {b} show the same thing; pick another value for one of them.")
 
@@ -212,40 +246,10 @@ if not results:
     st.caption("Your choices are kept: change the settings above or the panes' values.")
     st.stop()
 
-# --- what is drawn: channel or sum, one colour scale or several ---------------------------------
+# --- what is drawn: the shown channels and the colour scales ------------------------------------
 selection = st.session_state.get(S.COMPARE_SELECTION)
-v1, v2 = st.columns([2, 3])
-
-
-def _on_view() -> None:
-    st.session_state[S.COMPARE] = replace(
-        S.get(S.COMPARE),
-        view=st.session_state["_w_cmp_view"],
-        shared=bool(st.session_state["_w_cmp_shared"]),
-    )
-
-
-W.bind("_w_cmp_view", spec.view)
-view = v1.radio(
-    "Each pane shows",
-    ["channel", "sum"],
-    format_func=lambda v: "The selected channel" if v == "channel" else "All channels summed",
-    horizontal=True,
-    key="_w_cmp_view",
-    on_change=_on_view,
-    help="A spatial layer's map of the selected neuron's channel (each pane's strongest "
-    "channel until a neuron is selected), or the sum over its channels.",
-)
 keys = [C.units_key(p.result) if p.result is not None else None for p in computed]
 distinct = {k for k in keys if k is not None}
-W.bind("_w_cmp_shared", spec.shared)
-shared = v2.toggle(
-    "One colour scale for panes that explain the same score",
-    key="_w_cmp_shared",
-    on_change=_on_view,
-    help="Conductance is measured in units of the explained score, so panes that explain the "
-    "same class (at the same output position) compare on one scale.",
-)
 if len(distinct) > 1:
     targets = ", ".join(
         md(W.target_label(lm, p.result.target)) for p in computed if p.result is not None
@@ -283,6 +287,10 @@ groups = C.scale_groups(
         for i, p in enumerate(computed)
     ]
 )
+drawn_maps = [
+    values is not None and p.result is not None and p.result.is_spatial
+    for values, p in zip(maps, computed, strict=True)
+]
 limits: dict[int, float] = {}
 for i, values in enumerate(maps):
     if values is not None:
@@ -313,7 +321,9 @@ else:
 
 # --- the panes ----------------------------------------------------------------------------------
 drawn: list[tuple[str, str, str, object]] = []  # (name, title, caption, figure) for downloads
-for i, (pane, column) in enumerate(zip(computed, st.columns(len(computed)), strict=True)):
+st.html(C.PANES_CSS)
+row = st.container(key=C.PANES_KEY).columns(len(computed))
+for i, (pane, column) in enumerate(zip(computed, row, strict=True)):
     with column, st.container(border=True, key=f"cmp_pane{i}"):
         st.markdown(f"**{i + 1}. {md(pane.title)}**")
         result = pane.result
@@ -334,7 +344,7 @@ for i, (pane, column) in enumerate(zip(computed, st.columns(len(computed)), stri
                 channel=channels[i],  # a click on the sum selects the shown channel's neuron
                 selected_cell=(neuron[1], neuron[2]) if neuron else None,
                 zmax=limit,
-                height=300,
+                height=340,  # the map, and its colour bar under it
                 title=what,
             )
         else:
@@ -342,8 +352,14 @@ for i, (pane, column) in enumerate(zip(computed, st.columns(len(computed)), stri
                 maps[i], selected=neuron[0] if neuron else None, yaxis_title="conductance"
             )
             figure.update_yaxes(range=[-limit * 1.05, limit * 1.05])
-        if result.is_spatial and i != max(j for j, g in enumerate(groups) if g == groups[i]):
-            figure.update_traces(showscale=False, selector=dict(type="heatmap"))  # one per scale
+        if result.is_spatial:
+            # Every pane carries its colour bar (a screenshot or a download of one pane stays
+            # readable), under the map so that all maps keep the same size.
+            F.bottom_colorbar(figure, "conductance", signed=True)
+            figure.update_traces(
+                colorbar_title_text=C.scale_title(groups, drawn_maps, i),
+                selector=dict(type="heatmap"),
+            )
         W.plotly_click(figure, f"cmp_map{i}", lambda i=i: _on_click(i))
         shows = f"channel {channels[i]}" if result.is_spatial and view == "channel" else "sum"
         drawn.append(

@@ -1,11 +1,22 @@
 # Start and stop a two-node Ray cluster for the dataset-mode tests (sourced by scripts/test).
 #
-# The cluster: `ray start --head` on 127.0.0.2 and a second node (`ray start --address`) on
-# 127.0.0.3, both loopback addresses (Ray replaces 127.0.0.1 itself by the machine's outward
-# address, so the cluster uses two other addresses of the loopback network), with token
-# authentication and a private temporary folder. Ray's servers listen on every interface of the
-# machine; the token keeps strangers out of a machine that has others. Its address is exported as
-# EXPLAINER_TEST_RAY_ADDRESS. stop_ray_cluster stops only the processes of this cluster.
+# The cluster: a head node (`ray start --head`) and a second node on this machine, both with the
+# node address 127.0.0.1, with token authentication and a private temporary folder. Its address
+# is exported as EXPLAINER_TEST_RAY_ADDRESS, its folder as EXPLAINER_TEST_RAY_DIR.
+# stop_ray_cluster stops only the processes of this cluster.
+#
+# Loopback only. Ray's servers (GCS, raylets with their object managers, workers, dashboard
+# agent, metrics export) listen on 127.0.0.1 when the node's address is a loopback name (Ray's
+# is_localhost: 127.0.0.1, ::1, localhost) and on every interface (0.0.0.0) for any other
+# address, 127.0.0.2 included; Ray has no setting for the address they bind. On Linux Ray also
+# replaces 127.0.0.1, in --node-ip-address and in the cluster's address, by the machine's
+# outward address, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (exported here, so the tests'
+# drivers keep 127.0.0.1 too). With it, `ray start --address` refuses to add a node, so the
+# second node starts from Python as `ray start --address` does
+# (explainer.compute.ray_connect.start_node, shared with benchmarks/bench_batch.py). The
+# dashboard is off and its host is 127.0.0.1 anyway.
+
+RAY_CLUSTER_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 free_port() {
   python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -80,22 +91,25 @@ start_ray_cluster() {
   export RAY_USAGE_STATS_ENABLED=0
   export RAY_AUTH_MODE=token
   export RAY_AUTH_TOKEN_PATH="$RAY_CI_DIR/auth_token"
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"
   chmod 600 "$RAY_AUTH_TOKEN_PATH"
   local port
   port=$(free_port)
   # EXPLAINER_RAY_CI marks the cluster's processes for stop_ray_cluster.
   EXPLAINER_RAY_CI="$RAY_CI_DIR" timeout 180 ray start --head \
-    --node-ip-address=127.0.0.2 --port="$port" --num-cpus=1 \
-    --include-dashboard=false --disable-usage-stats --temp-dir="$RAY_CI_DIR/head" \
+    --node-ip-address=127.0.0.1 --port="$port" --num-cpus=1 \
+    --include-dashboard=false --dashboard-host=127.0.0.1 --disable-usage-stats \
+    --temp-dir="$RAY_CI_DIR/head" \
     --dashboard-agent-listen-port="$(free_port)" --metrics-export-port="$(free_port)" \
     > "$RAY_CI_DIR/head.log" 2>&1 || { cat "$RAY_CI_DIR/head.log"; return 1; }
-  EXPLAINER_RAY_CI="$RAY_CI_DIR" timeout 180 ray start --address="127.0.0.2:$port" \
-    --node-ip-address=127.0.0.3 --num-cpus=1 --disable-usage-stats \
-    --temp-dir="$RAY_CI_DIR/node2" \
-    --dashboard-agent-listen-port="$(free_port)" --metrics-export-port="$(free_port)" \
-    > "$RAY_CI_DIR/node2.log" 2>&1 || { cat "$RAY_CI_DIR/node2.log"; return 1; }
-  export EXPLAINER_TEST_RAY_ADDRESS="127.0.0.2:$port"
+  # The package's own tree (cwd first on sys.path for python -m), whatever is installed.
+  (cd "$RAY_CLUSTER_REPO" && EXPLAINER_RAY_CI="$RAY_CI_DIR" timeout 180 \
+    python -m explainer.compute.ray_connect node "127.0.0.1:$port" "$RAY_CI_DIR/node2" \
+    --num-cpus=1 --agent-port="$(free_port)" --metrics-port="$(free_port)" \
+    > "$RAY_CI_DIR/node2.log" 2>&1) || { cat "$RAY_CI_DIR/node2.log"; return 1; }
+  export EXPLAINER_TEST_RAY_ADDRESS="127.0.0.1:$port"
   export EXPLAINER_TEST_RAY_NODES=2
+  export EXPLAINER_TEST_RAY_DIR="$RAY_CI_DIR"
   echo "Ray cluster of 2 nodes at $EXPLAINER_TEST_RAY_ADDRESS (folder $RAY_CI_DIR)." >&2
 }

@@ -277,3 +277,44 @@ def test_neuron_conductance_auto_callback_and_cap(net):
     with pytest.warns(UserWarning, match="cap of 3 path points"):
         nc.attribute(x, (2, 2, 2), target=0, n_steps="auto", tolerance=1e-6, max_steps=3)
     assert nc.last_status == ["cap"] and nc.last_steps == [3]
+
+
+# --- the app's analysis layer: compute_conductance(n_steps="auto") ----------------------------
+
+
+def test_compute_conductance_auto_meets_the_tolerance_and_says_how():
+    from explainer import analysis
+
+    model = Net().double().eval()
+    x, base = randn(1, 3, 6, 6, seed=5), torch.zeros(1, 3, 6, 6, dtype=torch.float64)
+    result = analysis.compute_conductance(
+        model, "conv2", x, 2, base, n_steps="auto", tolerance=0.002
+    )
+    assert (result.method, result.status) == ("auto", "converged")
+    assert result.relative_delta <= 0.002
+    # The same map the engine gives for n_steps="auto" (steps = its points minus one).
+    engine = LayerConductance(model, model.conv2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = engine.attribute(x, baselines=base, target=2, n_steps="auto", tolerance=0.002)
+    assert result.n_steps == engine.last_steps[0] - 1
+    torch.testing.assert_close(
+        torch.from_numpy(result.attributions).double(), direct[0], rtol=1e-5, atol=1e-6
+    )
+    fixed = analysis.compute_conductance(model, "conv2", x, 2, base, n_steps=7)
+    assert (fixed.method, fixed.status) == ("gausslegendre", "fixed")
+
+
+def test_compute_conductance_auto_keeps_to_the_cap_and_checks_its_tolerance():
+    from explainer import analysis
+    from explainer.errors import AttributionError
+
+    model = Net().double().eval()
+    x, base = randn(1, 3, 6, 6, seed=6), torch.zeros(1, 3, 6, 6, dtype=torch.float64)
+    capped = analysis.compute_conductance(
+        model, "conv2", x, 1, base, n_steps="auto", tolerance=1e-9, steps_cap=5
+    )
+    assert (capped.status, capped.n_steps) == ("cap", 5)
+    for bad in (None, 0.0, 1.5, True, "0.01"):
+        with pytest.raises(AttributionError, match="tolerance"):
+            analysis.compute_conductance(model, "conv2", x, 1, base, n_steps="auto", tolerance=bad)

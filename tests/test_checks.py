@@ -164,6 +164,126 @@ def test_flip_search_refuses_a_bad_order():
             checks.flip_search(model, "features", x, 0, order)
 
 
+# ---------------------------------------------------------------- flip count, other layouts
+
+
+class ChannelsLast(nn.Module):
+    """conv -> channels last -> a per-position linear map of the channels (``mix``, output
+    ``(N, H, W, C)`` as in a ConvNeXt block) -> average -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.mix(torch.relu(self.body(x)).permute(0, 2, 3, 1))
+        return self.head(torch.relu(hidden).mean(dim=(1, 2)))
+
+
+def tiny_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(3)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    )  # fmt: skip
+    with torch.no_grad():  # torchvision starts the head at zero: every class would tie
+        nn.init.normal_(model.heads.head.weight, std=0.5)
+        nn.init.normal_(model.heads.head.bias, std=0.1)
+    return model.double().eval()
+
+
+def scores_with_features_zeroed(
+    model: nn.Module, layer: str, x: torch.Tensor, features: list[int]
+) -> np.ndarray:
+    """Plain torch: the model's scores with ``features`` (the last dimension of ``layer``'s
+    output) set to 0 at every position."""
+
+    def zero(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[..., features] = 0
+        return out
+
+    handle = model.get_submodule(layer).register_forward_hook(zero)
+    try:
+        with torch.no_grad():
+            return model(x)[0].numpy()
+    finally:
+        handle.remove()
+
+
+def check_against_plain_torch(
+    model: nn.Module, layer: str, x: torch.Tensor, order: list[int], axis: int
+) -> checks.FlipResult:
+    """Run the flip search on ``layer`` along ``axis`` and compare every ``k`` it tried with
+    a plain forward pass zeroing the same features; the flip must be the first change."""
+    before = state_of(model)
+    flip = checks.flip_search(model, layer, x, 0, order, channel_axis=axis)
+    assert_untouched(model, before)
+    assert flip.channel_axis == axis and flip.channels == len(order)
+    expected_scores, expected_classes = [], []
+    for k in range(len(order) + 1):
+        scores = scores_with_features_zeroed(model, layer, x, order[:k])
+        expected_scores.append(scores[0])
+        expected_classes.append(int(np.argmax(scores)))
+    changed = [k for k, c in enumerate(expected_classes) if c != expected_classes[0]]
+    assert changed, "the test model must flip for some k"
+    assert flip.flipped_at == changed[0]
+    assert flip.searched == changed[0] and flip.order.tolist() == order[: changed[0]]
+    steps = changed[0] + 1
+    assert flip.predicted.tolist() == expected_classes[:steps]
+    np.testing.assert_allclose(flip.target_scores, expected_scores[:steps], rtol=1e-10)
+    return flip
+
+
+def test_flip_search_zeroes_a_vision_transformer_feature_in_every_token():
+    from explainer.layout import layout_for
+
+    model = tiny_vit()
+    torch.manual_seed(5)  # flips at k = 5: past the search's first batch of 4
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    layer = "encoder.layers.encoder_layer_0"
+    layout = layout_for((17, 16), (32, 32))
+    assert layout.kind == "class_patch_tokens" and layout.channel_axis == 1
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
+    flip = check_against_plain_torch(model, layer, x, order, layout.channel_axis)
+    assert flip.channels == 16  # features, not the 17 tokens
+    # The same features zeroed one unit at a time (the card's "whole feature" rows) agree.
+    units = [u for c in order[: flip.flipped_at] for u in _feature_units(layout, c)]
+    ablated = checks.ablate(model, layer, x, 0, [units])
+    assert ablated.predicted(0) == flip.after
+    assert ablated.target_score(0) == pytest.approx(flip.target_scores[-1], rel=1e-10)
+
+
+def _feature_units(layout, channel: int) -> list[tuple[int, ...]]:
+    rows, columns = layout.grid
+    units = [layout.to_raw((channel, y, x)) for y in range(rows) for x in range(columns)]
+    return [*units, layout.to_raw((channel,))]
+
+
+def test_flip_search_zeroes_a_channels_last_channel_at_every_position():
+    from explainer.layout import layout_for
+
+    torch.manual_seed(8)  # flips at k = 5: past the search's first batch of 4
+    model = ChannelsLast().double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    layout = layout_for((4, 4, 6), (8, 8), "channels_last")
+    assert layout.kind == "channels_last" and layout.channel_axis == 2
+    flip = check_against_plain_torch(model, "mix", x, [5, 0, 3, 1, 4, 2], layout.channel_axis)
+    assert flip.channels == 6
+
+
+def test_flip_search_refuses_a_channel_axis_outside_the_output():
+    model, x = small()
+    with pytest.raises(AttributionError, match="without a dimension 3"):
+        checks.flip_search(model, "body", x, 0, [0, 1], channel_axis=3)
+    with pytest.raises(AttributionError, match="distinct channels between 0 and 7"):
+        checks.flip_search(model, "body", x, 0, [0, 8], channel_axis=2)  # 8 columns
+
+
 def test_a_layer_without_channels_is_refused():
     class Flat(nn.Module):
         def __init__(self) -> None:
@@ -377,6 +497,12 @@ def test_the_model_session_answers_the_card_operations():
     x = np.zeros((1, *session.info.input_size), dtype=np.float32)
     ablated = session.run("ablate", {"layer": "block3", "x": x, "target": 0, "variants": [[(1,)]]})
     assert result_fits("ablate", ablated)
+    # The flip search takes the channel axis through the worker (block3 is 8 columns wide).
+    args = {"layer": "block3", "x": x, "target": 0, "order": (7, 0, 1), "limit": 2}
+    across = session.run("flip_search", {**args, "channel_axis": 2})
+    assert result_fits("flip_search", across)
+    assert (across.channel_axis, across.channels, across.searched) == (2, 8, 2)
+    assert session.run("flip_search", args).channel_axis == 0
     with pytest.raises(AttributionError, match="list of whole numbers"):
         session.run(
             "neuron_conductance",

@@ -147,6 +147,31 @@ def test_a_background_job_runs_beside_the_interactive_ones(pool, demo):
     np.testing.assert_allclose(quick.result(60).attributions, solo.attributions, rtol=1e-4)
 
 
+def test_an_interactive_job_pauses_a_background_job_that_has_not_reached_its_worker_yet():
+    """Right after a refinement is submitted, its job may still wait in the background worker's
+    queue when the first look arrives: the first look must pause that worker all the same
+    (without, the two shared the CPU and a resnet50 first look took 3.6 s instead of 1.2 s)."""
+    import collections
+    from types import SimpleNamespace
+
+    from explainer.compute.local import BACKGROUND_SUFFIX
+
+    executor = LocalExecutor(max_workers=2)
+    try:
+        waiting = SimpleNamespace(closed=False, running=None, queue=collections.deque(["job"]))
+        executor._slots["model" + BACKGROUND_SUFFIX] = waiting
+        assert executor._background_slot("model") is waiting
+        waiting.queue.clear()
+        assert executor._background_slot("model") is None  # idle: nothing to pause
+        waiting.running = "job"
+        assert executor._background_slot("model") is waiting
+        waiting.closed = True
+        assert executor._background_slot("model") is None
+    finally:
+        executor._slots.clear()
+        executor.shutdown()
+
+
 def test_a_worker_killed_mid_request_is_restarted_and_the_job_retried(pool, demo):
     lm, x, baseline = demo
     args = _conductance_args(x, baseline, n_steps=256, internal_batch_size=1, layer="conv1")

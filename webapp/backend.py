@@ -590,7 +590,11 @@ def _conductance_args(
         "method": settings.method,
         "n_steps": int(settings.n_steps),
         "internal_batch_size": chunk_size(settings),
-    }
+    } | (
+        {"n_steps": "auto", "tolerance": float(settings.tolerance), "steps_cap": settings.n_steps}
+        if settings.auto_steps
+        else {}
+    )
 
 
 def first_look_settings(settings: AttributionSettings) -> AttributionSettings | None:
@@ -599,7 +603,11 @@ def first_look_settings(settings: AttributionSettings) -> AttributionSettings | 
     if int(settings.n_steps) <= 2 * FIRST_LOOK_STEPS:
         return None
     return dataclasses.replace(
-        settings, method="gausslegendre", n_steps=FIRST_LOOK_STEPS, internal_batch_size=None
+        settings,
+        method="gausslegendre",
+        n_steps=FIRST_LOOK_STEPS,
+        internal_batch_size=None,
+        tolerance=None,
     )
 
 
@@ -640,9 +648,9 @@ def _request(
 ) -> tuple[analysis.Target, str]:
     """The target a conductance request explains and the cache key of its result."""
     target = resolve_target(lm, image, prep, settings)
-    key = _conductance_key(
-        lm, image, prep, layer, target, settings, settings.method, settings.n_steps
-    )
+    # Automatic steps: the method is not used, the tolerance and the cap on steps decide.
+    method = f"auto<={float(settings.tolerance)!r}" if settings.auto_steps else settings.method
+    key = _conductance_key(lm, image, prep, layer, target, settings, method, settings.n_steps)
     return target, key
 
 
@@ -669,6 +677,17 @@ def conductance_cached(
     return result_cache().get(key)
 
 
+def _gradient_keys(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    neurons: list[tuple[int, ...]],
+) -> list[str]:
+    base_parts = (model_key(lm), image.digest, prep_key(prep), layer)
+    return [digest("ngrad", *base_parts, tuple(int(i) for i in n)) for n in neurons]
+
+
 def neuron_gradients(
     lm: ServedModel,
     image: ImageEntry,
@@ -681,8 +700,7 @@ def neuron_gradients(
     Each neuron is cached on its own, so a neighbour shown as a thumbnail opens instantly.
     """
     cache = result_cache()
-    base_parts = (model_key(lm), image.digest, prep_key(prep), layer)
-    keys = [digest("ngrad", *base_parts, tuple(int(i) for i in n)) for n in neurons]
+    keys = _gradient_keys(lm, image, prep, layer, neurons)
     found: dict[int, analysis.NeuronGradientResult] = {}
     missing: list[int] = []
     for i, key in enumerate(keys):
@@ -704,6 +722,90 @@ def neuron_gradients(
             cache.put(keys[i], result)
             found[i] = result
     return [found[i] for i in range(len(neurons))]
+
+
+PREFETCH_BYTES = 24 * 2**20
+"""The most gradient bytes one prefetch may compute (a float32 copy of the input per neuron)."""
+
+
+@dataclasses.dataclass
+class GradientPrefetch:
+    """A background job computing the input gradients of neurons the user may click next.
+
+    Attributes
+    ----------
+    keys : list of str
+        The cache key of each neuron's gradient, in the job's order.
+    args : dict
+        The worker's ``neuron_gradients`` arguments.
+    handle : Any
+        The job's :class:`explainer.compute.JobHandle` once :meth:`start` ran, else ``None``.
+    kept : bool
+        Whether its results went into the cache.
+    """
+
+    keys: list[str]
+    args: dict[str, Any] = dataclasses.field(repr=False)
+    handle: Any = dataclasses.field(default=None, repr=False)
+    kept: bool = False
+
+    def start(self, lm: ServedModel) -> GradientPrefetch:
+        """Submit the job to ``lm``'s background worker (an interactive request pauses it)."""
+        self.handle = submit(lm, "neuron_gradients", self.args)
+        return self
+
+    @property
+    def pending(self) -> bool:
+        """Whether the job runs (or waits to run) and its results are not in the cache yet."""
+        return self.handle is not None and not self.kept and not self.handle.done()
+
+    def cancel(self) -> None:
+        if self.pending:
+            self.handle.cancel()
+
+    def collect(self) -> bool:
+        """Store the gradients of a finished job in the cache; whether they are stored."""
+        if self.kept:
+            return True
+        if self.handle is None or not self.handle.done():
+            return False
+        try:
+            computed = self.handle.result(timeout=0)
+        except Exception:  # noqa: BLE001 - cancelled or failed: a click computes its own
+            return False
+        if len(computed) != len(self.keys):
+            return False
+        cache = result_cache()
+        for key, result in zip(self.keys, computed, strict=True):
+            cache.put(key, result)
+        self.kept = True
+        return True
+
+
+def plan_gradient_prefetch(
+    lm: ServedModel,
+    image: ImageEntry,
+    prep: Preprocessing,
+    layer: str,
+    neurons: list[tuple[int, ...]],
+) -> GradientPrefetch | None:
+    """The prefetch of the gradients :func:`neuron_gradients` would give for ``neurons`` that
+    are not cached yet (not started); ``None`` when they all are, or when computing them all
+    would take more than :data:`PREFETCH_BYTES` (a model with large inputs)."""
+    x = input_tensor(image, prep)
+    if not neurons or len(neurons) * 4 * x.numel() > PREFETCH_BYTES:
+        return None
+    keys = _gradient_keys(lm, image, prep, layer, neurons)
+    cache = result_cache()
+    missing = [i for i, key in enumerate(keys) if key not in cache]
+    if not missing:
+        return None
+    args = {
+        "layer": layer,
+        "x": _array(x),
+        "neurons": [tuple(int(j) for j in neurons[i]) for i in missing],
+    }
+    return GradientPrefetch([keys[i] for i in missing], args)
 
 
 def activation(lm: ServedModel, image: ImageEntry, prep: Preprocessing, layer: str) -> np.ndarray:
@@ -1001,20 +1103,32 @@ def flip_search(
     layer: str,
     settings: AttributionSettings,
     progress: Progress | None = None,
+    channel_axis: int = 0,
 ) -> Any:
     """How many channels of ``layer``, zeroed by decreasing conductance, change the predicted
     class (an :class:`explainer.checks.FlipResult`); the ranking is the layer conductance the
-    settings describe (:func:`conductance`, usually cached)."""
+    settings describe (:func:`conductance`, usually cached).
+
+    ``channel_axis`` is the output dimension (without the batch dimension) that holds the
+    channels, as :attr:`explainer.layout.Layout.channel_axis` says: the ranking sums the
+    conductance over every other dimension, and the search zeroes slices along it."""
     from explainer.checks import channel_order
 
     result = conductance(lm, image, prep, layer, settings)
-    order = channel_order(result.channel_totals)
-    key = digest(
-        "flip",
-        _conductance_key(
-            lm, image, prep, layer, result.target, settings, settings.method, settings.n_steps
-        ),
-    )
+    values = np.asarray(result.attributions, dtype=np.float64)
+    axis = int(channel_axis)
+    if not 0 <= axis < max(1, values.ndim):
+        raise AttributionError(
+            f"Layer {layer!r} has outputs shaped {values.shape}, without a dimension {axis} to "
+            "take as channels; pick another layout."
+        )
+    if axis == 0:
+        totals = result.channel_totals
+    else:
+        totals = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).sum(axis=1)
+    order = channel_order(totals)
+    # The ranking's own key: automatic steps to another tolerance rank the channels anew.
+    key = digest("flip", conductance_key(lm, image, prep, layer, settings), axis)
 
     def compute() -> Any:
         args = {
@@ -1022,8 +1136,12 @@ def flip_search(
             "x": _array(input_tensor(image, prep)),
             "target": result.target,
             "order": tuple(int(c) for c in order),
+            "channel_axis": axis,
         }
-        return run(lm, "flip_search", args, progress)
+        found = run(lm, "flip_search", args, progress)
+        if int(found.channels) != len(order) or int(found.channel_axis) != axis:
+            raise AttributionError("The worker answered for other channels than were asked for.")
+        return found
 
     return result_cache().get_or_compute(key, compute)
 

@@ -127,3 +127,41 @@ def scale_groups(keys: Sequence[Any]) -> list[int]:
     """For each pane, the index of its colour-scale group (panes of equal keys share one)."""
     seen: dict[Any, int] = {}
     return [seen.setdefault(k, len(seen)) for k in keys]
+
+
+def _numbers(panes: Sequence[int]) -> str:
+    """Pane numbers in words: runs of three or more joined with a dash ("1–3, 5")."""
+    runs: list[list[int]] = []
+    for n in panes:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(
+        f"{run[0]}–{run[-1]}" if len(run) >= 3 else ", ".join(map(str, run)) for run in runs
+    )
+
+
+def scale_title(groups: Sequence[int], drawn: Sequence[bool], index: int) -> str:
+    """The colour-bar title of pane ``index`` (Plotly text): which panes share its scale, when
+    others do, on a second line so that it fits a narrow pane.
+
+    ``groups`` are the panes' colour-scale groups (:func:`scale_groups`), ``drawn`` whether
+    each pane draws a map with a colour bar.
+    """
+    members = [j + 1 for j, g in enumerate(groups) if g == groups[index] and drawn[j]]
+    if len(members) < 2:
+        return "conductance"
+    return f"conductance<br>shared by panes {_numbers(members)}"
+
+
+PANES_KEY = "cmp_panes"
+PANES_CSS = f"""
+<style>
+/* Panes never get narrower than a readable map with its colour bar: where the row has no room
+   for all of them (four panes beside the sidebar at 1024 px), they wrap into rows of two. */
+.st-key-{PANES_KEY} [data-testid="stHorizontalBlock"] {{ flex-wrap: wrap; }}
+.st-key-{PANES_KEY} [data-testid="stColumn"] {{ min-width: 200px; }}
+</style>
+"""
+"""The style sheet of the row of panes (the container keyed :data:`PANES_KEY`)."""

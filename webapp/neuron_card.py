@@ -102,8 +102,11 @@ def conductance_overlay(
     return figure
 
 
-def flip_figure(flip: FlipResult, labels: Sequence[str], height: int = 300) -> go.Figure:
-    """The target's score as the top channels are zeroed one more at a time, the flip marked."""
+def flip_figure(
+    flip: FlipResult, labels: Sequence[str], height: int = 300, word: str = "channel"
+) -> go.Figure:
+    """The target's score as the top channels are zeroed one more at a time, the flip marked;
+    ``word`` names them (``"feature"`` for a transformer's tokens)."""
     ks = np.arange(len(flip.target_scores))
 
     def name(index: int) -> str:
@@ -130,7 +133,9 @@ def flip_figure(flip: FlipResult, labels: Sequence[str], height: int = 300) -> g
                 mode="markers+text",
                 marker=dict(size=13, color="#d62728", symbol="x"),
                 text=[f"flips to {name(int(flip.predicted[k]))}"],
-                textposition="top right" if k < len(ks) / 2 else "top left",
+                # The flip is the last point: its label goes to the right, where no line runs.
+                textposition="middle right",
+                cliponaxis=False,
                 hoverinfo="skip",
             )
         )
@@ -140,13 +145,17 @@ def flip_figure(flip: FlipResult, labels: Sequence[str], height: int = 300) -> g
         showlegend=False,
         plot_bgcolor="rgba(0,0,0,0)",
         paper_bgcolor="rgba(0,0,0,0)",
-        xaxis_title="top channels zeroed (k)",
+        xaxis_title=f"top {word}s zeroed (k)",
         yaxis_title="target score",
         hovermode="closest",
         dragmode=False,
     )
+    last = len(ks) - 1
+    # Half a step of room on each side keeps the end markers whole; after a flip, more on the
+    # right for its label.
+    right = last + (max(1.5, 0.3 * last) if flip.flipped_at is not None else 0.5)
     figure.update_xaxes(
-        rangemode="tozero",
+        range=[-0.5, right],
         gridcolor="rgba(128,128,128,0.2)",
         dtick=max(1, math.ceil(len(ks) / 10)),  # whole numbers of channels only
     )

@@ -3,13 +3,19 @@
 Meant for showing the explorer on a projector (1024x768 is the smallest screen it is checked
 on). The mode is one session-state flag (:data:`webapp.state.PRESENTATION`), switched by the
 toggle in the sidebar; while it is on every page gets :data:`CSS`, the sidebar starts collapsed
-(:func:`sidebar_state`) and the settings forms sit in closed expanders (see
-:func:`webapp.widgets.settings_form`).
+(:func:`sidebar_state`) and every block of controls (the settings form, the sweep form, the
+dataset page's choices, the Compare page's choices) sits in a closed expander: see
+:func:`controls`, the one helper pages draw such a block with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from webapp import state as S
 
@@ -45,6 +51,10 @@ html { font-size: 19px; }
 
 WIDGET_KEY = "_w_presentation"
 
+# Whether the script is drawing inside a block of :func:`controls` right now. A context
+# variable, not session state: it lasts exactly as long as the ``with`` block of this run.
+_FOLDED: ContextVar[bool] = ContextVar("presentation_folded", default=False)
+
 
 def active() -> bool:
     """Whether presentation mode is on for this session."""
@@ -77,3 +87,38 @@ def toggle() -> None:
         "into expanders and this sidebar starts closed (open it with the arrow at the top "
         "left).",
     )
+
+
+@contextmanager
+def controls(
+    label: str, *, expanded: bool = False, always: bool = False
+) -> Iterator[DeltaGenerator]:
+    """A block of controls: in an expander named ``label`` while presenting, in place otherwise.
+
+    Yields the container the block is drawn in; a page may add more to it later (``with box:``
+    or ``box.columns(...)``), so controls drawn further down the script still land in the fold.
+    ``always`` folds the block also outside presentation mode; ``expanded`` opens the expander
+    the first time it is drawn (for a block the page cannot work without yet).
+
+    A block inside another block is drawn in place: one expander holds all of it, never an
+    expander in an expander. Widgets keep their keys and values whether folded or not, so
+    turning the mode on or off loses nothing the user set.
+    """
+    if _FOLDED.get() or not (always or active()):
+        box = st.container()
+        with box:
+            yield box
+        return
+    token = _FOLDED.set(True)
+    try:
+        box = st.expander(label, expanded=expanded)
+        with box:
+            yield box
+    finally:
+        _FOLDED.reset(token)
+
+
+def folded() -> bool:
+    """Whether the script is drawing inside a folded block of :func:`controls` (a sub-section
+    there is a bordered container, not another expander)."""
+    return _FOLDED.get()

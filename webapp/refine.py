@@ -38,10 +38,11 @@ LOG = logging.getLogger(__name__)
 POLL_S = 0.5
 """How often the progress fragment looks at the job."""
 
-ORPHAN_S = 3.0
-"""A running refinement whose page has not looked at it for this long is cancelled: the user
-went to another page, or the page stopped answering (coming back starts it again; the first look
-is cached). One whose browser tab closed is cancelled at once."""
+ORPHAN_S = 10.0
+"""A running refinement whose page has not looked at it for this long is cancelled: the page
+stopped answering (coming back starts it again; the first look is cached). One whose browser tab
+closed, or whose user went to another page, is cancelled at once (see :func:`leave`). Generous:
+on a busy server the page's polls can be seconds apart."""
 
 _WAIT_S = 0.05
 
@@ -70,6 +71,10 @@ class Refinement:
         Whether it was cancelled because no page looked at it any more.
     session_id : str or None
         The browser session that asked for it.
+    auto : bool
+        Whether the engine chooses its steps (its progress total is then a cap, not a goal).
+    page : str or None
+        The page that shows it (Streamlit's page script hash).
     """
 
     key: str
@@ -81,6 +86,8 @@ class Refinement:
     seen: float = 0.0
     orphaned: bool = False
     session_id: str | None = None
+    auto: bool = False
+    page: str | None = None
 
     def __post_init__(self) -> None:
         self.seen = self.started
@@ -122,6 +129,11 @@ def collect(refinement: Refinement | None = None) -> bool:
 
 
 def _settings_words(settings: AttributionSettings) -> str:
+    if settings.auto_steps:
+        return (
+            f"a delta within {float(settings.tolerance) * 100:.3g}% (automatic steps, at most "
+            f"{int(settings.n_steps)})"
+        )
     return f"{int(settings.n_steps)} {S.METHOD_NAMES.get(settings.method, settings.method)} steps"
 
 
@@ -141,10 +153,14 @@ def _start(
         return old, False
     if old is not None and old.running:
         old.handle.cancel()  # a newer request replaces the older one
+    _cancel_prefetch()  # the refinement needs the background worker more
     handle = backend.start_conductance(lm, image, prep, layer, settings)
-    refinement = Refinement(key, handle, _settings_words(settings), time.monotonic())
+    refinement = Refinement(
+        key, handle, _settings_words(settings), time.monotonic(), auto=settings.auto_steps
+    )
     run = get_script_run_ctx(suppress_warning=True)
     refinement.session_id = run.session_id if run is not None else None
+    refinement.page = run.page_script_hash if run is not None else None
     st.session_state[S.REFINEMENT] = refinement
     _watchdog().watch(refinement)
     return refinement, True
@@ -232,7 +248,9 @@ def conductance(
     if quick is None:  # few steps: the map itself is about as cheap as a first look
         return backend.conductance(lm, image, prep, layer, settings, progress), None
     refinement, fresh = _start(lm, image, prep, layer, settings)
-    if fresh:
+    # Waiting for the asked-for map is pointless when even a first look of this model took
+    # longer than the wait: draw the first look at once.
+    if fresh and _first_look_seconds().get(lm.source.key, 0.0) < first_look_after_s():
         deadline = time.monotonic() + first_look_after_s()
         while refinement.running and time.monotonic() < deadline:
             if progress is not None and refinement.handle.progress is not None:
@@ -255,7 +273,73 @@ def conductance(
     elif refinement.kept:  # done earlier, then evicted from the cache: run it again
         restart()
         return conductance(lm, image, prep, layer, settings, progress)
-    return backend.conductance(lm, image, prep, layer, quick, progress), refinement
+    timed = backend.conductance_cached(lm, image, prep, layer, quick) is None
+    started = time.monotonic()
+    first = backend.conductance(lm, image, prep, layer, quick, progress)
+    if timed:
+        _first_look_seconds()[lm.source.key] = time.monotonic() - started
+    return first, refinement
+
+
+@st.cache_resource(show_spinner=False)
+def _first_look_seconds() -> dict[str, float]:
+    """How long the last computed first look took, per model key (process-wide)."""
+    return {}
+
+
+def collect_gradients() -> None:
+    """Store the gradients of the session's finished prefetch (:func:`prefetch_gradients`) in
+    the cache, so a click on one of those cells is answered from it."""
+    pending = st.session_state.get(S.PREFETCH)
+    if isinstance(pending, backend.GradientPrefetch):
+        pending.collect()
+
+
+def prefetch_gradients(
+    lm: backend.ServedModel,
+    image: ImageEntry,
+    prep: Any,
+    layer: str,
+    neurons: list[tuple[int, ...]],
+) -> None:
+    """Compute the input gradients of ``neurons`` (the cells the user may click next) in the
+    background, unless the model's background worker refines a map for this session; a newer
+    set replaces an older one still running. Small models only: see
+    :func:`webapp.backend.plan_gradient_prefetch`."""
+    refinement = current()
+    if refinement is not None and refinement.running:
+        return
+    old = st.session_state.get(S.PREFETCH)
+    try:
+        new = backend.plan_gradient_prefetch(lm, image, prep, layer, neurons)
+        if new is None:
+            return
+        if isinstance(old, backend.GradientPrefetch) and old.pending:
+            if set(new.keys) <= set(old.keys):
+                return  # already on its way
+            old.cancel()
+        st.session_state[S.PREFETCH] = new.start(lm)
+    except Exception:  # noqa: BLE001 - only a head start: a click computes its own gradient
+        LOG.warning("Prefetching neuron gradients failed; clicks compute them.", exc_info=True)
+
+
+def _cancel_prefetch() -> None:
+    pending = st.session_state.get(S.PREFETCH)
+    if isinstance(pending, backend.GradientPrefetch):
+        pending.cancel()
+    st.session_state[S.PREFETCH] = None
+
+
+def leave() -> None:
+    """Cancel the session's refinement when this run is another page's: the user moved on
+    (coming back to its page starts it again). Call at the top of every page run."""
+    refinement = current()
+    if refinement is None or not refinement.running or refinement.page is None:
+        return
+    run = get_script_run_ctx(suppress_warning=True)
+    if run is not None and run.page_script_hash != refinement.page:
+        refinement.orphaned = True
+        refinement.handle.cancel()
 
 
 def stop() -> None:
@@ -310,9 +394,13 @@ def _live(refinement: Refinement, first_steps: int) -> None:
     done, total = refinement.handle.progress or (0, 0)
     fraction = min(1.0, done / total) if total else 0.0
     left, right = st.columns([5, 1], vertical_alignment="center")
+    if refinement.auto:  # the total is the cap: the engine usually stops well before it
+        so_far = f"{done} path points so far (at most {total or '…'})"
+    else:
+        so_far = f"{done} / {total or '…'} steps"
     left.progress(
         fraction,
         text=f"First look at {first_steps} steps shown. Refining to {refinement.what} in the "
-        f"background: {done} / {total or '…'} steps, {elapsed:.0f} s. You can keep clicking.",
+        f"background: {so_far}, {elapsed:.0f} s. You can keep clicking.",
     )
     right.button("Stop", key="refine_stop", on_click=stop, icon=":material/stop_circle:")

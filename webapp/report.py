@@ -228,6 +228,10 @@ def settings_rows(settings: Any, names: Mapping[str, Mapping[str, str]]) -> list
             "automatic" if not settings.internal_batch_size else str(settings.internal_batch_size),
         ),
     ]
+    if getattr(settings, "tolerance", None) is not None:
+        rows.append(
+            ("Steps chosen by the engine", f"until the delta is within {settings.tolerance:.3%}")
+        )
     if settings.baseline == "constant":
         rows.append(("Constant grey level", f"{settings.constant:g}"))
     if settings.baseline == "blur":
@@ -830,6 +834,8 @@ def conductance_view(ctx: Any, result: Any) -> ReportView:
     pixels = common.pop("pixels")
     # The steps and rule the shown map was computed with: a first look uses fewer than asked.
     settings = replace(S.get(S.SETTINGS), method=result.method, n_steps=int(result.n_steps))
+    if result.method != "auto":  # a first look, or fixed steps
+        settings = replace(settings, tolerance=None)
     tolerance = float(S.get(S.TOLERANCE))
     attr = np.asarray(result.attributions)
     channel = S.get(S.CHANNEL)

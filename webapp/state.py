@@ -93,6 +93,10 @@ REFINEMENT = "refinement"
 """The :class:`webapp.refine.Refinement` of the map the conductance page refines in the
 background (a job handle and what it computes), or ``None``."""
 
+PREFETCH = "gradient_prefetch"
+"""The :class:`webapp.backend.GradientPrefetch` computing the gradients of the cells the user
+may click next on the conductance page, or ``None``."""
+
 METHODS: tuple[str, ...] = (
     "gausslegendre",
     "riemann_trapezoid",
@@ -103,6 +107,7 @@ METHODS: tuple[str, ...] = (
 """Integration rules the engine accepts (captum's names)."""
 
 METHOD_NAMES: dict[str, str] = {
+    "auto": "automatic steps",
     "gausslegendre": "Gauss-Legendre",
     "riemann_trapezoid": "Riemann, trapezoid",
     "riemann_middle": "Riemann, midpoint",
@@ -241,6 +246,10 @@ class AttributionSettings:
     internal_batch_size : int or None
         Path points per forward pass; ``None`` to let :func:`webapp.backend.chunk_size` choose.
         Does not change the result.
+    tolerance : float or None
+        ``None``: exactly ``n_steps`` steps of ``method``. A relative delta such as ``0.01``:
+        the conductance map's steps are chosen by the engine (``n_steps="auto"``) until its
+        delta is within this share of F(image) − F(baseline), with at most ``n_steps`` steps.
     """
 
     target: int | None = None
@@ -252,6 +261,12 @@ class AttributionSettings:
     method: str = "gausslegendre"
     n_steps: int = 50
     internal_batch_size: int | None = None
+    tolerance: float | None = None
+
+    @property
+    def auto_steps(self) -> bool:
+        """Whether the engine chooses the steps (to :attr:`tolerance`)."""
+        return self.tolerance is not None
 
     def position_for(self, count: int) -> tuple[int | None, ...] | None:
         """The chosen position when it has ``count`` indices (one per position dimension of
@@ -267,6 +282,12 @@ class SweepSettings:
 
     methods: tuple[str, ...] = ("gausslegendre", "riemann_trapezoid")
     steps: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+    relative: bool = True
+    """Plot |delta| relative to the score difference (``False``: absolute |delta|)."""
+
+
+SWEEP_STEPS: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+"""The step counts the convergence sweep offers."""
 
 
 @dataclass(frozen=True)

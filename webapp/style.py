@@ -34,6 +34,13 @@ CSS = """
 [data-testid="stMainBlockContainer"] [data-testid="stCheckbox"] p {
   white-space: normal !important;
 }
+/* The file uploader's hint (size limit and file types) wraps instead of ending in "G…". */
+[data-testid="stFileUploaderDropzoneInstructions"] span,
+[data-testid="stFileUploaderDropzoneInstructions"] small {
+  white-space: normal !important;
+  overflow: visible !important;
+  text-overflow: clip !important;
+}
 @media (max-width: 1280px) {
   [data-testid="stMetricValue"] { font-size: 1.6rem !important; line-height: 1.25; }
 }

@@ -20,14 +20,24 @@ target      class explained (absent: the predicted class); ``position``: output 
 baseline    baseline kind, with ``constant``, ``sigma`` and ``seed`` when not the defaults
 method      integration rule; ``steps``: n_steps
 channel     selected channel; ``neuron``: selected neuron, e.g. ``3,4,5``
+tol         convergence tolerance in % of the score difference, e.g. ``2.5`` (absent: 5);
+            ``auto=1``: the steps are chosen automatically, to that tolerance
+sweep       the convergence sweep's methods, comma-separated (``none``: no method);
+            ``sweep_steps``: its step counts, e.g. ``4,16,64``; ``sweep_abs=1``: absolute |delta|
+rank        how the conductance page orders channels; ``top``: bars shown; ``tiles``: tiles per
+            page; ``tile_page``: the page of tiles; ``only``: its channel filter, e.g. ``3,10-20``
+present     ``1``: presentation mode
+range       colour range of the neuron-gradient maps (``full``; absent: ``robust``);
+            ``zoom=1``: the maps are zoomed to the receptive field
 ==========  ======================================================================================
 
 Digests are shortened to :data:`~webapp.persist.LINK_PREFIX` hex digits, found in the upload
 store (:mod:`webapp.persist`) or among the sample images, so a link to the demo works on any
 server. Values that are not valid are dropped with a plain message, the rest of the link still
 applies. When the link's model is not on this server, the built-in model is shown, the parts that
-belong to that model (layer, neuron, target) wait, and the address keeps them: uploading the same
-file again opens the view.
+belong to that model (layer, neuron, target, the tile page and filter) wait, and the address keeps
+them: uploading the same file again opens the view. The same holds for the link's images: the
+address keeps the ones this server lacks, and uploading the explained one again explains it.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from explainer.demo import sample_image_paths
 from explainer.errors import ExplainerError
 from explainer.layout import KINDS as LAYOUT_KINDS
 from explainer.limits import max_classes, max_images, max_steps
-from webapp import backend, persist
+from webapp import backend, persist, presentation
 from webapp import state as S
 from webapp.text import md
 
@@ -59,6 +69,10 @@ APPLY = "_url_apply"
 """Session key: the model-dependent parts of a link (``dict``) to apply once the model is loaded."""
 PENDING = "_url_pending"
 """Session key: the model-dependent parts of a link whose model is not on this server."""
+IMAGES_PENDING = "_url_images_pending"
+"""Session key: the link's images that are not on this server (``dict``: ``missing``, their
+digest prefixes; ``active``, the prefix of the explained one while it is missing, or ``None``;
+``notes``, the messages about them), until they are uploaded again."""
 NOTES = "_url_notes"
 """Session key: ``list[str]``, what could not be shown of the link (markdown, escaped)."""
 LAYOUT_KEY = S.LAYOUTS
@@ -78,8 +92,11 @@ MODEL_PARAMS = (
     "position",
     "channel",
     "neuron",
+    "tile_page",
+    "only",
 )
-"""Parameters that only make sense with the link's model."""
+"""Parameters that only make sense with the link's model (the tile page and filter belong to the
+link's layer)."""
 PARAMS = (
     *MODEL_PARAMS,
     "images",
@@ -94,8 +111,31 @@ PARAMS = (
     "seed",
     "method",
     "steps",
+    "tol",
+    "auto",
+    "sweep",
+    "sweep_steps",
+    "sweep_abs",
+    "rank",
+    "top",
+    "tiles",
+    "present",
+    "range",
+    "zoom",
 )
 """Every parameter of a view, in the order written."""
+
+GRADIENT_RANGES = ("robust", "full")
+"""Accepted values of ``range`` (see :data:`webapp.state.GRADIENT_RANGE`)."""
+RANKINGS = ("abs", "pos", "neg", "index")
+"""Accepted values of ``rank`` (:data:`webapp.figures.RANKINGS`)."""
+TILE_SIZES = (16, 36, 64, 100)
+"""Accepted values of ``tiles`` (the conductance page's choices)."""
+TOP_MAX = 100
+"""Most bars the conductance page shows."""
+FILTER_CHARS = 100
+FILTER_CHANNELS = 100_000
+"""Most channels a link's filter may name (its ranges are expanded when the page draws)."""
 
 NAME_CHARS = 300
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -152,6 +192,67 @@ def _prefix(text: str) -> str:
     return text
 
 
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError
+    return text == "1"
+
+
+def _tolerance(text: str) -> float:
+    return _float(text, 0.001, 100.0) / 100.0
+
+
+def _sweep_methods(text: str) -> tuple[str, ...]:
+    if text == "none":
+        return ()
+    parts = text.split(",")
+    if any(p not in S.METHODS for p in parts):
+        raise ValueError
+    return tuple(dict.fromkeys(parts))
+
+
+def _sweep_steps(text: str) -> tuple[int, ...]:
+    if text == "none":
+        return ()
+    parts = text.split(",")
+    if len(parts) > len(S.SWEEP_STEPS):
+        raise ValueError
+    steps = {_int(p, 1, max(S.SWEEP_STEPS)) for p in parts}
+    if not steps <= set(S.SWEEP_STEPS):
+        raise ValueError
+    return tuple(sorted(steps))
+
+
+def _tiles(text: str) -> int:
+    value = _int(text, 1, max(TILE_SIZES))
+    if value not in TILE_SIZES:
+        raise ValueError
+    return value
+
+
+_FILTER_PART = re.compile(r"\s*([0-9]{1,6})\s*(?:-\s*([0-9]{1,6})\s*)?")
+
+
+def _channel_filter(text: str) -> str:
+    """A channel filter like ``3, 10-20, 40`` naming at most :data:`FILTER_CHANNELS` channels
+    (the page expands its ranges)."""
+    if not 1 <= len(text) <= FILTER_CHARS:
+        raise ValueError
+    count = 0
+    for part in text.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        match = _FILTER_PART.fullmatch(part)
+        if match is None:
+            raise ValueError
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        count += abs(high - low) + 1
+    if not 0 < count <= FILTER_CHANNELS:
+        raise ValueError
+    return text
+
+
 def _choice(options: tuple[str, ...] | list[str]):
     def check(text: str) -> str:
         if text not in options:
@@ -190,6 +291,22 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "steps": (lambda t: _int(t, 1, max_steps()), f"a number of steps from 1 to {max_steps()}"),
     "channel": (lambda t: _int(t, 0, 2**31 - 1), "a channel number"),
     "neuron": (lambda t: _ints(t, (1, 4)), "indices like 3,4,5"),
+    "tol": (_tolerance, "a tolerance in % from 0.001 to 100"),
+    "auto": (_flag, "1 or 0"),
+    "sweep": (_sweep_methods, "integration rules separated by commas, or none"),
+    "sweep_steps": (
+        _sweep_steps,
+        "step counts separated by commas, each one of " + ", ".join(map(str, S.SWEEP_STEPS)),
+    ),
+    "sweep_abs": (_flag, "1 or 0"),
+    "rank": (_choice(RANKINGS), ", ".join(RANKINGS)),
+    "top": (lambda t: _int(t, 1, TOP_MAX), f"a number of bars from 1 to {TOP_MAX}"),
+    "tiles": (_tiles, ", ".join(map(str, TILE_SIZES))),
+    "tile_page": (lambda t: _int(t, 1, 10_000), "a page number"),
+    "only": (_channel_filter, "channel numbers and ranges like 3,10-20,40"),
+    "present": (_flag, "1 or 0"),
+    "range": (_choice(GRADIENT_RANGES), ", ".join(GRADIENT_RANGES)),
+    "zoom": (_flag, "1 or 0"),
 }
 
 
@@ -325,6 +442,18 @@ def view_params() -> dict[str, str]:
         out["method"] = settings.method
     if settings.n_steps != _DEFAULT.n_steps:
         out["steps"] = str(int(settings.n_steps))
+    if settings.tolerance is not None:
+        out["auto"] = "1"
+    out.update(_page_params())
+
+    waiting = ss.get(IMAGES_PENDING)
+    if waiting:  # the link's images missing here stay in the address until uploaded again
+        have = [e.digest for e in images]
+        missing = [p for p in waiting["missing"] if not any(d.startswith(p) for d in have)]
+        if missing:
+            out["images"] = ",".join([_short(d) for d in have] + missing)
+        if waiting["active"]:
+            out["image"] = waiting["active"]
 
     pending = ss.get(PENDING)
     if pending:  # the link's model is missing here: its parts stay in the address
@@ -332,6 +461,45 @@ def view_params() -> dict[str, str]:
             out.pop(name, None)
         out.update(pending["params"])
     return {name: out[name] for name in PARAMS if name in out}
+
+
+def _page_params() -> dict[str, str]:
+    """The pages' own view settings (tolerance, sweep, channel grid, presentation mode,
+    gradient maps) that differ from their defaults."""
+    out: dict[str, str] = {}
+    tolerance = float(S.get(S.TOLERANCE))
+    if tolerance != S.DEFAULTS[S.TOLERANCE]:
+        out["tol"] = _number(tolerance * 100.0)
+    sweep: S.SweepSettings = S.get(S.SWEEP)
+    default_sweep = S.SweepSettings()
+    if sweep.methods != default_sweep.methods:
+        out["sweep"] = ",".join(sweep.methods) or "none"
+    if sweep.steps != default_sweep.steps:
+        out["sweep_steps"] = ",".join(str(int(s)) for s in sweep.steps) or "none"
+    if not sweep.relative:
+        out["sweep_abs"] = "1"
+    grid: S.GridView = S.get(S.GRID)
+    default_grid = S.GridView()
+    if grid.rank != default_grid.rank and grid.rank in RANKINGS:
+        out["rank"] = grid.rank
+    if grid.top_k != default_grid.top_k:
+        out["top"] = str(int(grid.top_k))
+    if grid.page_size != default_grid.page_size and grid.page_size in TILE_SIZES:
+        out["tiles"] = str(int(grid.page_size))
+    if grid.page != default_grid.page:
+        out["tile_page"] = str(int(grid.page))
+    if grid.filter.strip():
+        try:  # a filter the page cannot read (it shows every channel then) is not written
+            out["only"] = _channel_filter(grid.filter)
+        except ValueError:
+            pass
+    if S.get(S.PRESENTATION):
+        out["present"] = "1"
+    if S.get(S.GRADIENT_RANGE) == "full":
+        out["range"] = "full"
+    if S.get(S.GRADIENT_ZOOM):
+        out["zoom"] = "1"
+    return out
 
 
 def _samples() -> list[S.ImageEntry]:
@@ -399,10 +567,13 @@ def restore_once() -> bool:
 
     Returns True when the address held a view. What cannot be shown is listed by
     :func:`show_notes`; the parts that need the link's model are applied by
-    :func:`apply_model_view` once the model is loaded.
+    :func:`apply_model_view` once the model is loaded. On the later runs, a link's image that
+    was missing and has been uploaded again becomes the explained image
+    (:func:`_complete_images`).
     """
     ss = st.session_state
     if ss.get(RESTORED):
+        _complete_images()
         return False
     ss[RESTORED] = True
     params = st.query_params.to_dict()
@@ -440,6 +611,40 @@ def _restore_settings(values: dict[str, Any]) -> None:
     fit = values.get("fit")
     if fit is not None:
         st.session_state[S.PREP] = replace(S.get(S.PREP), fit=fit)
+    _restore_page_settings(values)
+
+
+def _restore_page_settings(values: dict[str, Any]) -> None:
+    """The pages' own settings; the tile page and filter wait for the layer
+    (:func:`apply_model_view`)."""
+    ss = st.session_state
+    if "tol" in values:
+        ss[S.TOLERANCE] = values["tol"]
+    if values.get("auto"):
+        ss[S.SETTINGS] = replace(S.get(S.SETTINGS), tolerance=float(S.get(S.TOLERANCE)))
+    sweep: S.SweepSettings = S.get(S.SWEEP)
+    ss[S.SWEEP] = replace(
+        sweep,
+        methods=values.get("sweep", sweep.methods),
+        steps=values.get("sweep_steps", sweep.steps),
+        relative=not values["sweep_abs"] if "sweep_abs" in values else sweep.relative,
+    )
+    grid: S.GridView = S.get(S.GRID)
+    ss[S.GRID] = replace(
+        grid,
+        rank=values.get("rank", grid.rank),
+        top_k=values.get("top", grid.top_k),
+        page_size=values.get("tiles", grid.page_size),
+    )
+    if "range" in values:
+        ss[S.GRADIENT_RANGE] = values["range"]
+    if "zoom" in values:
+        ss[S.GRADIENT_ZOOM] = values["zoom"]
+    if values.get("present"):
+        ss[S.PRESENTATION] = True
+        # This run's page setup came before the link was read: present from this run on.
+        st.set_page_config(initial_sidebar_state=presentation.sidebar_state())
+        presentation.apply()
 
 
 def _restore_images(values: dict[str, Any], store: persist.UploadStore | None) -> None:
@@ -454,7 +659,7 @@ def _restore_images(values: dict[str, Any], store: persist.UploadStore | None) -
         return
     samples = {e.digest: e for e in _samples()}
     images: list[S.ImageEntry] = []
-    missing = 0
+    lost: list[str] = []
     for prefix in values["images"]:
         sample = next((e for d, e in samples.items() if d.startswith(prefix)), None)
         if sample is not None:
@@ -464,28 +669,64 @@ def _restore_images(values: dict[str, Any], store: persist.UploadStore | None) -
         if isinstance(found, persist.Stored):
             images.append(S.ImageEntry(found.name, found.digest, found.data, source="upload"))
         else:
-            missing += 1
-    if missing:
-        total = len(values["images"])
+            lost.append(prefix)
+    notes: list[str] = []
+    if lost:
+        missing, total = len(lost), len(values["images"])
         which = "The image" if total == 1 else f"{missing} of the {total} images"
         them = "it" if missing == 1 else "them"
         fallback = ""
         if not images:
             images = list(samples.values())
             fallback = " The sample images are shown meanwhile."
-        _note(
+        notes.append(
             f"**{which} in this link {'is' if missing == 1 else 'are'} no longer on this server**; "
             f"upload {them} again on the Model & images page to see the view.{fallback} The "
             "other parts of the view are kept."
         )
     st.session_state[S.IMAGES] = images
-    active = values.get("image")
-    chosen = next((e for e in images if active and e.digest.startswith(active)), None)
-    if active and chosen is None and images:
-        _note("The image the link explains is not on this server; the first image is shown.")
+    # The explained image: the link's ``image``, or else its first image.
+    wanted = values.get("image") or (values["images"][0] if values["images"] else None)
+    chosen = next((e for e in images if wanted and e.digest.startswith(wanted)), None)
+    waiting = None
+    if wanted and chosen is None:
+        waiting = wanted
+        if wanted not in lost:
+            lost.append(wanted)
+        if images:
+            notes.append(
+                "The image the link explains is not on this server; the first image is shown "
+                "until you upload it again."
+            )
     if chosen is None and images:
         chosen = images[0]
     st.session_state[S.ACTIVE_IMAGE] = chosen.digest if chosen else None
+    for note in notes:
+        _note(note)
+    if lost:
+        st.session_state[IMAGES_PENDING] = {"missing": lost, "active": waiting, "notes": notes}
+
+
+def _complete_images() -> None:
+    """Make the link's explained image active once it is uploaded again; forget the link's
+    missing images once every one of them is back (their messages go with them)."""
+    ss = st.session_state
+    waiting = ss.get(IMAGES_PENDING)
+    if not waiting:
+        return
+    have = [e.digest for e in S.get(S.IMAGES) or []]
+    active = waiting["active"]
+    back = next((d for d in have if active and d.startswith(active)), None)
+    if back is not None:
+        ss[S.ACTIVE_IMAGE] = back
+        active = None
+        S.flash("success", "This is the image the link explains: it is explained again.")
+    missing = [p for p in waiting["missing"] if not any(d.startswith(p) for d in have)]
+    if missing or active:
+        ss[IMAGES_PENDING] = {**waiting, "missing": missing, "active": active}
+        return
+    ss[IMAGES_PENDING] = None
+    ss[NOTES] = [n for n in ss.get(NOTES) or [] if n not in waiting["notes"]]
 
 
 def _model_part(values: dict[str, Any]) -> dict[str, Any]:
@@ -575,6 +816,11 @@ def apply_model_view(lm: Any) -> Any:
         ss[S.SETTINGS] = replace(S.get(S.SETTINGS), position=parts["position"])
     layer = parts.get("layer")
     if layer is None:
+        if parts.get("tile_page") is not None or parts.get("only") is not None:
+            _note(
+                "The link's tile page and channel filter belong to a layer the link does not "
+                "name; they were left out."
+            )
         return lm
     try:
         node = backend.tree(lm).nodes.get(layer)
@@ -591,6 +837,11 @@ def apply_model_view(lm: Any) -> Any:
     S.set_layer(layer)
     if parts.get("layout") is not None:
         ss[LAYOUT_KEY] = {**(ss.get(LAYOUT_KEY) or {}), layer: parts["layout"]}
+    if parts.get("tile_page") is not None or parts.get("only") is not None:
+        grid: S.GridView = S.get(S.GRID)  # after set_layer, which starts a new layer's grid
+        ss[S.GRID] = replace(
+            grid, page=parts.get("tile_page", grid.page), filter=parts.get("only", grid.filter)
+        )
     if parts.get("neuron") is not None:
         S.select_neuron(parts["neuron"])
     elif parts.get("channel") is not None:
@@ -630,6 +881,7 @@ def keep_upload(data: bytes, kind: str, name: str) -> str | None:
 def _dismiss() -> None:
     st.session_state[NOTES] = []
     st.session_state[PENDING] = None
+    st.session_state[IMAGES_PENDING] = None
 
 
 def show_notes() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +24,7 @@ from explainer.demo import sample_image_paths
 from explainer.errors import ExplainerError
 from explainer.images import Preprocessing
 from explainer.limits import max_steps, max_upload_bytes
-from webapp import backend, presentation, style, tour, urlstate
+from webapp import backend, presentation, refine, style, tour, urlstate
 from webapp import glossary as G
 from webapp import state as S
 from webapp.text import md
@@ -249,6 +249,7 @@ def setup() -> Context:
     style.apply()
     presentation.apply()
     urlstate.restore_once()  # a link's view, on the session's first run
+    refine.leave()  # another page than the one refining a map: stop that work
     if S.IMAGES not in st.session_state:
         samples = load_samples()
         st.session_state[S.IMAGES] = samples
@@ -526,6 +527,7 @@ def _apply_settings(prefix: str, position_dims: int = 0) -> None:
         method=ss.get(f"{prefix}_method", old.method),
         n_steps=int(ss.get(f"{prefix}_steps", old.n_steps)),
         internal_batch_size=batch if batch > 0 else None,
+        tolerance=float(S.get(S.TOLERANCE)) if ss.get(f"{prefix}_auto", old.auto_steps) else None,
     )
 
 
@@ -620,15 +622,22 @@ def _baseline_previews(ctx: Context, settings: S.AttributionSettings) -> None:
         )
 
 
-def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.AttributionSettings:
+def settings_form(
+    ctx: Context, prefix: str, *, show_method: bool = True, auto_steps: bool = False
+) -> S.AttributionSettings:
     """The target / baseline / integration form; returns the settings in force.
 
     Values are applied only when the form is submitted, so changing several at once costs one
-    computation.
+    computation. ``auto_steps`` offers the engine's automatic steps (for pages whose maps come
+    from :func:`webapp.backend.conductance`).
     """
     lm = ctx.lm
     assert lm is not None and ctx.image is not None and ctx.prep is not None
     settings: S.AttributionSettings = S.get(S.SETTINGS)
+    if settings.auto_steps and settings.tolerance != float(S.get(S.TOLERANCE)):
+        # Automatic steps follow the tolerance, wherever it was changed (Convergence, a link).
+        settings = replace(settings, tolerance=float(S.get(S.TOLERANCE)))
+        st.session_state[S.SETTINGS] = settings
     positions = output_positions(lm)
     ok, predicted = attempt("Predicting", backend.predicted_class, lm, ctx.image, ctx.prep)
     options: list[int | None] = [None, *range(lm.num_classes)]
@@ -644,10 +653,12 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
         return target_label(lm, value)
 
     target_index = options.index(settings.target) if settings.target in options else 0
-    # Presentation mode folds the form away (an expander may not hold another expander).
-    presenting = presentation.active()
-    fold = st.expander("Settings: target, baseline, steps") if presenting else nullcontext()
-    with fold, st.form(f"{prefix}_form", border=True):
+    # Presentation mode folds the form away; inside a fold the baseline options are a bordered
+    # box, not an expander in an expander.
+    with (
+        presentation.controls("Settings: target, baseline, steps"),
+        st.form(f"{prefix}_form", border=True),
+    ):
         # Two rows, so that at 1024x768 (a projector) no label or value is clipped.
         c1, c2 = st.columns([3, 2])
         c3, c4, c5 = st.columns([2, 1, 1])
@@ -699,6 +710,20 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
                 "steps", "Points on the path from baseline to image. More steps, smaller delta."
             ),
         )
+        if auto_steps:
+            st.checkbox(
+                "Choose the steps for me: add path points until the convergence delta is within "
+                f"your tolerance ({float(S.get(S.TOLERANCE)) * 100:.3g}% of the score difference), "
+                "using at most n_steps",
+                value=settings.auto_steps,
+                key=f"{prefix}_auto",
+                help=G.help_text(
+                    "steps",
+                    "The engine places the points where the path needs them and stops once the "
+                    "delta is small enough; the map says how many it used. The tolerance is set "
+                    "on the Convergence page.",
+                ),
+            )
         c5.number_input(
             "Batch size",
             min_value=0,
@@ -711,7 +736,8 @@ def settings_form(ctx: Context, prefix: str, *, show_method: bool = True) -> S.A
         )
         if positions:
             _position_inputs(prefix, settings, positions)
-        with st.container(border=True) if presenting else st.expander("Baseline options"):
+        folded = presentation.folded()
+        with st.container(border=True) if folded else st.expander("Baseline options"):
             _baseline_previews(ctx, settings)
             b1, b2, b3 = st.columns(3)
             b1.slider(

@@ -450,6 +450,9 @@ class _Slot:
         os.set_blocking(request_write, False)  # a worker that stops reading cannot stall us
         with self.io_lock:
             self.proc, self.request_fd = proc, request_write
+        with self.pause_lock:
+            if self.paused:  # paused before its process existed: it starts paused
+                self._signal(signal.SIGSTOP)
         self.replies = queue.Queue(maxsize=_MAX_QUEUED)
         self.reader_stop = threading.Event()
         self.job_peak = 0
@@ -780,10 +783,11 @@ class LocalExecutor:
         return handle
 
     def _background_slot(self, key: str) -> _Slot | None:
-        """The background worker of the model whose key is ``key``, when it runs a job."""
+        """The background worker of the model whose key is ``key``, when it runs a job or has
+        one queued (a job submitted a moment ago may not have reached the worker yet)."""
         with self._lock:
             slot = self._slots.get(key + BACKGROUND_SUFFIX)
-        if slot is None or slot.closed or slot.running is None:
+        if slot is None or slot.closed or (slot.running is None and not slot.queue):
             return None
         return slot
 

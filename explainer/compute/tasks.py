@@ -160,10 +160,13 @@ class ModelSession:
         target: Any,
         baseline: Any,
         method: str,
-        n_steps: int,
+        n_steps: Any,
         internal_batch_size: int | None = None,
+        tolerance: Any = None,
+        steps_cap: Any = None,
         progress: Progress | None = None,
     ) -> analysis.ConductanceResult:
+        auto = n_steps == "auto"
         return analysis.compute_conductance(
             self.model,
             layer,
@@ -171,9 +174,11 @@ class ModelSession:
             _target(target),
             _tensor(baseline, "baseline"),
             method=method,
-            n_steps=int(n_steps),
+            n_steps="auto" if auto else int(n_steps),
             internal_batch_size=internal_batch_size,
             progress=progress,
+            tolerance=float(tolerance) if auto and tolerance is not None else None,
+            steps_cap=int(steps_cap) if auto and steps_cap is not None else None,
         )
 
     def _neuron_gradients(
@@ -230,6 +235,7 @@ class ModelSession:
         target: Any,
         order: Any,
         limit: int | None = None,
+        channel_axis: int = 0,
         progress: Progress | None = None,
     ) -> Any:
         from explainer.checks import flip_search
@@ -241,6 +247,7 @@ class ModelSession:
             _target(target),
             list(_indices(order, "channel order")),
             limit=None if limit is None else int(limit),
+            channel_axis=int(channel_axis),
             progress=progress,
         )
 

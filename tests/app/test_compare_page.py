@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 from apphelpers import (
@@ -26,7 +29,7 @@ from downloadhelpers import (
 from test_literal_text import assert_literal, hostile_app  # noqa: F401 - a fixture
 
 from explainer.errors import ExplainerError
-from webapp import backend
+from webapp import backend, export
 from webapp import state as S
 from webapp.compare import CompareSpec
 
@@ -236,3 +239,63 @@ def test_each_panes_map_downloads_as_drawn(app, monkeypatch):
     # Both panes explain class 2: one shared scale, and different images give different maps.
     assert not np.allclose(arrays["pane1_map"], arrays["pane2_map"])
     assert f"Save {stem}_pane1_map.png" in download_helps(app)
+
+
+# --- colour bars: every pane readable on its own ------------------------------------------------
+def _bar(spec: dict) -> dict:
+    heat = spec["data"][0]
+    assert heat["type"] == "heatmap"
+    assert heat.get("showscale", True) is not False  # plotly's default draws the bar
+    return heat["colorbar"]
+
+
+def test_every_pane_draws_the_colour_bar_of_its_scale(app):
+    app.session_state[S.SETTINGS] = S.AttributionSettings(target=2)
+    app.session_state[S.COMPARE] = CompareSpec("baselines", ("black", "zeros", "blur"))
+    open_page(app, PAGE_COMPARE)
+    assert not app.error, error_text(app)
+    panes = _panes(app)
+    assert len(panes) == 3
+    bars = [_bar(panes[f"cmp_map{i}"]) for i in range(3)]
+    limit = _zmax(panes["cmp_map0"])
+    for spec, bar in zip(panes.values(), bars, strict=True):
+        # One scale, labelled the same in every pane: the same range, the same ticks.
+        assert _zmax(spec) == limit and float(spec["data"][0]["zmin"]) == -limit
+        assert bar["tickvals"] == pytest.approx([-limit, 0.0, limit])
+        assert bar["ticktext"] == bars[0]["ticktext"]
+        assert bar["title"]["text"] == "conductance<br>shared by panes 1–3"
+        # Under the map (horizontal), so that every pane's map keeps the same size.
+        assert bar["orientation"] == "h"
+
+    # Panes of different scores: each its own bar, titled without a claim of sharing.
+    app.session_state[S.COMPARE] = CompareSpec("targets", (0, 4))
+    app.run()
+    panes = _panes(app)
+    bars = [_bar(panes[f"cmp_map{i}"]) for i in range(2)]
+    assert bars[0]["tickvals"] != pytest.approx(bars[1]["tickvals"])
+    for i, bar in enumerate(bars):
+        assert bar["title"]["text"] == "conductance"
+        assert bar["tickvals"][-1] == pytest.approx(_zmax(panes[f"cmp_map{i}"]))
+
+
+needs_chromium = pytest.mark.skipif(
+    export.chromium_path() is None and os.environ.get("CI") != "true",
+    reason="Chromium is not installed (apt-get install chromium)",
+)
+
+
+@needs_chromium
+def test_one_panes_svg_download_carries_its_colour_bar(app, monkeypatch):
+    offered = capture(monkeypatch)
+    app.session_state[S.SETTINGS] = S.AttributionSettings(target=2)
+    open_page(app, PAGE_COMPARE)
+    open_menu(app, "cmp")
+    assert not app.error, error_text(app)
+    bar = _bar(_panes(app)["cmp_map0"])
+    files = row_files(offered, "compare_")
+    (svg,) = [name for name in files if name.endswith("_pane1_map.svg")]
+    drawing = files[svg].data().decode("utf-8")
+    assert re.search(r'class="[^"]*\bcolorbar\b', drawing)
+    assert "shared by panes 1, 2" in drawing  # the title's second line
+    for tick in bar["ticktext"]:
+        assert f">{tick}<" in drawing

@@ -9,10 +9,10 @@ AppTest does not fire a fragment's timer, so the tests wait on the job and rerun
 from __future__ import annotations
 
 import pytest
-from apphelpers import PAGE_CONDUCTANCE, TIMEOUT, count_jobs, open_page, visible
+from apphelpers import PAGE_CONDUCTANCE, PAGE_LAYER, TIMEOUT, count_jobs, open_page, visible
 
 from webapp import backend, refine
-from webapp.state import AttributionSettings
+from webapp.state import AttributionSettings, ModelRef
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -182,3 +182,39 @@ def test_first_look_settings_rule():
     twice = 2 * backend.FIRST_LOOK_STEPS
     assert backend.first_look_settings(AttributionSettings(n_steps=twice + 1)) is not None
     assert backend.first_look_settings(AttributionSettings(n_steps=twice)) is None
+
+
+def test_a_model_whose_first_look_is_slow_gets_one_without_waiting(app, monkeypatch):
+    monkeypatch.setattr(refine, "ORPHAN_S", 600.0)
+    lm = backend.resolve_model(ModelRef())
+    seconds = refine._first_look_seconds()
+    monkeypatch.setitem(seconds, lm.source.key, 0.0)
+    # A first look is timed when it is computed.
+    monkeypatch.setenv("EXPLAINER_FIRST_LOOK_AFTER_S", "0.001")
+    first = _open(app, AttributionSettings(n_steps=1000, baseline="constant", constant=0.17))
+    assert seconds[lm.source.key] > 0.0
+    first.handle.cancel()
+    # The page would wait up to 300 s for the asked-for map; a model whose last first look
+    # took longer than that wait gets its first look at once, the full map still running.
+    monkeypatch.setenv("EXPLAINER_FIRST_LOOK_AFTER_S", "300")
+    seconds[lm.source.key] = 301.0
+    refinement = _open(app, AttributionSettings(n_steps=1001, baseline="constant", constant=0.19))
+    assert refinement is not None and refinement.running
+    assert "First look at 4 steps shown" in _texts(app)
+    refinement.handle.cancel()
+
+
+def test_going_to_another_page_stops_the_refinement_at_once(app, first_look):
+    refinement = _open(app, AttributionSettings(n_steps=1000, baseline="constant", constant=0.23))
+    assert refinement.running
+    open_page(app, PAGE_LAYER)
+    assert not app.exception, [e.value for e in app.exception]
+    assert refinement.orphaned and refinement.handle.cancel_requested
+    # Back on its page: the same map is refined again.
+    open_page(app, PAGE_CONDUCTANCE)
+    again = app.session_state["refinement"]
+    assert again is not refinement and again.key == refinement.key and again.running
+    # A rerun of the page itself (a click, a fragment) keeps it.
+    app.run()
+    assert app.session_state["refinement"] is again and not again.orphaned
+    again.handle.cancel()

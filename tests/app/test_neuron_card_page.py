@@ -16,7 +16,7 @@ from apphelpers import (
     widget,
 )
 from downloadhelpers import capture, csv_array, download_keys, npz_arrays, open_menu, row_files
-from test_layouts_in_app import VIT_LAYER, model_bytes, raw_output
+from test_layouts_in_app import SWIN_STAGE, VIT_LAYER, model_bytes, raw_output
 
 from explainer import checks
 from explainer.errors import ExplainerError, JobCancelled
@@ -416,8 +416,12 @@ def test_a_vision_transformer_neuron_is_shown_in_feature_and_patch_terms(app, mo
     plain, zeroed = _scores_with_feature_zeroed(app, 5)
     target = int(np.argmin(np.abs(plain - before)))
     assert zeroed[target] == pytest.approx(whole, rel=1e-3, abs=1e-3)
-    assert "card_flip" not in plotly_specs(app)
-    assert "flip search zeroes whole slices" in texts(app, "caption")
+    # The flip search runs on features: ranked by the features' conductance, each zeroed in
+    # every token, as a plain forward pass with a hook finds.
+    assert "card_flip" in plotly_specs(app)
+    assert "zeroes whole slices" not in texts(app, "caption")
+    assert "A feature is zeroed in every token" in texts(app, "caption")
+    _check_flip_against_torch(app, "vit", VIT_LAYER, "feature", "class_patch_tokens")
     # The downloads and the report view are in the same terms.
     open_menu(app, "card")
     files = row_files(offered, "neuron_card_")
@@ -445,15 +449,66 @@ def test_a_vision_transformer_neuron_is_shown_in_feature_and_patch_terms(app, mo
     assert zeroed_first == "this neuron (feature 5 of the class token)"
 
 
-def _scores_with_feature_zeroed(app, feature: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ViT's scores for the active image, as they are and with ``feature`` of the layer's
-    output set to 0 in every token, computed here with plain torch."""
+def test_the_flip_search_zeroes_whole_channels_of_a_channels_last_map(app):
+    upload_model(app, model_bytes("swin"), "swin.pt2", arch="resnet18")
+    assert not app.error, error_text(app)
+    app.session_state[S.LAYER] = SWIN_STAGE  # (4, 4, 16): channels last
+    app.session_state[S.NEURON] = (9, 1, 2)
+    open_page(app, PAGE_NEURON_CARD)
+    assert not app.error and not app.exception, error_text(app)
+    assert "card_flip" in plotly_specs(app)
+    assert "A channel is zeroed at every position of the map" in texts(app, "caption")
+    flip = _check_flip_against_torch(app, "swin", SWIN_STAGE, "channel", "channels_last")
+    assert flip.channels == 16  # the channels, not the 4 rows
+
+
+def _check_flip_against_torch(app, kind: str, layer: str, word: str, layout_kind: str):
+    """The card's flip search on a layer whose channels are its last dimension: the ranking
+    is the layout view's per-channel conductance (what the card's metrics use), and the scores
+    at several k are those of a plain forward pass with the top k channels set to 0 at every
+    position (every token)."""
+    from explainer.layout import layout_for
+
+    lm, image, prep = served(app)
+    settings = app.session_state[S.SETTINGS]
+    cond = backend.conductance(lm, image, prep, layer, settings)
+    layout = layout_for(cond.attributions.shape, lm.input_size[1:], layout_kind)
+    assert layout.kind == layout_kind
+    flip = backend.flip_search(lm, image, prep, layer, settings, channel_axis=layout.channel_axis)
+    channels = layout.num_channels
+    assert (flip.channels, flip.channel_axis) == (channels, len(layout.shape) - 1)
+    totals = layout.view(cond.attributions).channel_totals
+    np.testing.assert_array_equal(flip.order, checks.channel_order(totals)[: flip.searched])
+    drawn = values(plotly_specs(app)["card_flip"]["data"][0]["y"])
+    np.testing.assert_allclose(drawn, flip.target_scores, rtol=1e-12)
+    top = ", ".join(str(int(c)) for c in flip.order[:3])
+    assert f"Top {word}s: {top}" in texts(app, "caption") or flip.searched < 3
+    if flip.flipped_at is not None:
+        assert f"Zeroing the top **{flip.flipped_at}** {word}" in texts(app, "success")
+    else:
+        assert f"up to all {flip.searched} of {channels}" in texts(app, "info")
+    target = int(flip.target)
+    for k in sorted({1, flip.searched // 2, flip.searched}):
+        _, zeroed = _scores_with_feature_zeroed(
+            app, [int(c) for c in flip.order[:k]], kind=kind, layer=layer
+        )
+        assert zeroed[target] == pytest.approx(flip.target_scores[k], rel=1e-3, abs=1e-3)
+        assert int(np.argmax(zeroed)) == int(flip.predicted[k])
+    return flip
+
+
+def _scores_with_feature_zeroed(
+    app, feature: int | list[int], kind: str = "vit", layer: str = VIT_LAYER
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's scores for the active image, as they are and with ``feature`` (one or
+    several) of the layer's output set to 0 in every token or position (the output's last
+    dimension), computed here with plain torch."""
     import torch
 
     from explainer.images import Preprocessing, load_image, preprocess
     from explainer.intake import load_model
 
-    lm = load_model(model_bytes("vit"), filename="m.pt2")
+    lm = load_model(model_bytes(kind), filename="m.pt2")
     prep = Preprocessing.for_model(lm.input_size, lm.mean, lm.std)
     active = app.session_state[S.ACTIVE_IMAGE]
     entry = next(e for e in app.session_state[S.IMAGES] if e.digest == active)
@@ -461,12 +516,12 @@ def _scores_with_feature_zeroed(app, feature: int) -> tuple[np.ndarray, np.ndarr
 
     def zero(module, args, out):
         out = out.clone()
-        out[:, :, feature] = 0
+        out[..., feature] = 0
         return out
 
     with torch.no_grad():
         plain = lm.model(x)[0].double().numpy()
-        handle = lm.model.get_submodule(VIT_LAYER).register_forward_hook(zero)
+        handle = lm.model.get_submodule(layer).register_forward_hook(zero)
         try:
             zeroed = lm.model(x)[0].double().numpy()
         finally:

@@ -20,7 +20,7 @@ SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
 BUSY = '[data-testid="stSkeleton"], [data-testid="stProgress"], [data-testid="stSpinner"]'
 
 
-def settle(page, quiet_s: float = 1.5, timeout_s: float = 90.0) -> None:
+def settle(page, quiet_s: float = 1.5, timeout_s: float = 240.0) -> None:
     """Wait until nothing is loading or computing for ``quiet_s`` seconds."""
     deadline = time.monotonic() + timeout_s
     quiet_since = None

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_app_browser import BUSY
+from test_app_browser import settle as _settle
 
 pytestmark = pytest.mark.browser
 
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
-BUSY = '[data-testid="stSkeleton"], [data-testid="stProgress"], [data-testid="stSpinner"]'
 CLICKS = 8
 QUIET_MS = 1500  # no change of the page for this long: the click's update is over
 SETTLE_LIMIT_S = 30.0
@@ -37,22 +38,6 @@ OBSERVE = """() => {
         subtree: true, childList: true, attributes: true, characterData: true,
     });
 }"""
-
-
-def _settle(page, quiet_s: float = 1.5, timeout_s: float = 120.0) -> None:
-    """Wait until nothing is loading or computing for ``quiet_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    quiet_since = None
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        if page.locator(BUSY).count():
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= quiet_s:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the page kept loading")
 
 
 def _selection(page) -> str:

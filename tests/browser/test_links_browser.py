@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import REPO, START_TIMEOUT_S, _free_port, _healthy
 from PIL import Image
+from test_app_browser import settle
 
 pytestmark = pytest.mark.browser
 
 SHOTS = Path(os.environ.get("EXPLAINER_SHOTS_DIR", Path(__file__).parent / "screenshots"))
-BUSY = '[data-testid="stSkeleton"], [data-testid="stProgress"], [data-testid="stSpinner"]'
 SIZES = {"wide": (1400, 900), "small": (1024, 768), "tall": (1500, 1600)}
 
 
@@ -79,22 +79,6 @@ def server(tmp_path: Path) -> Iterator[Server]:
         yield instance
     finally:
         instance.stop()
-
-
-def settle(page, quiet_s: float = 1.5, timeout_s: float = 120.0) -> None:
-    """Wait until nothing is loading or computing for ``quiet_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    quiet_since = None
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        if page.locator(BUSY).count():
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= quiet_s:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the page kept loading")
 
 
 def new_tab(browser, size: str = "wide"):

@@ -7,30 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_app_browser import settle
 
 pytestmark = pytest.mark.browser
 
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots" / "tour"
-BUSY = '[data-testid="stSkeleton"], [data-testid="stProgress"], [data-testid="stSpinner"]'
 BOX = ".st-key-tour_box"
 STEPS = 6
-
-
-def settle(page, quiet_s: float = 1.5, timeout_s: float = 240.0) -> None:
-    """Wait until nothing is loading or computing for ``quiet_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    quiet_since = None
-    while time.monotonic() < deadline:
-        busy = page.locator(BUSY).count()
-        now = time.monotonic()
-        if busy:
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= quiet_s:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the page kept loading")
 
 
 def shot(page, name: str, scroll_to: str | None = None) -> None:
