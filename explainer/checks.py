@@ -750,6 +750,7 @@ def cascading_randomisation(
     seed: int = 0,
     internal_batch_size: int | None = None,
     progress: Progress | None = None,
+    copy_model: Callable[[], nn.Module] | None = None,
 ) -> RandomisationResult:
     """The cascading randomisation test of the neuron's conductance map.
 
@@ -757,13 +758,15 @@ def cascading_randomisation(
     modules are re-initialised from the output down in at most ``max_stages`` cumulative
     stages (:func:`randomisation_stages`), and after each stage the neuron's conductance map is
     computed again and compared with the original one (:func:`map_similarity`).
+    ``copy_model``, when given, makes that copy instead (for models ``copy.deepcopy`` cannot
+    copy, such as an exported program, whose file can be loaded a second time).
 
     ``progress(done, total)`` counts maps (``stages + 1``).
     """
     analysis._check_model(model)
     x = analysis._prepare_input(model, x, "image")
     try:
-        twin = copy.deepcopy(model)
+        twin = copy.deepcopy(model) if copy_model is None else copy_model()
     except Exception as exc:  # noqa: BLE001 - any copy failure gets the same advice
         raise AttributionError(
             "This model cannot be copied, so its weights cannot be randomised without changing "

@@ -11,6 +11,7 @@ The original model is never touched.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,7 +22,9 @@ RANDOM_SEED = 0
 """The seed of the randomised copy the app shows."""
 
 
-def randomised_copy(model: nn.Module, seed: int = RANDOM_SEED) -> nn.Module:
+def randomised_copy(
+    model: nn.Module, seed: int = RANDOM_SEED, copy_model: Callable[[], nn.Module] | None = None
+) -> nn.Module:
     """A deep copy of ``model`` with the entries of every parameter tensor shuffled.
 
     Parameters
@@ -30,13 +33,16 @@ def randomised_copy(model: nn.Module, seed: int = RANDOM_SEED) -> nn.Module:
         Left exactly as it was (its parameters, buffers, hooks and mode).
     seed : int
         Seed of the shuffles: the same seed gives the same copy.
+    copy_model : callable, optional
+        Makes the copy instead of ``copy.deepcopy`` (for a model that cannot be deep-copied,
+        such as an exported program, whose file can be loaded again).
 
     Returns
     -------
     nn.Module
         The copy, in the original's training mode, on the original's devices.
     """
-    clone = copy.deepcopy(model)
+    clone = copy.deepcopy(model) if copy_model is None else copy_model()
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     with torch.no_grad():
         for parameter in clone.parameters():  # shared parameters come once

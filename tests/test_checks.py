@@ -516,3 +516,40 @@ def test_the_model_session_answers_the_card_operations():
                 "n_steps": 2,
             },
         )
+
+
+class _SmallExportable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv2(self.act(self.conv1(x))).mean(dim=(2, 3)))
+
+
+def test_an_exported_model_gets_its_sanity_check_from_a_second_load():
+    """An exported program cannot be deep-copied: the worker loads its file a second time for
+    the randomised copies, and the model in use stays as it was."""
+    from hostile import export_bytes
+
+    from explainer.compute import ModelSource
+    from explainer.compute.tasks import ModelSession
+
+    torch.manual_seed(3)
+    session = ModelSession(ModelSource("file", export_bytes(_SmallExportable()), "small.pt2"))
+    with pytest.raises(Exception):  # noqa: B017 - the reason the second load exists
+        __import__("copy").deepcopy(session.model)
+    x = torch.rand(1, 3, 8, 8).numpy()
+    common = {"layer": "conv2", "x": x, "target": 0, "baseline": np.zeros_like(x)}
+    before = session.run("scores", {"x": x})
+    result = session.run(
+        "randomisation", {**common, "neuron": (1, 3, 3), "method": "gausslegendre", "n_steps": 4}
+    )
+    assert len(result.stages) >= 2 and result_fits("randomisation", result)
+    random = session.run("random_conductance", {**common, "method": "gausslegendre", "n_steps": 4})
+    plain = session.run("conductance", {**common, "method": "gausslegendre", "n_steps": 4})
+    assert not np.allclose(random.attributions, plain.attributions)  # the weights did change
+    np.testing.assert_array_equal(session.run("scores", {"x": x}), before)

@@ -549,6 +549,9 @@ footer { margin-top: 48px; color: #5b6270; font-size: 0.85rem; }
   body { padding: 0; max-width: none; }
   section.view { break-before: page; }
   h2 { border-top: none; }
+  /* A heading stays with what it introduces; a verdict or a short table is not split. */
+  h1, h2, h3 { break-after: avoid; page-break-after: avoid; }
+  .verdict, table, .row > div { break-inside: avoid; page-break-inside: avoid; }
 }
 """
 
@@ -1126,6 +1129,8 @@ def actions_row(key: str, view: ReportView | Callable[[], ReportView | None] | N
         on_change="rerun",  # its files are listed only while it is open
     )
     with menu:
+        # A failed PNG/SVG is said here too: the open menu covers the message under the row.
+        notice = st.empty()
         st.markdown("**Figures**")
         chromium = export.chromium_available()
         if not chromium:
@@ -1226,6 +1231,8 @@ def actions_row(key: str, view: ReportView | Callable[[], ReportView | None] | N
     for job_id, job in previous.items():
         if job.done and job.message is not None:
             st.error(esc_md(job.message), icon=":material/broken_image:")
+            if menu.open:
+                notice.error(esc_md(job.message), icon=":material/broken_image:")
             # Said once: a closed menu keeps its jobs, and the message would stay forever.
             kept = st.session_state.get(_render_jobs_key(key)) or {}
             if kept.get(job_id) is job:

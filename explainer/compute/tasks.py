@@ -11,6 +11,7 @@ event is set, so a superseded request ends within about one layer's time.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -123,10 +124,19 @@ class ModelSession:
         self.device = _device()
         self.model = loaded.model.to(self.device).eval()
         self.info = loaded.info()
+        self._source = source
         # Operation "x" is the method "_x"; OPERATIONS lists them.
         self._operations: dict[str, Callable[..., Any]] = {
             op: getattr(self, f"_{op}") for op in OPERATIONS
         }
+
+    def _copy_model(self) -> torch.nn.Module:
+        """An independent copy of the model: a deep copy, or, for a model that cannot be
+        deep-copied (an exported program), the same file loaded again."""
+        try:
+            return copy.deepcopy(self.model)
+        except Exception:  # noqa: BLE001 - any copy failure: load the file once more
+            return load_source(self._source).model.to(self.device).eval()
 
     def run(self, op: str, args: Mapping[str, Any], progress: Progress | None = None) -> Any:
         """Run operation ``op`` with ``args``; ``progress(done, total)`` where it reports it."""
@@ -278,6 +288,7 @@ class ModelSession:
             seed=int(seed),
             internal_batch_size=internal_batch_size,
             progress=progress,
+            copy_model=self._copy_model,
         )
 
     def _sweep(
@@ -347,7 +358,7 @@ class ModelSession:
         kept = getattr(self, "_randomised", None)
         if kept is None or kept[0] != int(seed):
             self._randomised = None  # free the old copy before making the new one
-            kept = (int(seed), randomised_copy(self.model, int(seed)).eval())
+            kept = (int(seed), randomised_copy(self.model, int(seed), self._copy_model).eval())
             self._randomised = kept
         return analysis.compute_conductance(
             kept[1],

@@ -171,6 +171,9 @@ def test_a_png_that_cannot_be_drawn_is_a_clear_message_and_loses_nothing(
     assert missing in message and "apt-get install chromium" in message
     assert "the CSV and NPZ downloads and the HTML report still work" in message
     assert "Traceback" not in message and "BrowserType" not in message
+    # Said in the open menu too (it covers the message under the row), and under the row.
+    said = [e for e in app.error if "could not be drawn" in e.value]
+    assert len(said) == 2
     # Nothing is lost: the chart, the table, the settings, and the other downloads.
     assert "ovw_chart" in plotly_specs(app) and len(app.dataframe[0].value) == 16
     assert app.session_state["attr_settings"] == settings

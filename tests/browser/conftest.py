@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,51 +66,66 @@ def chromium_path() -> str:
     return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
 
 
+@contextmanager
+def serve_app(
+    log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``streamlit run app.py`` on a free loopback port, with ``env`` as its environment (this
+    process's by default), logging to ``log_path``; yields its address and process once it
+    answers, and stops it afterwards."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "app.py",
+                "--server.port",
+                str(port),
+                "--server.headless",
+                "true",
+                "--server.fileWatcherType",
+                "none",  # a file edited during a run must not re-import modules under the server
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not _healthy(url):
+                if process.poll() is not None:
+                    pytest.fail(f"streamlit exited with code {process.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"streamlit did not answer within {START_TIMEOUT_S} s; see {log_path}"
+                    )
+                time.sleep(0.5)
+            yield url, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=15)
+
+
 @pytest.fixture(scope="session")
 def app_url() -> Iterator[str]:
     """Start ``streamlit run app.py`` on a free port, wait until it answers, stop it at the end."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = SCREENSHOTS / "streamlit-server.log"  # gitignored with the screenshots
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--server.fileWatcherType",
-            "none",  # a file edited during a run must not re-import modules under the server
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"streamlit exited with code {process.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not answer within {START_TIMEOUT_S} s; see {log_path}")
-            time.sleep(0.5)
+    # The log is gitignored with the screenshots.
+    with serve_app(SCREENSHOTS / "streamlit-server.log") as (url, process):
         SERVER.update(url=url, process=process)
-        yield url
-    finally:
-        SERVER.clear()
-        process.terminate()
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-        log.close()
+            yield url
+        finally:
+            SERVER.clear()
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serve_app
 from PIL import Image
 from test_app_browser import assert_no_exception, click_at, settle
 
@@ -26,9 +22,7 @@ from explainer.demo import DEMO_LABELS, render_sample
 
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
-START_TIMEOUT_S = 90
 LAYER = "block3"
 
 
@@ -48,20 +42,6 @@ class _InProcess:
         return handle
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def dataset_url(tmp_path_factory):
     """``streamlit run app.py`` with a dataset folder holding one store of labelled shapes."""
@@ -77,31 +57,9 @@ def dataset_url(tmp_path_factory):
     settings = BatchSettings(layers=("block2", LAYER), n_steps=8, labels_from_folders=True)
     run_batch(ModelSource("builtin"), images, runs / "shapes.sqlite", settings, _InProcess())
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    log_path = SCREENSHOTS / "streamlit-dataset-server.log"
     env = {**os.environ, "EXPLAINER_DATASET_DIR": str(runs)}
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.headless", "true"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not _healthy(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"streamlit did not start; see {log_path}")
-                time.sleep(0.5)
-            yield url, runs / "shapes.sqlite"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+    with serve_app(SCREENSHOTS / "streamlit-dataset-server.log", env) as (url, _process):
+        yield url, runs / "shapes.sqlite"
 
 
 def selected_channel(page) -> int:

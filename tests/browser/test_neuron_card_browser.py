@@ -17,8 +17,6 @@ import functools
 import io
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import START_TIMEOUT_S, _free_port, _healthy
+from conftest import serve_app
 from test_app_browser import assert_no_exception, choose_model_file, open_app, settle
 from test_cancel_browser import busy_worker, wait_idle
 from test_layouts_browser import export as layout_export
@@ -35,7 +33,6 @@ from test_load_browser import cpu_ticks, print_workers, worker_pids
 
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
 SIZES = {"wide": (1400, 900), "small": (1024, 768)}
 VIT_LAYER = "encoder.layers.encoder_layer_1"  # (N, 17, 16): a class token and 4×4 patches
@@ -219,48 +216,9 @@ def broken_chromium_url(tmp_path_factory) -> Iterator[str]:
     stand_in = folder / "chromium"
     stand_in.write_text("#!/bin/sh\necho 'chromium: cannot start here' >&2\nexit 1\n")
     stand_in.chmod(0o755)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    log_path = SCREENSHOTS / "streamlit-server-no-chromium.log"
-    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
     env = {**os.environ, "CHROMIUM_PATH": str(stand_in)}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"streamlit exited with code {process.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not answer within {START_TIMEOUT_S} s; see {log_path}")
-            time.sleep(0.5)
+    with serve_app(SCREENSHOTS / "streamlit-server-no-chromium.log", env) as (url, _process):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-        log.close()
 
 
 def test_a_png_that_cannot_be_drawn_says_so_and_keeps_the_card(browser, broken_chromium_url):
@@ -285,15 +243,19 @@ def test_a_png_that_cannot_be_drawn_says_so_and_keeps_the_card(browser, broken_c
         assert png.is_enabled()  # the stand-in is there, so the server offers PNGs
         png.click()
         failure = page.locator('[data-testid="stAlert"]', has_text="The PNG could not be drawn")
-        failure.wait_for(timeout=120_000)
+        failure.first.wait_for(timeout=120_000)
         settle(page)
-        message = failure.first.inner_text()
+        # Said in the open menu, which covers part of the page, and under the download row.
+        in_menu = page.locator('[data-testid="stPopoverBody"] [data-testid="stAlert"]')
+        assert in_menu.filter(has_text="The PNG could not be drawn").count() == 1
+        assert failure.count() == 2
+        message = in_menu.first.inner_text()
         print(f"[no chromium] {message!r}")
         assert "Chromium failed while drawing it" in message
         assert "Nothing on this page is lost" in message
         assert "Traceback" not in message
         assert_no_exception(page)
-        # What the user sees: the open menu beside (and partly over) the message.
+        # What the user sees: the message inside the open menu, and under the row.
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         failure.first.scroll_into_view_if_needed()
         page.screenshot(path=str(SCREENSHOTS / "neuron_card_png_failure_wide.png"))

@@ -114,7 +114,27 @@ def test_report_downloads_and_opens_offline_with_its_figures(page, app_url, brow
     info.value.save_as(pdf)
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF-") and len(data) > 20_000
+    # Printed for reading on paper: a heading is on the page of what it introduces.
+    pages = _pdf_page_texts(pdf)
+    for heading, content in (
+        ("Convergence verdict", "relative to the score difference"),
+        ("Settings", "Batch size (path points per pass)"),
+    ):
+        where = [i for i, text in enumerate(pages) if heading in text]
+        assert where, f"{heading!r} is not in the PDF"
+        assert content in pages[where[-1]], f"{heading!r} is cut off from its content"
     shot(page, "report_page_pdf_ready")
+
+
+def _pdf_page_texts(path) -> list[str]:
+    """The text of every page of a PDF, in order."""
+    import pypdfium2
+
+    document = pypdfium2.PdfDocument(str(path))
+    try:
+        return [document[i].get_textpage().get_text_range() for i in range(len(document))]
+    finally:
+        document.close()
 
 
 def test_report_page_layouts(page, app_url):

@@ -5,62 +5,26 @@ icon. The server here starts with Streamlit's cap at 1 MB and the project's limi
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, _free_port, _healthy
+from conftest import serve_app
 
 pytestmark = pytest.mark.browser
 
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
-START_TIMEOUT_S = 120
 
 
 @pytest.fixture
 def small_cap_server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     env = dict(
         os.environ,
         STREAMLIT_SERVER_MAX_UPLOAD_SIZE="1",  # Streamlit's own cap, in MB
         EXPLAINER_MAX_UPLOAD_MB="3",  # the project's model file limit
     )
-    with open(tmp_path / "server.log", "w", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                "app.py",
-                "--server.port",
-                str(port),
-                "--server.fileWatcherType",
-                "none",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not _healthy(url):
-                assert process.poll() is None, (tmp_path / "server.log").read_text()
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(0.5)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+    with serve_app(tmp_path / "server.log", env) as (url, _process):
+        yield url
 
 
 def _upload(page, url: str, name: str, size: int) -> str:
