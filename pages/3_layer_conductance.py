@@ -613,13 +613,14 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     # Every cell of the shown channel map, computed in the background while the user looks:
     # the next click on it is answered from the cache (small models; see the backend's limit).
     rows, cols = attributions.shape[-2:]
-    refine.prefetch_gradients(
-        lm,
-        image,
-        prep,
-        result.layer,
-        [layout.to_raw((channel, y, x)) for y in range(rows) for x in range(cols)],
-    )
+    if rows * cols <= backend.prefetch_limit(image, prep):  # else not worth listing the cells
+        refine.prefetch_gradients(
+            lm,
+            image,
+            prep,
+            result.layer,
+            [layout.to_raw((channel, y, x)) for y in range(rows) for x in range(cols)],
+        )
 
 
 views(lm, result)

@@ -782,6 +782,12 @@ class GradientPrefetch:
         return True
 
 
+def prefetch_limit(image: ImageEntry, prep: Preprocessing) -> int:
+    """How many neurons' gradients one prefetch may compute for this input
+    (:data:`PREFETCH_BYTES` over a float32 copy of the input each)."""
+    return PREFETCH_BYTES // (4 * input_tensor(image, prep).numel())
+
+
 def plan_gradient_prefetch(
     lm: ServedModel,
     image: ImageEntry,
@@ -792,9 +798,9 @@ def plan_gradient_prefetch(
     """The prefetch of the gradients :func:`neuron_gradients` would give for ``neurons`` that
     are not cached yet (not started); ``None`` when they all are, or when computing them all
     would take more than :data:`PREFETCH_BYTES` (a model with large inputs)."""
-    x = input_tensor(image, prep)
-    if not neurons or len(neurons) * 4 * x.numel() > PREFETCH_BYTES:
+    if not 0 < len(neurons) <= prefetch_limit(image, prep):
         return None
+    x = input_tensor(image, prep)
     keys = _gradient_keys(lm, image, prep, layer, neurons)
     cache = result_cache()
     missing = [i for i, key in enumerate(keys) if key not in cache]
