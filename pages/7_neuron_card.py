@@ -604,42 +604,49 @@ def _show_randomisation(result) -> None:
     )
 
 
-def _run_button() -> None:
-    st.button(
-        "Run the sanity check",
-        type="primary",
-        key="_w_card_run",
-        on_click=_ask,
-        help=f"Computes up to {MAX_STAGES + 1} maps with at most "
-        f"{backend.RANDOMISATION_STEPS} steps each; you can stop it.",
-    )
+def _run_or_stop_button(running: bool, key: str = "_w_card_check") -> None:
+    """One button that starts the check and, while it runs, stops it.
+
+    One widget, relabelled, rather than two: a clicked Run button would otherwise linger below
+    as a stale element while the check runs, and vanish when the pointer presses Stop (its
+    focus moves): near the foot of the page that shifts Stop from under the pointer before
+    the button is released, and the click is lost. After a run that ended in this script run
+    (stopped or failed) the Run button takes another key, as one key may appear once a run.
+    """
+    if running:
+        st.button("Stop the sanity check", key=key, on_click=_stop)
+    else:
+        st.button(
+            "Run the sanity check",
+            type="primary",
+            key=key,
+            on_click=_ask,
+            help=f"Computes up to {MAX_STAGES + 1} maps with at most "
+            f"{backend.RANDOMISATION_STEPS} steps each; you can stop it.",
+        )
 
 
 def _sanity_check(asked: bool) -> None:
     """The Run button, or (once asked) the computation with a Stop button while it runs."""
     stopped = "The sanity check was stopped before it finished. Run it again when you are ready."
-    if not asked:
-        _run_button()
-        if st.session_state.get(S.CARD_STOPPED) == request:
-            st.info(stopped, icon=":material/info:")
-        return
     slot = st.empty()
-    slot.button("Stop the sanity check", key="_w_card_stop", on_click=_stop)
-    result = None
-    with W.progress_bar("Randomising the layers from the output down", unit="maps") as report:
-        try:
-            result = backend.randomisation(lm, image, prep, layer, raw, settings, report)
-        except JobCancelled:
-            st.session_state[S.CARD_CHECK] = None
-            st.session_state[S.CARD_STOPPED] = request
-        except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay
-            st.session_state[S.CARD_CHECK] = None
-            W.show_error(exc, "Running the sanity check")
-        finally:
-            slot.empty()
-    if result is not None:
-        st.rerun()  # drawn from the cache, with the Run button gone
-    _run_button()
+    if asked:
+        with slot:
+            _run_or_stop_button(running=True)
+        result = None
+        with W.progress_bar("Randomising the layers from the output down", unit="maps") as report:
+            try:
+                result = backend.randomisation(lm, image, prep, layer, raw, settings, report)
+            except JobCancelled:
+                st.session_state[S.CARD_CHECK] = None
+                st.session_state[S.CARD_STOPPED] = request
+            except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay
+                st.session_state[S.CARD_CHECK] = None
+                W.show_error(exc, "Running the sanity check")
+        if result is not None:
+            st.rerun()  # drawn from the cache, with the Run button gone
+    with slot:
+        _run_or_stop_button(running=False, key="_w_card_again" if asked else "_w_card_check")
     if st.session_state.get(S.CARD_STOPPED) == request:
         st.info(stopped, icon=":material/info:")
 

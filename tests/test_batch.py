@@ -654,7 +654,9 @@ def test_auto_steps_give_the_engines_numbers(dataset, tmp_path):
                 got = store.layer_row(row.path, name)
                 totals = attribution[0].detach().double().flatten(1).sum(dim=1).float().numpy()
                 assert np.array_equal(got["conductance"], totals)
-                assert got["delta"] == float(delta[0])
+                # The store's delta is the maps' sum against F(x) - F(baseline) of the probe
+                # pass; the engine's comes from its own forward passes: float32 rounding apart.
+                assert got["delta"] == pytest.approx(float(delta[0]), abs=1e-5)
                 assert got["n_steps"] == engine.last_steps[0] - 1
                 assert got["steps_status"] == engine.last_status[0]
                 if got["steps_status"] == "converged":

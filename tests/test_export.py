@@ -182,9 +182,10 @@ def test_a_timeout_and_a_crash_say_what_happened():
     message = export.render_failure_message(info.value, "svg")
     assert message.startswith("The SVG could not be drawn: drawing took longer than")
     assert "still work" in message
-    crash = export.ChromiumFailed("Drawing PNG files failed in Chromium: Target crashed")
+    kind, reason = export.chromium_failure_reason("Page.set_content: Target crashed")
+    crash = export.ChromiumFailed("Drawing PNG files", reason, kind)
     message = export.render_failure_message(crash, "png")
-    assert "Chromium failed while drawing it" in message and "Target crashed" in message
+    assert "Chromium closed before it was done" in message and "crashed" in message
     assert "still work" in message
     # A figure too large to draw keeps its own sentence.
     message = export.render_failure_message(export.ExportError("The figure is too large."), "png")

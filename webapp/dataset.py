@@ -95,6 +95,10 @@ SLICES: dict[str, str] = {
     "correct": "Correctly classified",
     "incorrect": "Misclassified",
 }
+ROW_LABEL_CHARS = 24
+"""Longest class name the heatmap writes beside its rows (a longer one is shortened with "…";
+its hover text has it in full): long names would squeeze the cells and, on a 1024 px screen,
+push the labels out of the figure."""
 _STORE_SUFFIX = ".sqlite"
 _REQUIRED_TABLES = ("images", "layers", "run")
 THUMB_PX = 160
@@ -626,6 +630,19 @@ def heatmap_view(
     return [int(classes[r]) for r in keep_rows], channels, sub[:, channels]
 
 
+def row_label(name: str, limit: int = ROW_LABEL_CHARS) -> str:
+    """``name`` shortened to ``limit`` characters with "…", keeping a trailing count such as
+    ``" (12)"`` whole."""
+    if len(name) <= limit:
+        return name
+    head, suffix = name, ""
+    if name.endswith(")") and " (" in name:
+        head, _, count = name.rpartition(" (")
+        suffix = f" ({count}"
+    keep = max(1, limit - len(suffix) - 1)
+    return head[:keep].rstrip() + "…" + suffix
+
+
 def class_heatmap(
     row_names: Sequence[str],
     rows: Sequence[int],
@@ -694,7 +711,7 @@ def class_heatmap(
     fig.update_yaxes(
         range=[n_rows - 0.5, -0.5],
         tickvals=list(range(n_rows)),
-        ticktext=[html(name) for name in row_names],
+        ticktext=[html(row_label(name)) for name in row_names],
         showgrid=False,
         zeroline=False,
         automargin=True,

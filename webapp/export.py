@@ -19,6 +19,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import os
 import shutil
 import urllib.parse
@@ -34,6 +35,7 @@ import plotly.graph_objects as go
 from explainer.errors import ExplainerError
 
 T = TypeVar("T")
+LOG = logging.getLogger(__name__)
 
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 """Where Debian and Ubuntu install Chromium; ``$CHROMIUM_PATH`` takes precedence."""
@@ -73,7 +75,59 @@ class ExportTimeout(ExportError):
 
 
 class ChromiumFailed(ExportError):
-    """Chromium started but crashed or refused the job."""
+    """Chromium could not start, crashed, or did not finish the job.
+
+    ``reason`` says what happened in plain words (:func:`chromium_failure_reason`); the message
+    is ``"<what> failed: <reason>."``. Playwright's own text goes to the server log only.
+    """
+
+    def __init__(self, what: str, reason: str, kind: str = "error") -> None:
+        super().__init__(f"{what} failed: {reason}.")
+        self.reason = reason
+        """What happened, in plain words (no period)."""
+        self.kind = kind
+        """``"start"``, ``"closed"``, ``"timeout"`` or ``"error"``."""
+
+
+# Playwright's errors start with the API call that failed ("BrowserType.launch: ...",
+# "Page.goto: ..."): words for developers. These patterns sort them into what a user can act on.
+_FAILURE_KINDS = (
+    (
+        "start",
+        (
+            "browsertype.launch",
+            "failed to launch",
+            "spawn ",
+            "eacces",
+            "enoent",
+            "permission denied",
+            "exec format error",
+            "error while loading shared libraries",
+        ),
+    ),
+    ("timeout", ("timeout", "timed out")),
+    ("closed", ("has been closed", "target closed", "crash", "disconnected", "has exited")),
+)
+_FAILURE_REASONS = {
+    "start": "Chromium could not be started on the server",
+    "closed": "Chromium closed before it was done (it may have run out of memory or crashed)",
+    "timeout": "Chromium did not finish in time",
+    "error": "Chromium stopped with an error",
+}
+
+
+def chromium_failure_reason(text: str) -> tuple[str, str]:
+    """Sort a browser error's text into ``(kind, reason)``: what happened, in plain words.
+
+    ``kind`` is ``"start"`` (the executable did not start), ``"closed"`` (the browser closed or
+    crashed during the job), ``"timeout"`` or ``"error"`` (anything else); ``reason`` is a
+    sentence without a period that names no programming interface.
+    """
+    lowered = text.lower()
+    for kind, patterns in _FAILURE_KINDS:
+        if any(pattern in lowered for pattern in patterns):
+            return kind, _FAILURE_REASONS[kind]
+    return "error", _FAILURE_REASONS["error"]
 
 
 def render_failure_message(exc: BaseException, fmt: str) -> str:
@@ -96,10 +150,18 @@ def render_failure_message(exc: BaseException, fmt: str) -> str:
             "the server is less busy, or show fewer channels"
         )
     elif isinstance(exc, ChromiumFailed):
-        why = (
-            f"Chromium failed while drawing it ({str(exc).rstrip('.')}). Try again; if it keeps "
-            "failing, the operator should check that Chromium starts on the server"
-        )
+        if exc.kind == "start":
+            todo = (
+                "Try again in a moment; if it keeps failing, the operator should check that "
+                "Chromium runs on the server (the server log has the details). Meanwhile, a "
+                "screenshot of the chart keeps the picture"
+            )
+        else:
+            todo = (
+                "Try again; if it keeps failing, show fewer channels, or take a screenshot of "
+                "the chart instead"
+            )
+        why = f"{exc.reason}. {todo}"
     elif isinstance(exc, ExportError):
         why = str(exc).rstrip(".")
     else:
@@ -285,10 +347,14 @@ def _browser_job(work: Callable[[Any], T], what: str, timeout_s: float) -> T:
                 finally:
                     browser.close()
         except PlaywrightError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "executable doesn't exist" in first.lower():
+            text = str(exc).strip() or type(exc).__name__
+            if "executable doesn't exist" in text.lower():
+                LOG.warning("%s: Chromium is missing at %s: %s", what, executable, text)
                 raise ChromiumMissing(executable) from exc
-            raise ChromiumFailed(f"{what} failed in Chromium: {first}") from exc
+            kind, reason = chromium_failure_reason(text)
+            # The user reads the plain reason; the browser's own words are for the operator.
+            LOG.warning("%s failed in Chromium (%s, %s): %s", what, kind, executable, text)
+            raise ChromiumFailed(what, reason, kind) from exc
 
     return _with_timeout(job, timeout_s, what)
 

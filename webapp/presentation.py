@@ -5,15 +5,20 @@ on). The mode is one session-state flag (:data:`webapp.state.PRESENTATION`), swi
 toggle in the sidebar; while it is on every page gets :data:`CSS`, the sidebar starts collapsed
 (:func:`sidebar_state`) and every block of controls (the settings form, the sweep form, the
 dataset page's choices, the Compare page's choices) sits in a closed expander: see
-:func:`controls`, the one helper pages draw such a block with.
+:func:`controls`, the one helper pages draw such a block with. Chart text grows with the page's
+type: the app's chart helpers draw every figure through :func:`chart`, which scales the text of
+a copy of the figure (the figure itself, which downloads and the report use, keeps its sizes).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
+import plotly.graph_objects as go
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
@@ -50,6 +55,12 @@ html { font-size: 19px; }
 """The style sheet of presentation mode (no outside fonts or files)."""
 
 WIDGET_KEY = "_w_presentation"
+
+CHART_SCALE = 1.3
+"""How much larger chart text is while presenting: plotly's 12 px text becomes about 16 px, in
+step with the page's type (16 px to 19 px) but a little more, as chart text starts smaller."""
+PLOTLY_FONT_SIZE = 12
+"""Plotly's text size where a figure sets none (its ``layout.font.size`` default)."""
 
 # Whether the script is drawing inside a block of :func:`controls` right now. A context
 # variable, not session state: it lasts exactly as long as the ``with`` block of this run.
@@ -122,3 +133,104 @@ def folded() -> bool:
     """Whether the script is drawing inside a folded block of :func:`controls` (a sub-section
     there is a bordered container, not another expander)."""
     return _FOLDED.get()
+
+
+# --- chart text ---------------------------------------------------------------------------------
+def _scaled(size: Any, factor: float) -> Any:
+    if isinstance(size, bool):
+        return size
+    if isinstance(size, int | float):
+        return round(float(size) * factor, 1)
+    if isinstance(size, list | tuple):
+        return [_scaled(v, factor) for v in size]
+    return size  # an array of sizes plotly keeps as binary data: left as it is
+
+
+def _scale_fonts(node: Any, factor: float) -> None:
+    """Scale, in place, the ``size`` of every font found under ``node`` (a figure's dict form):
+    ``font``, ``tickfont``, ``textfont``, a title's or colour bar's ``font`` and so on."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.endswith("font") and isinstance(value, dict) and "size" in value:
+                value["size"] = _scaled(value["size"], factor)
+            _scale_fonts(value, factor)
+    elif isinstance(node, list):
+        for item in node:
+            _scale_fonts(item, factor)
+
+
+_CARTESIAN = {"scatter", "scattergl", "bar", "heatmap", "histogram", "box", "contour", "image"}
+_SCALE_TRACES = {"heatmap", "contour", "histogram2d", "histogram2dcontour"}
+"""Trace types that draw a colour bar unless told not to."""
+TITLE_RATIO = 14 / 12
+"""Axis and colour-bar titles are this much larger than tick labels (as Streamlit draws them)."""
+
+
+def _font_at(holder: dict, *path: str, size: float) -> None:
+    """Set ``holder[path...]["size"]`` to ``size`` unless the figure set one there."""
+    node = holder
+    for key in path:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            return  # e.g. a title given as plain text: left alone
+        node = child
+    node.setdefault("size", size)
+
+
+def _colour_bars(spec: dict) -> list[dict]:
+    """The colour bars of a figure's dict form (created empty where a trace draws one)."""
+    bars: list[dict] = []
+    for trace in spec.get("data", []):
+        kind = trace.get("type", "scatter")
+        if "colorbar" in trace or (kind in _SCALE_TRACES and trace.get("showscale", True)):
+            if not trace.get("coloraxis"):
+                bars.append(trace.setdefault("colorbar", {}))
+        marker = trace.get("marker")
+        if isinstance(marker, dict) and ("colorbar" in marker or marker.get("showscale")):
+            bars.append(marker.setdefault("colorbar", {}))
+    for key, value in spec.get("layout", {}).items():
+        if key.startswith("coloraxis") and isinstance(value, dict):
+            bars.append(value.setdefault("colorbar", {}))
+    return bars
+
+
+def scale_text(fig: go.Figure, factor: float) -> go.Figure:
+    """A copy of ``fig`` with all its text ``factor`` times larger. ``fig`` is left as it was.
+
+    Every size the figure sets (tick fonts, colour-bar ticks and titles, annotations, data
+    labels) is scaled; the text that has no size of its own gets one: the base font, and the
+    tick labels and titles of every axis and colour bar (which Streamlit's chart theme would
+    otherwise size from the page's type, a smaller step than ``factor``).
+    """
+    spec = fig.to_dict()
+    layout = spec.setdefault("layout", {})
+    _scale_fonts(spec.get("data", []), factor)
+    _scale_fonts(layout, factor)  # explicit sizes, the base font's too when it has one
+    font = dict(layout.get("font") or {})
+    if "size" not in font:
+        font["size"] = _scaled(PLOTLY_FONT_SIZE, factor)
+    layout["font"] = font
+    tick = font["size"] if isinstance(font["size"], int | float) else PLOTLY_FONT_SIZE * factor
+    title = round(tick * TITLE_RATIO, 1)
+    axes = {key for key in layout if re.fullmatch(r"[xy]axis[0-9]*", key)}
+    for trace in spec.get("data", []):
+        if trace.get("type", "scatter") in _CARTESIAN:
+            axes.add("xaxis" + str(trace.get("xaxis", "x"))[1:])
+            axes.add("yaxis" + str(trace.get("yaxis", "y"))[1:])
+    for name in axes:
+        axis = layout.setdefault(name, {})
+        if isinstance(axis, dict):
+            _font_at(axis, "tickfont", size=tick)
+            _font_at(axis, "title", "font", size=title)
+    for bar in _colour_bars(spec):
+        _font_at(bar, "tickfont", size=tick)
+        _font_at(bar, "title", "font", size=title)
+    return go.Figure(spec)
+
+
+def chart(fig: Any) -> Any:
+    """The figure to draw: ``fig`` itself, or while presenting a copy whose text is
+    :data:`CHART_SCALE` times larger (:func:`scale_text`)."""
+    if not active() or not isinstance(fig, go.Figure):
+        return fig
+    return scale_text(fig, CHART_SCALE)

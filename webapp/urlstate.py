@@ -37,7 +37,8 @@ server. Values that are not valid are dropped with a plain message, the rest of 
 applies. When the link's model is not on this server, the built-in model is shown, the parts that
 belong to that model (layer, neuron, target, the tile page and filter) wait, and the address keeps
 them: uploading the same file again opens the view. The same holds for the link's images: the
-address keeps the ones this server lacks, and uploading the explained one again explains it.
+address keeps the ones this server lacks; each one uploaded again goes back to its place in the
+link's order of images, and the explained one is explained again.
 """
 
 from __future__ import annotations
@@ -704,17 +705,61 @@ def _restore_images(values: dict[str, Any], store: persist.UploadStore | None) -
     for note in notes:
         _note(note)
     if lost:
-        st.session_state[IMAGES_PENDING] = {"missing": lost, "active": waiting, "notes": notes}
+        st.session_state[IMAGES_PENDING] = {
+            "missing": lost,
+            "active": waiting,
+            "notes": notes,
+            "order": tuple(values["images"]),
+        }
+
+
+def _link_rank(digest: str, order: tuple[str, ...]) -> int | None:
+    """The place of an image in the link's order of images, or ``None`` when the link lacks it."""
+    return next((i for i, prefix in enumerate(order) if digest.startswith(prefix)), None)
+
+
+def _in_link_order(
+    images: list[S.ImageEntry], order: tuple[str, ...], returned: list[str]
+) -> list[S.ImageEntry]:
+    """``images`` with each image of ``returned`` (digest prefixes) moved to its place in the
+    link's ``order``: just after the nearest earlier image of the link that is in the list, or
+    else just before the nearest later one. Images the link does not name keep their places."""
+    out = list(images)
+    for prefix in sorted(returned, key=lambda p: order.index(p) if p in order else len(order)):
+        if prefix not in order:
+            continue
+        entry = next((e for e in out if e.digest.startswith(prefix)), None)
+        if entry is None:
+            continue
+        rank = order.index(prefix)
+        out.remove(entry)
+        ranks = [_link_rank(e.digest, order) for e in out]
+        earlier = [i for i, r in enumerate(ranks) if r is not None and r < rank]
+        later = [i for i, r in enumerate(ranks) if r is not None and r > rank]
+        if earlier:
+            out.insert(earlier[-1] + 1, entry)
+        elif later:
+            out.insert(later[0], entry)
+        else:
+            out.insert(images.index(entry), entry)
+    return out
 
 
 def _complete_images() -> None:
-    """Make the link's explained image active once it is uploaded again; forget the link's
-    missing images once every one of them is back (their messages go with them)."""
+    """Put each of the link's missing images that is uploaded again back in its place in the
+    link's order of images, and make the link's explained image active once it is back; forget
+    the link's missing images once every one of them is back (their messages go with them)."""
     ss = st.session_state
     waiting = ss.get(IMAGES_PENDING)
     if not waiting:
         return
-    have = [e.digest for e in S.get(S.IMAGES) or []]
+    images = list(S.get(S.IMAGES) or [])
+    have = [e.digest for e in images]
+    returned = [p for p in waiting["missing"] if any(d.startswith(p) for d in have)]
+    if returned and waiting.get("order"):
+        placed = _in_link_order(images, tuple(waiting["order"]), returned)
+        if [e.digest for e in placed] != have:
+            ss[S.IMAGES] = placed
     active = waiting["active"]
     back = next((d for d in have if active and d.startswith(active)), None)
     if back is not None:

@@ -479,7 +479,7 @@ def on_click_neuron(chart_key: str) -> Callable[[], None]:
 def plotly_click(fig: Any, key: str, callback: Callable[[], None]) -> None:
     """Draw a clickable figure: point selection only, no mode bar, callback copies the click."""
     st.plotly_chart(
-        fig,
+        presentation.chart(fig),  # larger text while presenting
         key=key,
         on_select=callback,
         selection_mode="points",
@@ -490,7 +490,9 @@ def plotly_click(fig: Any, key: str, callback: Callable[[], None]) -> None:
 
 def plotly_static(fig: Any, key: str | None = None) -> None:
     """Draw a figure that only shows information (hover, no selection)."""
-    st.plotly_chart(fig, key=key, config={"displayModeBar": False}, width="stretch")
+    st.plotly_chart(
+        presentation.chart(fig), key=key, config={"displayModeBar": False}, width="stretch"
+    )
 
 
 def view_actions(key: str, make_view: Callable[[], Any]) -> None:

@@ -14,7 +14,6 @@ stores it, as the server checks every result of an untrusted worker.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +22,6 @@ import torch
 from torch import nn
 
 from explainer import analysis
-from explainer.attribution import LayerConductance
 from explainer.baselines import BASELINE_KINDS, make_baseline
 from explainer.errors import AttributionError, ExplainerError
 
@@ -37,9 +35,11 @@ __all__ = [
 TOP_K = 5
 """Leading classes kept per image."""
 
+AUTO_STEPS_CAP = 511
+"""With ``n_steps="auto"``: the most steps (512 path points, the engine's default cap)."""
+
 _MAX_LAYERS = 256
 _MAX_TEXT = 4000
-_EPS = 1e-8  # as analysis: guards the relative delta against a vanishing output change
 _STATUSES = frozenset({"fixed", "converged", "cap", "stalled", "memory", "stopped"})
 
 
@@ -133,14 +133,11 @@ def image_record(
     top = analysis.rank_classes(scores, [], k=TOP_K)
     target = analysis.default_target(scores, target_class)
     base = _baseline(baseline, x, normalisation)
-    if n_steps == "auto":
-        overview, statuses = _auto_overview(model, names, x, scores, target, base, tolerance)
-    else:
-        overview = analysis.compute_layer_overview(
-            model, names, x, target, base, method=method, n_steps=int(n_steps),
-            progress=progress,
-        )  # fmt: skip
-        statuses = dict.fromkeys(names, "fixed")
+    auto = n_steps == "auto"
+    overview = analysis.compute_layer_overview(
+        model, names, x, target, base, method=method, n_steps="auto" if auto else int(n_steps),
+        tolerance=tolerance, steps_cap=AUTO_STEPS_CAP if auto else None, progress=progress,
+    )  # fmt: skip
     records = []
     for name in names:
         result = overview[name]
@@ -156,7 +153,7 @@ def image_record(
                 "output_diff": float(result.output_diff),
                 "relative_delta": float(result.relative_delta),
                 "n_steps": int(result.n_steps),
-                "steps_status": statuses[name],
+                "steps_status": result.status,
                 "layer_moves": bool(result.layer_moves),
                 "map": np.asarray(result.attributions, dtype=np.float32) if maps else None,
             }
@@ -167,71 +164,6 @@ def image_record(
         "target": target,
         "layers": records,
     }
-
-
-def _scores_function(model: nn.Module, x: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The model, or a function returning its scores entry when it returns a dict."""
-    with torch.no_grad():
-        output = model(x)
-    if not isinstance(output, Mapping):
-        return model
-    key = next((k for k in analysis.SCORE_KEYS if k in output), None)
-    if key is None:
-        raise AttributionError(
-            "The model returns a dict without an 'out' or 'logits' entry, so its class scores "
-            "cannot be found."
-        )
-    return lambda *inputs: model(*inputs)[key]
-
-
-def _auto_overview(
-    model: nn.Module,
-    names: list[str],
-    x: torch.Tensor,
-    scores: np.ndarray,
-    target: analysis.Target,
-    base: torch.Tensor,
-    tolerance: float | None,
-) -> tuple[dict[str, analysis.ConductanceResult], dict[str, str]]:
-    """:func:`explainer.analysis.compute_layer_overview` with the engine's automatic steps:
-    the same results, with ``n_steps`` the intervals between the path points the engine chose
-    and, per layer, why it stopped refining (``converged``, ``cap``, ``stalled``...)."""
-    if tolerance is None or not tolerance > 0:
-        raise AttributionError("n_steps='auto' needs a positive tolerance, e.g. 0.01.")
-    modules = []
-    for name in names:
-        try:
-            modules.append(model.get_submodule(name))
-        except AttributeError:
-            raise AttributionError(f"The model has no layer named {name!r}.") from None
-    index = target if isinstance(target, tuple) else (target,)
-    output_diff = float(scores[index] - analysis.class_scores(model, base)[index])
-    engine = LayerConductance(_scores_function(model, x), modules)
-    with torch.enable_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unconverged examples: the status says it
-        attributions, deltas = engine.attribute(
-            x, baselines=base, target=target, n_steps="auto", tolerance=float(tolerance),
-            return_convergence_delta=True,
-        )  # fmt: skip
-    steps = max(1, int(engine.last_steps[0]) - 1)
-    status = str(engine.last_status[0])
-    results = {}
-    for name, attribution, delta in zip(names, attributions, deltas, strict=True):
-        values = attribution.detach()[0].to(device="cpu", dtype=torch.float64).numpy()
-        values = values.reshape(1) if values.ndim == 0 else values
-        totals = values if values.ndim == 1 else values.reshape(values.shape[0], -1).sum(axis=1)
-        moves = not np.array_equal(
-            analysis.layer_activation(model, name, x), analysis.layer_activation(model, name, base)
-        )
-        signed = float(delta.detach().reshape(-1)[0])
-        results[name] = analysis.ConductanceResult(
-            layer=name, target=target, attributions=values.astype(np.float32),
-            channel_totals=totals.astype(np.float32), spatial=None, delta=signed,
-            output_diff=output_diff,
-            relative_delta=abs(signed) / max(abs(output_diff), _EPS), method="auto",
-            n_steps=steps, is_spatial=values.ndim == 3, layer_moves=moves,
-        )  # fmt: skip
-    return results, dict.fromkeys(names, status)
 
 
 def error_record(exc: ExplainerError) -> dict[str, Any]:

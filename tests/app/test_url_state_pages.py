@@ -23,6 +23,7 @@ from apphelpers import (
 )
 from streamlit.testing.v1 import AppTest
 
+from webapp import persist
 from webapp.persist import LINK_PREFIX
 from webapp.state import AttributionSettings, GridView, SweepSettings
 
@@ -305,3 +306,56 @@ def test_dismissing_the_notes_forgets_the_missing_image(app, store_dir):
     fresh.run()
     assert "image" not in fresh.query_params
     assert not fresh.warning
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_linked_image_uploaded_again_takes_its_place_in_the_links_order(app, store_dir):
+    """Link order A, B, C with B missing: B uploaded again (after an image the link does not
+    name) goes back between A and C; the image the link does not name keeps its place."""
+    a, b, c = png_bytes((200, 30, 30)), png_bytes((30, 200, 30)), png_bytes((30, 30, 200))
+    extra = png_bytes((200, 200, 30))
+    app.session_state["images"] = []  # no sample images in the link
+    _upload(app, [("a.png", a), ("b.png", b), ("c.png", c)])
+    link = dict(app.query_params)
+    short = [_digest(x)[:LINK_PREFIX] for x in (a, b, c)]
+    assert link["images"] == ",".join(short)
+    persist.default_store()._remove(_digest(b))  # B alone is gone from this server
+
+    fresh = open_link(link, PAGE_MODEL)
+    assert "1 of the 3 images in this link is no longer on this server" in link_notes(fresh)
+    assert [e.digest for e in fresh.session_state["images"]] == [_digest(a), _digest(c)]
+    _upload(fresh, [("extra.png", extra)])
+    _upload(fresh, [("b again.png", b)])
+    order = [e.digest for e in fresh.session_state["images"]]
+    assert order == [_digest(a), _digest(b), _digest(c), _digest(extra)]
+    assert fresh.session_state["_url_images_pending"] is None
+    assert not fresh.warning
+
+
+def test_linked_images_uploaded_again_in_another_order_keep_the_links_order(app, store_dir):
+    """Link order A, B, C with A and C missing: uploaded again as C then A, they end up around
+    B in the link's order."""
+    a, b, c = png_bytes((120, 30, 30)), png_bytes((30, 120, 30)), png_bytes((30, 30, 120))
+    app.session_state["images"] = []  # no sample images in the link
+    _upload(app, [("a.png", a), ("b.png", b), ("c.png", c)])
+    link = dict(app.query_params)
+    store = persist.default_store()
+    store._remove(_digest(a))
+    store._remove(_digest(c))
+
+    fresh = open_link(link, PAGE_MODEL)
+    assert [e.digest for e in fresh.session_state["images"]] == [_digest(b)]
+    _upload(fresh, [("c again.png", c)])
+    assert [e.digest for e in fresh.session_state["images"]] == [_digest(b), _digest(c)]
+    _upload(fresh, [("a again.png", a)])
+    assert [e.digest for e in fresh.session_state["images"]] == [
+        _digest(a),
+        _digest(b),
+        _digest(c),
+    ]
+    assert fresh.session_state["active_image"] == _digest(a)  # the link explains its first
+    open_page(fresh, PAGE_NEURON)
+    assert fresh.query_params["images"] == link["images"]

@@ -137,11 +137,6 @@ def test_the_flip_search_runs_on_a_vision_transformers_features(page, app_url):
 
 
 # --- Stop while the sanity check runs -----------------------------------------------------------
-@pytest.mark.xfail(
-    reason="Known bug, not fixed yet: in Chromium the card's Stop does not interrupt a running "
-    "sanity check (the page keeps counting maps and the worker keeps computing).",
-    strict=False,
-)
 def test_stop_ends_a_running_sanity_check_and_the_worker_goes_idle(page, app_server):
     url, server = app_server
     page.set_default_timeout(240_000)
@@ -161,7 +156,10 @@ def test_stop_ends_a_running_sanity_check_and_the_worker_goes_idle(page, app_ser
     print_workers(server.pid, "before the sanity check")
 
     page.get_by_role("button", name="Run the sanity check").click()
-    stop = page.locator(".st-key-_w_card_stop button")
+    # Run and Stop are one button, relabelled while the check runs: with two, the clicked Run
+    # button lingered as a stale element and vanished as Stop was pressed, shifting Stop from
+    # under the pointer (the click was lost and the check ran on).
+    stop = page.locator(".st-key-_w_card_check button", has_text="Stop the sanity check")
     progress = page.locator('[data-testid="stProgress"]', has_text="maps")
     try:
         stop.wait_for()
@@ -189,7 +187,7 @@ def test_stop_ends_a_running_sanity_check_and_the_worker_goes_idle(page, app_ser
     after = body_text(page)
     assert STOPPED in after
     assert page.get_by_role("button", name="Run the sanity check").count() == 1
-    assert page.locator(".st-key-_w_card_stop").count() == 0
+    assert page.get_by_role("button", name="Stop the sanity check").count() == 0
     assert "Verdict." not in after  # the check did not finish behind the message
     # Everything above the sanity check is still there.
     for line in ("Causal check: what happens without it", "Conductance", "Zero the top k"):
@@ -251,7 +249,10 @@ def test_a_png_that_cannot_be_drawn_says_so_and_keeps_the_card(browser, broken_c
         assert failure.count() == 2
         message = in_menu.first.inner_text()
         print(f"[no chromium] {message!r}")
-        assert "Chromium failed while drawing it" in message
+        assert "Chromium could not be started on the server" in message
+        # Plain words only: Playwright's API names and the browser's log stay in the server log.
+        for name in ("BrowserType.", "Page.", "Target page", "exitCode", "cannot start here"):
+            assert name not in message, name
         assert "Nothing on this page is lost" in message
         assert "Traceback" not in message
         assert_no_exception(page)
