@@ -45,7 +45,7 @@ UPLOAD_ERRORS = "upload_errors"
 """``list[str]``: readable messages about image files that could not be read."""
 LAYER_ERROR = "layer_error"
 """A readable message about the last layer that could not be chosen, or ``None``."""
-CHECK_ALL = "check_all_images"
+CHECK_ALL = "check_all_request"
 """The request (a text naming model, layer and settings) for which the convergence page checks
 every image, or ``None``: other images than the active one are computed only on request."""
 CARD_CHECK = "card_check"

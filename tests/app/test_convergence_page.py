@@ -13,6 +13,7 @@ from apphelpers import (
 )
 
 from webapp import backend
+from webapp import state as S
 from webapp.state import AttributionSettings, SweepSettings
 
 
@@ -52,7 +53,7 @@ def test_every_image_gets_a_delta_and_a_status_on_request(app):
         assert row["status"] == expected
     # The request is done: no Stop button, no offer, and the next run keeps every row.
     assert not [b for b in app.button if b.key in ("stop_checking", "check_all_images")]
-    assert app.session_state["check_all_images"] is None
+    assert app.session_state[S.CHECK_ALL] is None
     app.run()
     assert len(app.dataframe[0].value) == len(app.session_state["images"])
 
@@ -95,3 +96,20 @@ def test_target_out_of_range_is_reported_per_image(app):
     assert len([e for e in app.error if "Conductance for" in e.value]) == 1
     reminders = [c.value for c in app.caption if "the same problem as above" in c.value]
     assert len(reminders) == len(app.session_state["images"]) - 1
+
+
+def test_the_offer_comes_back_after_a_check_of_every_image(app):
+    """After "Check all" ran (its callback set the request), images that are missing again
+    bring the offer back without an error, as after Stop (whose callback withdraws the
+    request). The request's state key had been the offer button's own key: Streamlit then
+    refused to draw the button again."""
+    app.session_state["attr_settings"] = AttributionSettings(n_steps=27)  # nothing cached yet
+    open_page(app, PAGE_CONVERGENCE)
+    widget(app, "button", "check_all_images").click()
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    app.session_state["attr_settings"] = AttributionSettings(n_steps=29)
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    others = len(app.session_state["images"]) - 1
+    assert widget(app, "button", "check_all_images").label == f"Check all {others} other images"

@@ -274,3 +274,31 @@ def test_a_rerun_supersedes_the_running_job(browser, app_server, solo):
         print_workers(server.pid, "after the superseding job")
     finally:
         context.close()
+
+
+def test_stop_on_the_convergence_page_keeps_what_was_checked(page, app_url):
+    """Check all at 1024 steps, then Stop: the page keeps the images already checked, offers
+    the rest again, and shows no error (the request's state key had been the offer button's
+    own key, and drawing the offer again after Stop raised)."""
+    page.set_default_timeout(180_000)
+    page.goto(f"{app_url}/convergence?steps=1024")
+    page.wait_for_selector("h1")
+    settle(page)
+    offer = page.get_by_role("button", name=re.compile(r"^Check all \d+ other images$"))
+    before = int(re.search(r"\d+", offer.inner_text()).group())
+    offer.click()
+    stop = page.get_by_role("button", name="Stop checking")
+    stop.wait_for()
+    page.locator('[data-testid="stProgress"]', has_text="integrating").first.wait_for()
+    stop.click()
+    stop.wait_for(state="detached", timeout=60_000)
+    settle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert "Traceback" not in text
+    left = re.search(r"(\d+) other images? of this session (?:are|is) not checked yet", text)
+    assert left is not None, text[-1500:]
+    assert 1 <= int(left.group(1)) <= before
+    again = page.get_by_role("button", name=re.compile(r"^Check (all )?\d+ other images?$"))
+    assert again.count() == 1
+    screenshot(page, "convergence_after_stop")
