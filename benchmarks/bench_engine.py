@@ -48,7 +48,16 @@ CASES = {
     "lc_list": "LayerConductance on [layer1, layer2, layer3, layer4] (Captum: 4 calls)",
     "ng_neuron": "NeuronGradient on one layer1 neuron",
     "ng_64": "NeuronGradient on the 64 channels of layer1 at one position (Captum: 64 calls)",
+    "nc_neuron": "NeuronConductance on one layer2 neuron",
+    "nc_16": "NeuronConductance on 16 layer2 channels at one position (ours: one call with a "
+    "list of selectors; Captum: 16 calls); one timed call after a one-neuron warm-up call",
+    "nc_demo": "NeuronConductance on one block2 neuron of the built-in demo CNN (64x64 image); "
+    "median of 20 calls",
 }
+NC_NEURON = (5, 10, 10)
+NC_CHANNELS = range(16)
+# Cases timed once after a warm-up at the real size (16 reference calls take minutes).
+TIMED_ONCE = {"nc_16"}
 N_STEPS = 50
 TARGET = 3
 
@@ -213,9 +222,143 @@ def check_arch(name: str, threads: int) -> dict[str, float]:
     }
 
 
+def _nc_setup(case: str, dtype=None, px: int | None = None):
+    """Model, layer, image and selectors of a NeuronConductance case (random weights)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    if case == "nc_demo":
+        from explainer.intake import load_demo_model
+
+        model = load_demo_model().model.eval()
+        layer, px, selectors = model.block2, px or 64, [(5, 4, 4)]
+    else:
+        model = torchvision.models.resnet18().eval()
+        layer, px = model.layer2, px or 224
+        if case == "nc_16":
+            selectors = [(c, NC_NEURON[1], NC_NEURON[2]) for c in NC_CHANNELS]
+        else:
+            selectors = [NC_NEURON]
+    if dtype is not None:
+        model = model.to(dtype)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, px, px, dtype=dtype or torch.float32)
+    return model, layer, x, selectors
+
+
+def run_nc_case(case: str, impl: str, threads: int) -> dict[str, float]:
+    """Time NeuronConductance (``impl`` "captum" or "explainer") on one ``nc_*`` case."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, layer, x, selectors = _nc_setup(case)
+    if impl == "captum":
+        from captum.attr import NeuronConductance
+
+        def call():
+            for sel in selectors:
+                NeuronConductance(model, layer).attribute(x, sel, target=TARGET, n_steps=N_STEPS)
+    else:
+        from explainer import NeuronConductance
+
+        many = selectors if len(selectors) > 1 else selectors[0]
+
+        def call():
+            NeuronConductance(model, layer).attribute(x, many, target=TARGET, n_steps=N_STEPS)
+
+    # Warm up lazily initialised kernels on a small problem first.
+    small = torch.randn(1, 3, 32, 32) if case == "nc_demo" else torch.randn(1, 3, 64, 64)
+    if impl == "captum":
+        from captum.attr import NeuronConductance as Warm
+    else:
+        from explainer import NeuronConductance as Warm
+    Warm(model, layer).attribute(small, (0, 1, 1), target=TARGET, n_steps=2)
+    if case in TIMED_ONCE:
+        # One one-neuron call at the real size builds the kernels; then one timed call.
+        Warm(model, layer).attribute(x, selectors[0], target=TARGET, n_steps=N_STEPS)
+        _reset_peak()
+        before = _rss_kib("VmRSS")
+        with _OtherLoad() as load:
+            start = time.perf_counter()
+            call()
+            seconds = time.perf_counter() - start
+        peak = _rss_kib("VmHWM") - before
+        first = seconds
+    else:
+        _reset_peak()
+        before = _rss_kib("VmRSS")
+        start = time.perf_counter()
+        call()
+        first = time.perf_counter() - start
+        peak = _rss_kib("VmHWM") - before
+        repeats = 20 if case == "nc_demo" else 1
+        times = []
+        with _OtherLoad() as load:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+    return {
+        "seconds": seconds,
+        "first_seconds": first,
+        "peak_mib": peak / 1024,
+        "other_cpus": -1.0 if load.value is None else load.value,
+    }
+
+
+def check_neuron(threads: int) -> dict[str, dict[str, float]]:
+    """Max |explainer - Captum| / max |Captum| of NeuronConductance in float64, per case."""
+    import torch
+    from captum.attr import NeuronConductance as Reference
+
+    from explainer import NeuronConductance
+
+    torch.set_num_threads(threads)
+    out = {}
+    for case in ("nc_neuron", "nc_16", "nc_demo"):
+        model, layer, x, selectors = _nc_setup(
+            case, torch.float64, 64 if case != "nc_demo" else None
+        )
+        if case != "nc_demo":
+            selectors = [(c, 2, 3) for c, _, _ in selectors]  # inside the 8x8 map of 64px
+        ref = torch.stack(
+            [
+                Reference(model, layer).attribute(x, s, target=TARGET, n_steps=ARCH_STEPS)
+                for s in selectors
+            ]
+        )
+        many = selectors if len(selectors) > 1 else selectors[0]
+        ours = NeuronConductance(model, layer).attribute(x, many, target=TARGET, n_steps=ARCH_STEPS)
+        ours = ours if len(selectors) > 1 else ours.unsqueeze(0)
+        scale = ref.abs().max().item()
+        diff = (ours - ref).abs().max().item()
+        out[case] = {"rel_diff": diff / scale if scale > 0 else diff, "max_abs": scale}
+    return out
+
+
+def _check_neuron_table(threads: int) -> int:
+    print(
+        f"float64 agreement with Captum: NeuronConductance, n_steps={ARCH_STEPS}, "
+        f"tolerance {CHECK_TOLERANCE:g} (max |ours - captum| / max |captum|)"
+    )
+    res = _spawn("check-neuron", "both", threads)
+    failed = 0
+    print("{:<10} {:>11} {:>10} {:>4}".format("case", "rel diff", "max |attr|", "ok"))
+    for case, r in res.items():
+        ok = r["rel_diff"] <= CHECK_TOLERANCE
+        failed += not ok
+        print(f"{case:<10} {r['rel_diff']:11.2e} {r['max_abs']:10.3e} {'yes' if ok else 'NO':>4}")
+    return 1 if failed else 0
+
+
 def run_case(case: str, impl: str, threads: int) -> dict[str, float]:
     import torch
     import torchvision
+
+    if case.startswith("nc_"):
+        return run_nc_case(case, impl, threads)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -423,12 +566,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", metavar="PATH", help="with --archs: also write every sample to PATH as JSON"
     )
+    parser.add_argument(
+        "--check-neuron",
+        action="store_true",
+        help="check float64 agreement of NeuronConductance with Captum (one neuron and a list "
+        "of 16 on resnet18, one neuron on the demo CNN)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         case, impl = args.child
-        if case.startswith("check:"):
+        if case == "check-neuron":
+            result = check_neuron(args.threads)
+        elif case.startswith("check:"):
             result = check_arch(case[len("check:") :], args.threads)
         elif case.startswith("arch:"):
             result = run_arch(case[len("arch:") :], impl, args.threads)
@@ -436,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_case(case, impl, args.threads)
         print(json.dumps(result))
         return 0
+    if args.check_neuron:
+        return _check_neuron_table(args.threads)
     if args.check is not None:
         return _check_table(args.check or list(ARCHS), args.threads)
     if args.archs is not None:
@@ -454,9 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases:
         impls = ["explainer"] if case == "floor" else ["captum", "explainer"]
         samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
-        for _ in range(args.repeats):
-            for impl in impls:
-                samples[impl].append(_spawn(case, impl, args.threads))
+        for r in range(args.repeats):
+            # Alternate, and reverse the order every other repeat: drift hits both alike.
+            for impl in impls if r % 2 == 0 else impls[::-1]:
+                samples[impl].append(_sample(case, impl, args.threads, args.max_other))
         med = {
             impl: {
                 k: statistics.median(s[k] for s in samples[impl])
@@ -464,11 +618,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             for impl in impls
         }
-        rows.append((case, med))
+        other = max(s.get("other_cpus", -1.0) for impl in impls for s in samples[impl])
+        rows.append((case, med, other))
 
     head = ("case", "captum s", "ours s", "time", "1st call", "captum MiB", "ours MiB", "mem")
-    print("{:<10} {:>9} {:>8} {:>6} {:>9} {:>11} {:>9} {:>6}".format(*head))
-    for case, med in rows:
+    print("{:<10} {:>9} {:>8} {:>6} {:>9} {:>11} {:>9} {:>6} {:>5}".format(*head, "other"))
+    for case, med, other in rows:
         ours = med["explainer"]
         ref = med.get("captum")
         if ref is None:
@@ -481,10 +636,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{case:<10} {ref['seconds']:9.3f} {ours['seconds']:8.3f} "
             f"{ours['seconds'] / ref['seconds']:6.2f} "
             f"{ours['first_seconds'] / ref['first_seconds']:9.2f} {ref['peak_mib']:11.0f} "
-            f"{ours['peak_mib']:9.0f} {ours['peak_mib'] / max(ref['peak_mib'], 1e-9):6.2f}"
+            f"{ours['peak_mib']:9.0f} {ours['peak_mib'] / max(ref['peak_mib'], 1e-9):6.2f} "
+            f"{other:5.1f}"
         )
     print("time: steady-state ratio (second call); 1st call: ratio of first calls; mem: ratio of")
-    print("peak resident memory above the level before the first call")
+    print("peak resident memory above the level before the first call; other: the most CPUs")
+    print("other processes used during a timed call (-1: unknown or not measured)")
     for case, text in CASES.items():
         if case in args.cases:
             print(f"  {case}: {text}")

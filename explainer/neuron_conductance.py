@@ -14,17 +14,23 @@ The engine differs from the reference where that saves work:
   the layer, so no per-neuron products over the inputs are formed afterwards.
 * Passes are kept within the memory budget and the inputs run in the layout the CPU prefers,
   as for :class:`~explainer.attribution.LayerConductance`.
+* When an input goes straight into a convolution (the stem of most image models), the backward
+  pass from the neuron stops at that convolution's output: the convolution is linear and the
+  same for every path point, so the weighted sum over the points is taken there and carried
+  back through the convolution once per example instead of once per point.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.nn import Module
 
 from explainer.adaptive import (
@@ -249,11 +255,24 @@ class NeuronConductance(_LayerMethod):
         state = _PassState(lean=False, target=target, num_examples=num_examples)
         meter: PassMeter | None = PassMeter.for_model(forward)
         per_pass, start, looks = 1, 0, 1
+        # A call like an earlier one (same model, layer, shapes) reuses its measured row cost:
+        # no small metered passes, the same pass sizes as if measured afresh.
+        key = _row_cost_key(forward, self._layers[0], inputs, args, use_input)
+        known = _row_cost(forward, key)
+        if known is not None:
+            budget = memory_budget_bytes()
+            if known * num_examples <= budget:
+                plan.row_bytes = known
+                rows = budget // known // num_examples * num_examples
+                per_pass, meter = max(1, min(cap, rows // num_examples)), None
+        # Per input: the convolution its gradients stop at, and their weighted sums so far.
+        folded: list[_FoldedStem | None] = [None] * len(inputs)
         with torch.inference_mode(False):
             while start < total_points:
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
                 plan.rows = k * num_examples
+                stems: list[_FoldedStem | None] = []
                 coef = torch.tensor(
                     weights[start : start + k], dtype=inputs[0].dtype, device=inputs[0].device
                 )
@@ -271,12 +290,21 @@ class NeuronConductance(_LayerMethod):
                         state,
                         meter,
                         grad_options,
+                        stems,
+                        lambda part, coef=coef: _weighted_rows(coef, part, num_examples),
                     )
+                for i, stem in enumerate(stems):
+                    if folded[i] is not None and (stem is None or not folded[i].same_as(stem)):
+                        folded[i].finish(totals[i])  # the model changed its first step
+                        folded[i] = None
+                    if stem is not None and folded[i] is None:
+                        folded[i] = stem
                 for j, (_, _, parts) in enumerate(found):
-                    for total, part in zip(totals, parts, strict=True):
-                        part = part.reshape(k, num_examples, *part.shape[1:])
-                        shape = (k, *([1] * (part.dim() - 1)))
-                        total[j] += (part * coef.reshape(shape)).sum(0)
+                    for i, (total, weighted) in enumerate(zip(totals, parts, strict=True)):
+                        if stems[i] is not None:
+                            folded[i].add(j, len(selectors), weighted)
+                        else:
+                            total[j] += weighted
                 del found
                 start += k
                 if progress is not None:
@@ -293,6 +321,10 @@ class NeuronConductance(_LayerMethod):
                         )
                         per_pass = min(cap, rows // num_examples)
                         meter = None
+                        _remember_row_cost(forward, key, plan.row_bytes)
+        for i, stem in enumerate(folded):
+            if stem is not None:
+                stem.finish(totals[i])
 
     def _pass(
         self,
@@ -305,6 +337,8 @@ class NeuronConductance(_LayerMethod):
         state: _PassState,
         meter: PassMeter | None,
         grad_options: dict[str, Any],
+        stems: list[_FoldedStem | None] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor, tuple[Tensor, ...]]]]:
         """One forward pass over path rows that require grad, one backward pass to the layer,
         and per selector one backward pass from the layer to the inputs.
@@ -312,6 +346,12 @@ class NeuronConductance(_LayerMethod):
         Returns the target output of every row and, per selector: the gradient of the target
         with respect to the selected neuron, the neuron's value, and the input gradients of
         the neuron weighed by that gradient (all per row, detached).
+
+        ``stems``, when given (an empty list), receives per input the convolution that input
+        goes straight into (a :class:`_FoldedStem`) or ``None``; for an input with a stem the
+        gradients returned are those of the convolution's output, not of the input.
+        ``reduce``, when given, is applied to every selector's gradients as soon as they are
+        found, so that the full per-row gradients of only one selector are held at a time.
         """
         rows = scaled[0].shape[0]
         with (
@@ -343,6 +383,12 @@ class NeuronConductance(_LayerMethod):
                 )
             layer_arg = values if layer_is_tuple else values[0]
             grad_arg = grads if layer_is_tuple else grads[0]
+            wrt: list[Tensor | GradientEdge] = list(scaled)
+            if stems is not None:
+                stems.extend(_stems(scaled, values))
+                for i, stem in enumerate(stems):
+                    if stem is not None:
+                        wrt[i] = stem.edge
             found = []
             for j, selector in enumerate(selectors):
                 neuron = self._select(layer_arg, selector, rows)
@@ -351,7 +397,7 @@ class NeuronConductance(_LayerMethod):
                 if neuron.requires_grad:
                     parts = torch.autograd.grad(
                         neuron,
-                        scaled,
+                        wrt,
                         grad_outputs=weight.reshape(neuron.shape),
                         retain_graph=not last,
                         allow_unused=True,
@@ -359,9 +405,15 @@ class NeuronConductance(_LayerMethod):
                 else:  # the neuron does not depend on the inputs
                     parts = (None,) * len(scaled)
                 parts = tuple(
-                    torch.zeros_like(t) if g is None else g.detach()
-                    for g, t in zip(parts, scaled, strict=True)
+                    g.detach()
+                    if g is not None
+                    else torch.zeros_like(t)
+                    if stems is None or stems[i] is None
+                    else stems[i].zeros(rows)
+                    for i, (g, t) in enumerate(zip(parts, scaled, strict=True))
                 )
+                if reduce is not None:
+                    parts = tuple(reduce(p) for p in parts)
                 found.append((weight, neuron.detach().reshape(rows), parts))
         return per_row.detach(), found
 
@@ -523,3 +575,201 @@ def _as_returned(maps: list[Tensor], many: bool, is_tuple: bool) -> Any:
     """Maps per input tensor (selectors first) in the form the caller's arguments call for."""
     out = tuple(m if many else m[0] for m in maps)
     return out if is_tuple else out[0]
+
+
+# Measured bytes per example row of earlier calls, per model (dropped with the model).
+_ROW_COSTS: weakref.WeakKeyDictionary[Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def _row_cost_key(
+    forward: Callable,
+    layer: Module,
+    inputs: tuple[Tensor, ...],
+    args: tuple | None,
+    use_input: bool,
+) -> tuple | None:
+    """What the cost of a row depends on, or ``None`` when a call cannot be matched safely
+    (a forward that is not a module, or extra arguments other than tensors and numbers)."""
+    if not isinstance(forward, Module):
+        return None
+    extra = []
+    for a in args or ():
+        if isinstance(a, Tensor):
+            extra.append((tuple(a.shape), a.dtype, a.device.type))
+        elif isinstance(a, (bool, int, float, str, type(None))):
+            extra.append(a)
+        else:
+            return None
+    return (
+        id(layer),
+        use_input,
+        forward.training,
+        tuple((tuple(t.shape[1:]), t.dtype, str(t.device)) for t in inputs),
+        tuple(extra),
+    )
+
+
+def _row_cost(forward: Callable, key: tuple | None) -> int | None:
+    if key is None:
+        return None
+    try:
+        return _ROW_COSTS.get(forward, {}).get(key)
+    except TypeError:  # a module that cannot be weakly referenced
+        return None
+
+
+def _remember_row_cost(forward: Callable, key: tuple | None, row_bytes: int | None) -> None:
+    if key is None or row_bytes is None:
+        return
+    try:
+        costs = _ROW_COSTS.setdefault(forward, {})
+    except TypeError:
+        return
+    if len(costs) > 64:  # many shapes on one model: keep the newest only
+        costs.clear()
+    costs[key] = int(row_bytes)
+
+
+def _weighted_rows(coef: Tensor, part: Tensor, num_examples: int) -> Tensor:
+    """``sum_p coef[p] * part[p * num_examples : (p + 1) * num_examples]``: the weighted sum
+    over the path points of a pass (rows are point-major), as one matrix-vector product over
+    the rows in memory order where the layout allows it."""
+    k = coef.shape[0]
+    if part.dim() == 4 and not part.is_contiguous():
+        if part.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = num_examples, *part.shape[1:]
+            flat = part.permute(0, 2, 3, 1).reshape(k, -1)
+            return (coef.to(part.dtype) @ flat).reshape(n, h, w, c).permute(0, 3, 1, 2)
+    elif part.is_contiguous():
+        flat = part.reshape(k, -1)
+        return (coef.to(part.dtype) @ flat).reshape(num_examples, *part.shape[1:])
+    part = part.reshape(k, num_examples, *part.shape[1:])
+    return (part * coef.reshape(k, *([1] * (part.dim() - 1)))).sum(0)
+
+
+class _FoldedStem:
+    """A convolution that one input goes straight into, and the weighted sums (over path
+    points, per selector and example) of the neuron's gradients at its output.
+
+    The convolution is linear in its input and the same for every path point, so carrying the
+    summed gradient back through it once equals carrying every point's gradient back and
+    summing afterwards.
+    """
+
+    def __init__(self, node: Any, input_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+        self.edge = GradientEdge(node, 0)
+        self.weight = node._saved_weight.detach()
+        self.stride = tuple(node._saved_stride)
+        self.padding = tuple(node._saved_padding)
+        self.dilation = tuple(node._saved_dilation)
+        self.groups = int(node._saved_groups)
+        self.input_shape = input_shape  # of one example
+        self.out_shape = out_shape  # of one example, at the convolution's output
+        self.sums: Tensor | None = None
+
+    def same_as(self, other: _FoldedStem) -> bool:
+        return (
+            self.weight is other.weight
+            or (self.weight.shape == other.weight.shape and torch.equal(self.weight, other.weight))
+        ) and (
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.input_shape,
+            self.out_shape,
+        ) == (
+            other.stride,
+            other.padding,
+            other.dilation,
+            other.groups,
+            other.input_shape,
+            other.out_shape,
+        )
+
+    def zeros(self, rows: int) -> Tensor:
+        return self.weight.new_zeros((rows, *self.out_shape))
+
+    def add(self, selector: int, selectors: int, weighted: Tensor) -> None:
+        """Add one selector's weighted sum over a pass's path points (examples first)."""
+        if self.sums is None:
+            self.sums = weighted.new_zeros((selectors, *weighted.shape))
+        self.sums[selector] += weighted
+
+    def finish(self, total: Tensor) -> None:
+        """Carry the sums back through the convolution into ``total`` (selectors first)."""
+        if self.sums is None:
+            return
+        sums = self.sums.reshape(-1, *self.out_shape)
+        shape = (sums.shape[0], *self.input_shape)
+        grad_in = torch.ops.aten.convolution_backward(
+            sums,
+            sums.new_empty(()).expand(shape),
+            self.weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0] * len(self.stride),
+            self.groups,
+            [True, False, False],
+        )[0]
+        total += grad_in.reshape(total.shape)
+        self.sums = None
+
+
+def _stems(scaled: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> list[_FoldedStem | None]:
+    """Per input: the convolution it goes straight into when that convolution is its only use
+    on the way to the layer (a plain, non-transposed convolution), else ``None``."""
+    leaves = {id(t): i for i, t in enumerate(scaled)}
+    uses: list[list[tuple[Any, int]]] = [[] for _ in scaled]
+    if any(id(v) in leaves for v in values):
+        return [None] * len(scaled)
+    stack = [v.grad_fn for v in values if v.grad_fn is not None]
+    seen: set[int] = set()
+    keep = []  # holds the nodes so that their ids stay unique during the walk
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        for slot, (child, _) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                i = leaves.get(id(variable))
+                if i is not None:
+                    uses[i].append((node, slot))
+                continue
+            stack.append(child)
+    out: list[_FoldedStem | None] = []
+    for t, found in zip(scaled, uses, strict=True):
+        stem = None
+        if len(found) == 1:
+            node, slot = found[0]
+            if (
+                slot == 0
+                and type(node).__name__ == "ConvolutionBackward0"
+                and not node._saved_transposed
+                and t.dim() >= 3
+            ):
+                weight = node._saved_weight
+                dims = t.dim() - 2
+                out_size = [
+                    (
+                        t.shape[2 + d]
+                        + 2 * node._saved_padding[d]
+                        - node._saved_dilation[d] * (weight.shape[2 + d] - 1)
+                        - 1
+                    )
+                    // node._saved_stride[d]
+                    + 1
+                    for d in range(dims)
+                ]
+                if weight.dtype == t.dtype and weight.device == t.device:
+                    stem = _FoldedStem(node, tuple(t.shape[1:]), (weight.shape[0], *out_size))
+        out.append(stem)
+    return out
