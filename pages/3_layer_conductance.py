@@ -11,7 +11,7 @@ import streamlit as st
 import webapp
 from explainer.analysis import ConductanceResult, negligible_difference, position_names
 from explainer.images import resize_map
-from explainer.layout import Layout
+from explainer.layout import Layout, LayoutView
 from webapp import backend, refine
 from webapp import figures as F
 from webapp import glossary as G
@@ -423,7 +423,7 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     # of a vision transformer beside them, (C, L) sequences or (C,) vectors.
     layout = L.layout_choice(lm, result.layer, result.attributions.shape, "cond")
     lv = layout.view(result.attributions)
-    attributions, spatial, is_spatial = lv.values, lv.spatial, layout.is_grid
+    attributions, is_spatial = lv.values, layout.is_grid
     word = layout.channel_word
     totals = lv.channel_totals
     num_channels = totals.size
@@ -431,26 +431,12 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
     if channel is None or not 0 <= int(channel) < num_channels:
         channel = F.rank_channels(totals, "abs")[0] if num_channels else 0
         st.session_state[S.CHANNEL] = channel
-    neuron = st.session_state.get(S.NEURON)
-    if neuron is not None and not layout.fits(neuron):
-        st.warning(
-            f"The selected neuron {tuple(neuron)} does not exist in this layer "
-            f"({layout.ranges_text()}); pick another one."
-        )
-        neuron = None
-    if neuron is not None:
-        neuron = tuple(int(i) for i in neuron)
-
-    label = f"{word} **{channel}**" if layout.kind != "flat" else f"unit **{channel}**"
-    chosen = (
-        f" · neuron **{neuron}** ({md(layout.neuron_text(neuron))})" if neuron is not None else ""
-    )
-    st.info(f"Selected: {label}{chosen}", icon=":material/ads_click:")
-
-    if not is_spatial and len(layout.view_shape) != 1:
-        _sequence_views(lm, result, layout, attributions, totals, channel, neuron)
-        return
-    if not is_spatial:
+    if not is_spatial:  # the maps' part says what is selected itself (see _where)
+        neuron = _selected_neuron(layout)
+        _selection_box(layout, channel, neuron)
+        if len(layout.view_shape) != 1:
+            _sequence_views(lm, result, layout, attributions, totals, channel, neuron)
+            return
         top_max = max(1, min(num_channels, 512))
         ranked = F.rank_channels(totals, "abs")[:top_max]
         st.subheader("Conductance per unit")
@@ -528,7 +514,65 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
             W.on_click_channel("cond_grid"),
         )
 
+    _where(lm, result, layout, lv, content, float(zmax))
+
+
+def _selected_neuron(layout: Layout) -> tuple[int, ...] | None:
+    """The selected neuron, or ``None`` (with a warning) when this layer has no such neuron."""
+    neuron = st.session_state.get(S.NEURON)
+    if neuron is not None and not layout.fits(neuron):
+        st.warning(
+            f"The selected neuron {tuple(neuron)} does not exist in this layer "
+            f"({layout.ranges_text()}); pick another one."
+        )
+        return None
+    return None if neuron is None else tuple(int(i) for i in neuron)
+
+
+def _selection_box(layout: Layout, channel: int, neuron: tuple[int, ...] | None) -> None:
+    word = layout.channel_word
+    label = f"{word} **{channel}**" if layout.kind != "flat" else f"unit **{channel}**"
+    chosen = (
+        f" · neuron **{neuron}** ({md(layout.neuron_text(neuron))})" if neuron is not None else ""
+    )
+    st.info(f"Selected: {label}{chosen}", icon=":material/ads_click:")
+
+
+@st.fragment
+def _where(
+    lm: backend.ServedModel,
+    result: ConductanceResult,
+    layout: Layout,
+    lv: LayoutView,
+    content: str,
+    zmax: float,
+) -> None:
+    """The selected channel's map, the summed map over the image and the selected neuron.
+
+    A fragment of its own: a click on a cell here reruns only this part (the bars and tiles
+    above keep their channel), so the page answers a click quickly.
+    """
+    refine.collect_gradients()  # the shown channel's cells, computed while the user looked
+    try:
+        _where_views(lm, result, layout, lv, content, zmax)
+    except Exception as exc:  # noqa: BLE001 - shown in the page; the choices stay as they were
+        W.show_error(exc, "Drawing the selected channel's maps")
+
+
+def _where_views(
+    lm: backend.ServedModel,
+    result: ConductanceResult,
+    layout: Layout,
+    lv: LayoutView,
+    content: str,
+    zmax: float,
+) -> None:
+    attributions, spatial = lv.values, lv.spatial
+    word = layout.channel_word
+    channel = int(st.session_state.get(S.CHANNEL) or 0)
+    neuron = _selected_neuron(layout)
     st.subheader("Where in the image")
+    _selection_box(layout, channel, neuron)
     cell = (int(neuron[1]), int(neuron[2])) if neuron is not None and len(neuron) == 3 else None
     ok, pixels = W.attempt("Reading the image", backend.display_image, image, prep)
     # The selected neuron sits beside the maps it is picked on: a click on the channel map
@@ -546,11 +590,19 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
             grid_col = token_col = None
         with grid_col if grid_col is not None else st.container():
             marked = cell if neuron is not None and neuron[0] == channel else None
+            # The browser outlines a clicked cell itself: the map is not drawn again.
+            drawn, revision = W.browser_mark(
+                "cond_channel_map", (content, int(channel), float(zmax)), marked
+            )
             W.plotly_click(
                 _figure(
-                    ("map", content, int(channel), marked, float(zmax)),
+                    ("map", content, int(channel), drawn, revision, float(zmax)),
                     lambda: F.spatial_map(
-                        attributions[channel], channel=channel, selected_cell=marked, zmax=zmax
+                        attributions[channel],
+                        channel=channel,
+                        selected_cell=drawn,
+                        zmax=zmax,
+                        revision=revision,
                     ),
                     nbytes=4 * attributions[channel].nbytes,
                 ),
@@ -585,13 +637,14 @@ def _views(lm: backend.ServedModel, result: ConductanceResult) -> None:
         if ok and pixels is not None and spatial is not None:
             W.plotly_click(
                 _figure(
-                    ("overlay", _array_part(pixels), _array_part(spatial), int(channel), cell),
+                    ("overlay", _array_part(pixels), _array_part(spatial), int(channel)),
+                    # Not outlined: a click on the channel map then changes nothing here,
+                    # and the page answers without drawing this chart again.
                     lambda: F.overlay_map(
                         pixels,
                         resize_map(spatial, F.overlay_size(pixels.shape[:2])),
                         spatial.shape,
                         channel=channel,
-                        selected_cell=cell,
                         layer_values=spatial,
                     ),
                     nbytes=8 * pixels.nbytes,

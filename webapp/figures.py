@@ -66,6 +66,8 @@ POSITIVE_COLOUR = "#c0392b"
 NEGATIVE_COLOUR = "#2e6da4"
 SELECTED_COLOUR = "#111111"
 ACCENT_COLOUR = "#f5b700"
+RING_PX = 16
+"""Diameter of the ring that marks the selected cell of a map the browser marks itself."""
 TARGET_COLOUR = "#ff3b30"
 """Marks the explained output position on score maps (stands out on the score scale)."""
 METHOD_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e")
@@ -124,27 +126,50 @@ def _click_layer(
     text: Sequence[str],
     marker_px: float,
     template: str = "%{text}<br>click to select<extra></extra>",
+    *,
+    outline: bool = False,
+    selected: int | None = None,
 ) -> go.Scatter:
     """Invisible square markers that turn clicks on a heatmap into selectable points.
 
     ``text`` is one short string per point, shown through ``template`` (which may also use
     ``%{customdata[i]}``): short texts keep figures of large layers small.
+
+    With ``outline``, the selected point (point ``selected`` as drawn, then whichever the user
+    clicks) is marked by the browser itself with a ring of :data:`RING_PX` pixels: a click
+    shows its mark at once, and the figure does not change (nor is it drawn again) when the
+    page answers the click. (A ring, not the cell's outline: a marker's size is in pixels,
+    and how many pixels a cell gets depends on the width of the browser's window.)
     """
-    return go.Scatter(
-        x=np.asarray(xs, dtype=float),
-        y=np.asarray(ys, dtype=float),
-        mode="markers",
-        marker=dict(
+    if outline:
+        marker = dict(
+            symbol="circle-open",
+            size=max(4.0, float(marker_px)),  # the click area: one cell
+            color=ACCENT_COLOUR,
+            opacity=0.0,  # shown on the selected point only
+            line=dict(width=3),
+        )
+        shown = dict(marker=dict(opacity=1.0, size=RING_PX))
+        hidden = dict(marker=dict(opacity=0.0))
+    else:
+        marker = dict(
             symbol="square",
             size=max(4.0, float(marker_px)),
             color="rgba(0,0,0,0)",
             line=dict(width=0),
-        ),
+        )
+        shown = hidden = dict(marker=dict(opacity=1.0))
+    return go.Scatter(
+        x=np.asarray(xs, dtype=float),
+        y=np.asarray(ys, dtype=float),
+        mode="markers",
+        marker=marker,
         customdata=np.asarray(customdata).tolist(),
         text=list(text),
         hovertemplate=template,
-        selected=dict(marker=dict(opacity=1.0)),
-        unselected=dict(marker=dict(opacity=1.0)),
+        selected=shown,
+        unselected=hidden,
+        selectedpoints=[int(selected)] if selected is not None else None,
         showlegend=False,
     )
 
@@ -550,6 +575,7 @@ def spatial_map(
     height: int = 360,
     signed: bool = True,
     zmax: float | None = None,
+    revision: int | None = None,
 ) -> go.Figure:
     """A layer-resolution heatmap whose cells are clickable (``customdata = [channel, y, x]``).
 
@@ -561,6 +587,11 @@ def spatial_map(
         Channel the cells belong to (``-1`` is stored when ``None``).
     selected_cell : (y, x), optional
         Cell to outline.
+    revision : int, optional
+        With it, the outline is the click layer's selected point: the browser moves it to the
+        cell the user clicks, without a new figure. A new ``revision`` makes a figure that
+        differs from the last one even for the same cell (a browser that shows its own click
+        is given the page's selection again).
     signed : bool
         Diverging scale centred at 0 (True) or a sequential magnitude scale.
     zmax : float, optional
@@ -586,11 +617,27 @@ def spatial_map(
     template = (
         f"(y=%{{y}}, x=%{{x}})<br>{colorbar_title} %{{text}}<br>click to select<extra></extra>"
     )
+    in_browser = revision is not None
     fig.add_trace(
-        _click_layer(xx.ravel(), yy.ravel(), custom, text, (height - 40) / max(h, 1), template)
+        _click_layer(
+            xx.ravel(),
+            yy.ravel(),
+            custom,
+            text,
+            (height - 40) / max(h, 1),
+            template,
+            outline=in_browser,
+            selected=(
+                int(selected_cell[0]) * w + int(selected_cell[1])
+                if in_browser and selected_cell is not None
+                else None
+            ),
+        )
     )
     _base_layout(fig, height, title)
-    if selected_cell is not None:
+    if in_browser:
+        fig.update_layout(meta=dict(revision=int(revision)))
+    elif selected_cell is not None:
         fig.update_layout(shapes=[_cell_box(selected_cell[1], selected_cell[0])])
     _image_axes(fig, w, h)
     return fig

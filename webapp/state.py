@@ -97,6 +97,14 @@ PREFETCH = "gradient_prefetch"
 """The :class:`webapp.backend.GradientPrefetch` computing the gradients of the cells the user
 may click next on the conductance page, or ``None``."""
 
+NEURON_CLICK = "neuron_click"
+"""``(chart key, neuron)`` when the selected neuron was picked by a click on that chart (whose
+browser outlines the clicked cell itself), else ``None``."""
+
+BROWSER_MARKS = "browser_marks"
+"""Per chart key, what a chart that outlines its selected cell in the browser was last sent and
+shows: ``{"content": ..., "cell": ..., "revision": int, "shown": ...}``."""
+
 METHODS: tuple[str, ...] = (
     "gausslegendre",
     "riemann_trapezoid",

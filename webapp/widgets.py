@@ -467,13 +467,61 @@ def on_click_neuron(chart_key: str) -> Callable[[], None]:
     def callback() -> None:
         data = clicked_data(chart_key)
         if not data:
+            # A second click on the selected cell clears the browser's own outline: the
+            # chart is sent its mark again (see browser_mark).
+            st.session_state[S.NEURON_CLICK] = None
+            entry = (st.session_state.get(S.BROWSER_MARKS) or {}).get(chart_key)
+            if entry is not None:
+                entry["shown"] = None
             return
         if len(data) == 3 and data[0] < 0:
             channel = st.session_state.get(S.CHANNEL)
             data[0] = int(channel) if channel is not None else 0
         S.select_neuron(tuple(data))
+        st.session_state[S.NEURON_CLICK] = (chart_key, tuple(int(i) for i in data))
 
     return callback
+
+
+def fragment_rerun() -> bool:
+    """Whether this run reruns fragments only (a chart that stayed in the page), not the
+    whole page (after which a chart may have been drawn anew: another page came between)."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    run = get_script_run_ctx(suppress_warning=True)
+    return bool(run is not None and run.fragment_ids_this_run)
+
+
+def browser_mark(chart_key: str, content: object, cell: object) -> tuple[object, int]:
+    """The cell a chart that outlines its selected cell in the browser is drawn with, and the
+    figure's revision: ``(cell, revision)`` belong in the figure's cache key.
+
+    A click on such a chart moves its outline in the browser at once. Sending a figure
+    with the new outline would make Streamlit draw the chart anew (its identity is its
+    figure), so while a fragment reruns after the user's own click on the chart, the chart
+    keeps the figure it was sent. A new figure is sent when its content changes, when the
+    selection changed by other means and the chart shows another cell (``cell`` is what it
+    must show: ``None`` for no outline), and on a run of the whole page while the browser
+    shows another cell than the figure (the chart may be drawn anew from its figure then).
+    """
+    marks = st.session_state.get(S.BROWSER_MARKS)
+    if marks is None:
+        marks = st.session_state[S.BROWSER_MARKS] = {}
+    neuron = st.session_state.get(S.NEURON)
+    own = neuron is not None and st.session_state.get(S.NEURON_CLICK) == (
+        chart_key,
+        tuple(int(i) for i in neuron),
+    )
+    entry = marks.get(chart_key)
+    if entry is None or entry["content"] != content:
+        revision = 0 if entry is None else entry["revision"] + 1
+        entry = {"content": content, "cell": cell, "revision": revision, "shown": cell}
+    elif own and fragment_rerun():
+        entry["shown"] = cell  # the browser outlines the clicked cell: keep the figure
+    elif entry["shown"] != cell or entry["cell"] != cell:
+        entry = {**entry, "cell": cell, "revision": entry["revision"] + 1, "shown": cell}
+    marks[chart_key] = entry
+    return entry["cell"], entry["revision"]
 
 
 def plotly_click(fig: Any, key: str, callback: Callable[[], None]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from apphelpers import (
@@ -96,10 +98,106 @@ def test_injected_neuron_is_shown_and_previewed(app):
     assert "neuron **(5, 3, 4)**" in info
     specs = plotly_specs(app)
     assert "cond_preview" in specs
-    # The selected cell is outlined on the channel map.
-    shapes = specs["cond_channel_map"]["layout"]["shapes"]
-    assert shapes
-    assert shapes[0]["x0"] == pytest.approx(3.5) and shapes[0]["y0"] == pytest.approx(2.5)
+    # The selected cell is the channel map's selected point (the browser rings it).
+    clicks = specs["cond_channel_map"]["data"][1]
+    width = np.asarray(values(specs["cond_channel_map"]["data"][0]["z"])).shape[1]
+    assert clicks["selectedpoints"] == [3 * width + 4]
+    assert clicks["customdata"][3 * width + 4] == [5, 3, 4]
+    assert clicks["selected"]["marker"]["opacity"] == 1.0
+    assert clicks["unselected"]["marker"]["opacity"] == 0.0
+    assert clicks["marker"]["opacity"] == 0.0  # no ring anywhere else
+
+
+def _map(app: AppTest) -> tuple[str, dict]:
+    spec = plotly_specs(app)["cond_channel_map"]
+    return json.dumps(spec, sort_keys=True), spec
+
+
+def _click_map(app: AppTest, chart: str, neuron: tuple[int, ...]) -> None:
+    """What ``W.on_click_neuron(chart)`` does for a click on ``neuron``; then the rerun."""
+    app.session_state["neuron"] = neuron
+    app.session_state["channel"] = neuron[0]
+    app.session_state["neuron_click"] = (chart, neuron)
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert f"neuron **{neuron}**" in " ".join(str(i.value) for i in app.info)
+
+
+@pytest.fixture
+def fragment_reruns(monkeypatch):
+    """Runs count as reruns of the page's fragments, as after a click in the browser (an
+    AppTest run is always a run of the whole page)."""
+    from webapp import widgets
+
+    monkeypatch.setattr(widgets, "fragment_rerun", lambda: True)
+    return monkeypatch
+
+
+def test_a_click_on_the_channel_map_keeps_the_figure_the_browser_shows(app, fragment_reruns):
+    open_page(app, PAGE_CONDUCTANCE)
+    channel = int(app.session_state["channel"])
+    first, spec = _map(app)
+    width = np.asarray(values(spec["data"][0]["z"])).shape[1]
+    # The browser rings the clicked cell itself: the page sends the same figure, so that
+    # Streamlit does not draw the chart again.
+    _click_map(app, "cond_channel_map", (channel, 1, 2))
+    assert _map(app)[0] == first
+    _click_map(app, "cond_channel_map", (channel, 2, 0))
+    assert _map(app)[0] == first
+    # Selected by a click elsewhere (the summed map): the map is sent the new cell.
+    _click_map(app, "cond_overlay", (channel, 3, 1))
+    moved, spec = _map(app)
+    assert moved != first
+    assert spec["data"][1]["selectedpoints"] == [3 * width + 1]
+    # Then a click on the map, and the summed map's cell again: the browser shows the map's
+    # own click, so the same cell is sent once more, in a figure that differs from the last.
+    _click_map(app, "cond_channel_map", (channel, 0, 0))
+    assert _map(app)[0] == moved
+    _click_map(app, "cond_overlay", (channel, 3, 1))
+    again, spec = _map(app)
+    assert again != moved
+    assert spec["data"][1]["selectedpoints"] == [3 * width + 1]
+    # A rerun that changes nothing sends the same figure.
+    app.run()
+    assert _map(app)[0] == again
+
+
+def test_a_run_of_the_whole_page_sends_the_cell_the_browser_rings(app, fragment_reruns):
+    """After the page was left and opened again, the map is drawn anew from its figure: a run
+    of the whole page sends the selected cell when the figure has another one."""
+    open_page(app, PAGE_CONDUCTANCE)
+    channel = int(app.session_state["channel"])
+    _click_map(app, "cond_overlay", (channel, 3, 1))
+    _click_map(app, "cond_channel_map", (channel, 1, 2))
+    kept, spec = _map(app)
+    width = np.asarray(values(spec["data"][0]["z"])).shape[1]
+    assert spec["data"][1]["selectedpoints"] == [3 * width + 1]  # the browser rings (1, 2)
+    fragment_reruns.undo()
+    app.run()
+    sent, spec = _map(app)
+    assert sent != kept
+    assert spec["data"][1]["selectedpoints"] == [1 * width + 2]
+    # Once the figure has the browser's cell, further runs of the page keep it.
+    app.run()
+    assert _map(app)[0] == sent
+
+
+def test_a_second_click_on_the_ringed_cell_gets_the_ring_back(app, fragment_reruns):
+    """A click on the selected point clears the browser's selection (plotly toggles it): the
+    callback sees no point, and the map is sent its ring again."""
+    open_page(app, PAGE_CONDUCTANCE)
+    channel = int(app.session_state["channel"])
+    _click_map(app, "cond_channel_map", (channel, 1, 2))
+    before, spec = _map(app)
+    width = np.asarray(values(spec["data"][0]["z"])).shape[1]
+    # What the callback does with an empty selection on this chart.
+    app.session_state["neuron_click"] = None
+    app.session_state["browser_marks"]["cond_channel_map"]["shown"] = None
+    app.run()
+    after, spec = _map(app)
+    assert after != before
+    assert spec["data"][1]["selectedpoints"] == [1 * width + 2]
+    assert "neuron **" + str((channel, 1, 2)) + "**" in " ".join(str(i.value) for i in app.info)
 
 
 def test_selection_and_revisits_never_recompute_conductance(app, monkeypatch):
@@ -175,14 +273,21 @@ else:
 def test_click_callbacks_copy_the_clicked_point(points, expected_neuron):
     at = AppTest.from_string(CLICK_SCRIPT, default_timeout=TIMEOUT)
     at.session_state["points"] = points
+    at.session_state["browser_marks"] = {"chart": {"shown": (1, 1)}}
     at.run()
     assert not at.exception
     if expected_neuron is None:
         assert at.session_state["channel"] == 7
         assert "neuron" not in at.session_state
+        # The browser cleared its own ring: the chart is to be sent its selection again.
+        assert at.session_state["neuron_click"] is None
+        assert at.session_state["browser_marks"]["chart"]["shown"] is None
     else:
         assert at.session_state["neuron"] == expected_neuron
         assert at.session_state["channel"] == expected_neuron[0]
+        # The browser rings what was clicked on this chart.
+        assert at.session_state["neuron_click"] == ("chart", expected_neuron)
+        assert at.session_state["browser_marks"]["chart"]["shown"] == (1, 1)
 
 
 def test_channel_click_moves_the_neuron_to_that_channel():

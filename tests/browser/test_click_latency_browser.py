@@ -109,6 +109,22 @@ def _click_cell(page, row: int, col: int) -> float:
     return clicked
 
 
+RING = """([row, col, width]) => {
+    const gd = document.querySelector('.st-key-cond_channel_map .js-plotly-plot');
+    const rings = [];
+    gd.querySelectorAll('.scatterlayer .trace .point').forEach((el, i) => {
+        if (parseFloat(getComputedStyle(el).opacity) > 0.5) { rings.push(i); }
+    });
+    return {rings, same: gd.__beforeClick === true, want: row * width + col};
+}"""
+
+
+def _ringed(page, row: int, col: int, width: int) -> dict:
+    """Which points of the channel map show the ring, and whether the chart is the one that
+    was clicked (not drawn anew)."""
+    return page.evaluate(RING, [row, col, width])
+
+
 def _wait_quiet(page) -> float:
     """Wait until the page has not changed for QUIET_MS; the time of its last change, in ms."""
     deadline = time.monotonic() + SETTLE_LIMIT_S
@@ -155,6 +171,10 @@ def test_map_clicks_select_neurons_and_report_latency(browser, app_url):
         latencies: list[float] = []
         for row, col in cells:
             page.evaluate(OBSERVE)
+            page.evaluate(
+                "() => { document.querySelector("
+                "'.st-key-cond_channel_map .js-plotly-plot').__beforeClick = true; }"
+            )
             clicked = _click_cell(page, row, col)
             page.wait_for_function(
                 "(t) => Array.from(document.querySelectorAll('[data-testid=stAlert]'))"
@@ -167,6 +187,11 @@ def test_map_clicks_select_neurons_and_report_latency(browser, app_url):
             assert f"neuron ({channel}, {row}, {col})" in _selection(page)
             assert page.locator(".st-key-cond_preview .js-plotly-plot").count() == 1
             assert page.locator('[data-testid="stException"]').count() == 0
+            # The browser rings the clicked cell, and only it, on the chart that was clicked:
+            # the page's answer did not draw the map again.
+            ring = _ringed(page, row, col, width)
+            assert ring["rings"] == [ring["want"]], ring
+            assert ring["same"], "the channel map was drawn anew after a click on it"
         text = ", ".join(f"{s:.2f}" for s in latencies)
         print(
             f"\nclick on a map cell -> last change of the page over {len(latencies)} clicks: "
@@ -199,5 +224,36 @@ def test_selected_neuron_stays_in_sight_after_a_map_click(browser, app_url, size
         # The clicked map stays on screen too.
         inside, box, viewport = _in_view(page, ".st-key-cond_channel_map .nsewdrag")
         assert inside, f"the clicked map moved off screen: {box} in {viewport}"
+    finally:
+        context.close()
+
+
+def test_the_ring_is_on_the_selected_cell_after_the_page_was_left(browser, app_url):
+    """The clicked map keeps its figure while the browser rings the clicked cell; once the
+    page was left and opened again, the map is drawn from its figure, which must then ring
+    the selected cell."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        _open_conductance(page, app_url)
+        channel = int(re.search(r"channel \*{0,2}(\d+)", _selection(page)).group(1))
+        height, width = _map_shape(page)
+        _bring_map_into_view(page)
+        row, col = height - 1, width - 2
+        _click_cell(page, row, col)
+        page.wait_for_selector(".st-key-cond_preview .js-plotly-plot")
+        _settle(page)
+        assert f"neuron ({channel}, {row}, {col})" in _selection(page)
+        page.locator('[data-testid="stSidebar"] a', has_text="Neuron gradient").click()
+        page.wait_for_selector("h1:has-text('Neuron gradient')")
+        _settle(page)
+        page.locator('[data-testid="stSidebar"] a', has_text="Layer conductance").click()
+        page.wait_for_selector(".st-key-cond_channel_map .js-plotly-plot")
+        _settle(page)
+        assert f"neuron ({channel}, {row}, {col})" in _selection(page)
+        ring = page.evaluate(RING, [row, col, width])
+        assert ring["rings"] == [ring["want"]], ring
+        assert page.locator('[data-testid="stException"]').count() == 0
     finally:
         context.close()
