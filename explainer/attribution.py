@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -271,6 +272,75 @@ def _worth_another_look(meter: PassMeter, rows_done: int, group_rows: int, wante
     measured = budget // meter.bytes_per_row(rows_done) // group_rows
     estimated = budget // meter.bytes_per_row(rows_done, measured=False) // group_rows
     return measured < min(wanted, estimated)
+
+
+# Measured bytes per example row of earlier calls, per model (dropped with the model).
+_ROW_COSTS: weakref.WeakKeyDictionary[Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def _row_cost_key(
+    kind: str,
+    forward: Callable,
+    layers: Sequence[Module],
+    inputs: tuple[Tensor, ...],
+    args: tuple | None,
+    use_input: bool,
+) -> tuple | None:
+    """What the cost of a row of a ``kind`` of pass depends on, or ``None`` when a call cannot
+    be matched safely (a forward that is not a module, or extra arguments other than tensors
+    and numbers)."""
+    if not isinstance(forward, Module):
+        return None
+    extra = []
+    for a in args or ():
+        if isinstance(a, Tensor):
+            extra.append((tuple(a.shape), a.dtype, a.device.type))
+        elif isinstance(a, (bool, int, float, str, type(None))):
+            extra.append(a)
+        else:
+            return None
+    return (
+        kind,
+        tuple(id(layer) for layer in layers),
+        use_input,
+        forward.training,
+        tuple((tuple(t.shape[1:]), t.dtype, str(t.device)) for t in inputs),
+        tuple(extra),
+    )
+
+
+def _row_cost(forward: Callable, key: tuple | None) -> int | None:
+    """The measured bytes per row of an earlier call with the same ``key``, or ``None``."""
+    if key is None:
+        return None
+    try:
+        return _ROW_COSTS.get(forward, {}).get(key)
+    except TypeError:  # a module that cannot be weakly referenced
+        return None
+
+
+def _remember_row_cost(forward: Callable, key: tuple | None, row_bytes: int | None) -> None:
+    if key is None or row_bytes is None:
+        return
+    try:
+        costs = _ROW_COSTS.setdefault(forward, {})
+    except TypeError:
+        return
+    if len(costs) > 64:  # many shapes on one model: keep the newest only
+        costs.clear()
+    costs[key] = int(row_bytes)
+
+
+def _known_rows(plan: _Plan, known: int | None, num_examples: int, cap: int) -> int | None:
+    """Path points per pass from a remembered row cost (``None``: meter afresh)."""
+    if known is None:
+        return None
+    budget = memory_budget_bytes()
+    if known * num_examples > budget:
+        return None
+    plan.row_bytes = known
+    rows = budget // known // num_examples * num_examples
+    return max(1, min(cap, rows // num_examples))
 
 
 def _rows_within_budget(
@@ -723,6 +793,12 @@ class LayerConductance(_LayerMethod):
         state = _PassState(lean=not use_input, target=target, num_examples=num_examples)
         meter: PassMeter | None = PassMeter.for_model(forward)
         per_pass, start, looks = 1, 0, 1  # looks: metered passes so far (two at most)
+        # A call like an earlier one (same model, layers, shapes) reuses its measured row
+        # cost: no small metered passes, the same pass sizes as if measured afresh.
+        key = _row_cost_key("layer conductance", forward, self._layers, inputs, args, use_input)
+        known = _known_rows(plan, _row_cost(forward, key), num_examples, cap)
+        if known is not None:
+            per_pass, meter = known, None
         with (
             torch.inference_mode(False),
             tap_layers(self._layers, self._labels, use_input=use_input, mode="root") as tap,
@@ -789,6 +865,7 @@ class LayerConductance(_LayerMethod):
                         )
                         per_pass = min(cap, rows // num_examples)
                         meter = None
+                        _remember_row_cost(forward, key, plan.row_bytes)
         assert sums is not None
         return [[t.contiguous() for t in layer] for layer in sums], tuple_layers
 

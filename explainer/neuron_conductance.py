@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numbers
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +58,7 @@ from explainer.attribution import (
     Selector,
     _check_output,
     _grad_options,
+    _known_rows,
     _LayerMethod,
     _measuring,
     _metering,
@@ -68,6 +68,9 @@ from explainer.attribution import (
     _path_rows,
     _Plan,
     _points_per_pass,
+    _remember_row_cost,
+    _row_cost,
+    _row_cost_key,
     _rows_within_budget,
     _run_fast,
     _unwrap,
@@ -257,14 +260,10 @@ class NeuronConductance(_LayerMethod):
         per_pass, start, looks = 1, 0, 1
         # A call like an earlier one (same model, layer, shapes) reuses its measured row cost:
         # no small metered passes, the same pass sizes as if measured afresh.
-        key = _row_cost_key(forward, self._layers[0], inputs, args, use_input)
-        known = _row_cost(forward, key)
+        key = _row_cost_key("neuron conductance", forward, self._layers, inputs, args, use_input)
+        known = _known_rows(plan, _row_cost(forward, key), num_examples, cap)
         if known is not None:
-            budget = memory_budget_bytes()
-            if known * num_examples <= budget:
-                plan.row_bytes = known
-                rows = budget // known // num_examples * num_examples
-                per_pass, meter = max(1, min(cap, rows // num_examples)), None
+            per_pass, meter = known, None
         # Per input: the convolution its gradients stop at, and their weighted sums so far.
         folded: list[_FoldedStem | None] = [None] * len(inputs)
         with torch.inference_mode(False):
@@ -575,59 +574,6 @@ def _as_returned(maps: list[Tensor], many: bool, is_tuple: bool) -> Any:
     """Maps per input tensor (selectors first) in the form the caller's arguments call for."""
     out = tuple(m if many else m[0] for m in maps)
     return out if is_tuple else out[0]
-
-
-# Measured bytes per example row of earlier calls, per model (dropped with the model).
-_ROW_COSTS: weakref.WeakKeyDictionary[Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
-
-
-def _row_cost_key(
-    forward: Callable,
-    layer: Module,
-    inputs: tuple[Tensor, ...],
-    args: tuple | None,
-    use_input: bool,
-) -> tuple | None:
-    """What the cost of a row depends on, or ``None`` when a call cannot be matched safely
-    (a forward that is not a module, or extra arguments other than tensors and numbers)."""
-    if not isinstance(forward, Module):
-        return None
-    extra = []
-    for a in args or ():
-        if isinstance(a, Tensor):
-            extra.append((tuple(a.shape), a.dtype, a.device.type))
-        elif isinstance(a, (bool, int, float, str, type(None))):
-            extra.append(a)
-        else:
-            return None
-    return (
-        id(layer),
-        use_input,
-        forward.training,
-        tuple((tuple(t.shape[1:]), t.dtype, str(t.device)) for t in inputs),
-        tuple(extra),
-    )
-
-
-def _row_cost(forward: Callable, key: tuple | None) -> int | None:
-    if key is None:
-        return None
-    try:
-        return _ROW_COSTS.get(forward, {}).get(key)
-    except TypeError:  # a module that cannot be weakly referenced
-        return None
-
-
-def _remember_row_cost(forward: Callable, key: tuple | None, row_bytes: int | None) -> None:
-    if key is None or row_bytes is None:
-        return
-    try:
-        costs = _ROW_COSTS.setdefault(forward, {})
-    except TypeError:
-        return
-    if len(costs) > 64:  # many shapes on one model: keep the newest only
-        costs.clear()
-    costs[key] = int(row_bytes)
 
 
 def _weighted_rows(coef: Tensor, part: Tensor, num_examples: int) -> Tensor:

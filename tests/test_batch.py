@@ -141,8 +141,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def close(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal within float32 rounding (summed in another order), same shape and type."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * max(scale, 1.0))
+
+
 def assert_store_matches_library(out: Path, expected: dict[str, dict], maps: bool) -> None:
-    """Every explained image in the store holds exactly the library's numbers."""
+    """Every explained image in the store holds the library's numbers (float32 rounding apart:
+    how the engine splits the path into passes depends on what the process computed before,
+    see ``_row_cost``)."""
     with ResultsStore(out, readonly=True) as store:
         rows = {row.path: row for row in store.images("ok")}
         assert sorted(rows) == sorted(expected)
@@ -159,10 +168,12 @@ def assert_store_matches_library(out: Path, expected: dict[str, dict], maps: boo
             for name, (result, act_max, act_mean) in want["layers"].items():
                 got = store.layer_row(key, name)
                 assert got is not None
-                assert np.array_equal(got["conductance"], result.channel_totals)
-                assert got["delta"] == result.delta
-                assert got["output_diff"] == result.output_diff
-                assert got["relative_delta"] == result.relative_delta
+                close(got["conductance"], result.channel_totals)
+                assert got["delta"] == pytest.approx(result.delta, rel=1e-4, abs=1e-6)
+                assert got["output_diff"] == pytest.approx(result.output_diff, rel=1e-6)
+                assert got["relative_delta"] == pytest.approx(
+                    result.relative_delta, rel=1e-4, abs=1e-6
+                )
                 assert got["n_steps"] == result.n_steps
                 assert got["steps_status"] == "fixed"
                 assert got["layer_moves"] == result.layer_moves
@@ -170,7 +181,7 @@ def assert_store_matches_library(out: Path, expected: dict[str, dict], maps: boo
                 assert np.array_equal(got["act_max"], act_max.astype(np.float32))
                 assert np.array_equal(got["act_mean"], act_mean.astype(np.float32))
                 if maps:
-                    assert np.array_equal(got["map"], result.attributions)
+                    close(got["map"], result.attributions)
                 else:
                     assert got["map"] is None
 
@@ -653,7 +664,7 @@ def test_auto_steps_give_the_engines_numbers(dataset, tmp_path):
             for name, attribution, delta in zip(LAYERS, attributions, deltas, strict=True):
                 got = store.layer_row(row.path, name)
                 totals = attribution[0].detach().double().flatten(1).sum(dim=1).float().numpy()
-                assert np.array_equal(got["conductance"], totals)
+                close(got["conductance"], totals)
                 # The store's delta is the maps' sum against F(x) - F(baseline) of the probe
                 # pass; the engine's comes from its own forward passes: float32 rounding apart.
                 assert got["delta"] == pytest.approx(float(delta[0]), abs=1e-5)

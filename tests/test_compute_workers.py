@@ -144,7 +144,9 @@ def test_a_background_job_runs_beside_the_interactive_ones(pool, demo):
         long.result(30)
     quick = pool.submit(BUILTIN, "conductance", _conductance_args(x, baseline), background=True)
     solo = analysis.compute_conductance(lm.model, "block2", x, 1, baseline, n_steps=16)
-    np.testing.assert_allclose(quick.result(60).attributions, solo.attributions, rtol=1e-4)
+    np.testing.assert_allclose(
+        quick.result(60).attributions, solo.attributions, rtol=1e-4, atol=1e-7
+    )
 
 
 def test_an_interactive_job_pauses_a_background_job_that_has_not_reached_its_worker_yet():

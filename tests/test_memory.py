@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from explainer import AttributionError, LayerConductance, NeuronGradient
+from explainer import AttributionError, LayerConductance, NeuronConductance, NeuronGradient, memory
 from explainer.memory import HEADROOM, PassMeter, peak_measurable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,8 +225,57 @@ def test_passes_follow_the_layer_activation_size(monkeypatch):
     wide, narrow = passes(model, model[0], x, 40), passes(model, model[2], x, 40)
     assert wide > narrow > 1
     monkeypatch.delenv(BUDGET)
-    # With the default budget, one metered point, then the rest in one pass.
-    assert passes(model, model[0], x, 40) == 2
+    # With the default budget, the rest fits one pass: a model's first call meters one point
+    # first; a call like an earlier one reuses the row cost that one measured.
+    fresh = wide_then_narrow()
+    assert passes(fresh, fresh[0], x, 40) == 2
+    assert passes(model, model[0], x, 40) == 1
+
+
+def _counting_probes(monkeypatch) -> list[int]:
+    """Count the resets of the process's peak (one per metered pass)."""
+    starts: list[int] = []
+    original = memory._ProcessPeak.start.__func__
+
+    def start(cls):
+        starts.append(1)
+        return original(cls)
+
+    monkeypatch.setattr(memory._ProcessPeak, "start", classmethod(start))
+    return starts
+
+
+@pytest.mark.parametrize("kind", ["layer", "neuron"])
+def test_a_repeated_call_reuses_its_measured_row_cost(monkeypatch, kind):
+    """The second of two calls alike (model, layer, input shape) runs no metered pass: its
+    passes are sized from the row cost the first measured, and its result is the same."""
+    model = wide_then_narrow()
+    x = torch.rand(2, 3, 24, 24)
+    if kind == "layer":
+        method = LayerConductance(model, model[0])
+
+        def call(inputs, progress):
+            return method.attribute(inputs, target=1, n_steps=30, progress=progress)
+    else:
+        method = NeuronConductance(model, model[0])
+
+        def call(inputs, progress):
+            return method.attribute(inputs, (1, 3, 3), target=1, n_steps=30, progress=progress)
+
+    starts = _counting_probes(monkeypatch)
+    first_calls: list[int] = []
+    first = call(x, lambda d, t: first_calls.append(d))
+    assert starts and first_calls[0] == 1  # one metered point first
+    starts.clear()
+    again_calls: list[int] = []
+    again = call(x, lambda d, t: again_calls.append(d))
+    assert starts == []
+    assert len(again_calls) < len(first_calls)
+    torch.testing.assert_close(again, first, rtol=1e-6, atol=1e-8)
+    # Another input shape has another row cost: it is metered afresh.
+    larger_calls: list[int] = []
+    call(torch.rand(2, 3, 32, 32), lambda d, t: larger_calls.append(d))
+    assert starts and larger_calls[0] == 1
 
 
 def test_budgeted_results_equal_unbudgeted(monkeypatch):

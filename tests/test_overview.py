@@ -270,7 +270,9 @@ def test_worker_operations_answer_with_checked_records():
     assert result_fits("random_conductance", random)
     assert not np.allclose(random.attributions, real.attributions)
     again = session.run("random_conductance", {**args, "layer": "block2", "seed": 0})
-    np.testing.assert_array_equal(again.attributions, random.attributions)
+    # The same seed, the same map (float32 rounding apart: a repeated call may split the path
+    # into other passes than the first).
+    np.testing.assert_allclose(again.attributions, random.attributions, rtol=1e-5, atol=1e-7)
     for key, value in session.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     with pytest.raises(AttributionError, match="list of layer names"):
