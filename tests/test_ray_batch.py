@@ -43,6 +43,26 @@ def _rows(out: Path) -> dict[str, list[tuple]]:
         }
 
 
+def assert_same_rows(got: dict[str, list[tuple]], want: dict[str, list[tuple]]) -> None:
+    """The same rows, every text and count equal, every number and array equal within float32
+    rounding: a worker's first call on a model meters its passes, later ones reuse the row
+    cost, and the path may be split into other passes in another worker."""
+    assert got.keys() == want.keys()
+    for table in want:
+        assert len(got[table]) == len(want[table]), table
+        for row_got, row_want in zip(got[table], want[table], strict=True):
+            assert len(row_got) == len(row_want)
+            for a, b in zip(row_got, row_want, strict=True):
+                if isinstance(b, bytes) and isinstance(a, bytes) and len(a) == len(b):
+                    x, y = np.frombuffer(a, "<f4"), np.frombuffer(b, "<f4")
+                    scale = float(np.abs(y).max()) if y.size else 0.0
+                    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * max(scale, 1.0))
+                elif isinstance(b, float) and isinstance(a, float):
+                    assert a == pytest.approx(b, rel=1e-4, abs=1e-6), (table, row_want[:2])
+                else:
+                    assert a == b, (table, row_want[:2])
+
+
 @pytest.fixture(scope="module")
 def address() -> str:
     return cluster_address()  # first: no cluster, no local run either
@@ -76,7 +96,7 @@ def test_the_same_job_on_the_cluster_gives_the_local_results(address, dataset, l
     _, err = run.communicate(timeout=RUN_TIMEOUT_S)
     assert run.returncode == 0, err
     assert "10 images (8 explained, 2 bad, 0 failed)" in err
-    assert _rows(out) == _rows(local_run)  # every number, every map, every reason
+    assert_same_rows(_rows(out), _rows(local_run))  # every number, every map, every reason
     expected = library_expectations(dataset, settings(target="true"))
     assert_store_matches_library(out, expected, maps=True)
 
@@ -114,6 +134,6 @@ def test_a_run_on_the_cluster_resumes_a_local_one(address, dataset, local_run, t
     finally:
         executor.shutdown()
     assert second.skipped == first.computed and second.computed == 10 - first.computed
-    assert _rows(out) == _rows(local_run)
+    assert_same_rows(_rows(out), _rows(local_run))
     with ResultsStore(out, readonly=True) as store:
         assert np.isfinite(store.channel_matrix("block3")[1]).all()
