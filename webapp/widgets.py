@@ -478,7 +478,7 @@ def on_click_neuron(chart_key: str) -> Callable[[], None]:
             channel = st.session_state.get(S.CHANNEL)
             data[0] = int(channel) if channel is not None else 0
         S.select_neuron(tuple(data))
-        st.session_state[S.NEURON_CLICK] = (chart_key, tuple(int(i) for i in data))
+        st.session_state[S.NEURON_CLICK] = (chart_key, st.session_state[S.NEURON])
 
     return callback
 
