@@ -1,19 +1,25 @@
 """Path points chosen to a tolerance: ``n_steps="auto"`` for layer conductance.
 
-Layer conductance sums, over neighbouring path points ``a < b``, the gradient at ``a`` times the
-change of the layer from ``a`` to ``b``. For one such interval the exact share of the output
-change is ``F(b) - F(a)``, and every evaluated point gives ``F`` for free, so the error of each
-interval is known exactly::
+Layer conductance sums, over neighbouring path points ``a < b``, the gradient of the target
+with respect to the layer times the change of the layer from ``a`` to ``b``. A fixed
+``n_steps`` takes the gradient at ``a`` (the reference's rule); ``"auto"`` takes the mean of
+the gradients at ``a`` and ``b`` (the trapezoid rule, as NeuronConductance's automatic map
+does), whose error shrinks with the square of the spacing instead of linearly. Every
+evaluated point has both gradients, so this costs nothing extra. For one interval the exact
+share of the output change is ``F(b) - F(a)``, and every evaluated point gives ``F`` for
+free, so the error of each interval is known exactly::
 
-    e(a, b) = sum(grad(a) * (layer(b) - layer(a))) - (F(b) - F(a))
+    e(a, b) = sum((grad(a) + grad(b)) / 2 * (layer(b) - layer(a))) - (F(b) - F(a))
 
 and the convergence delta of the whole sum is the sum of these errors. The engine starts from
 the two ends of the path and, round by round, splits the intervals with the largest errors
 until ``|delta| <= tolerance * |F(input) - F(baseline)|`` for every example. Every evaluated
-point is kept: a split adds points and never discards any. The split follows the error model
-of this sum (first order: an interval cut into ``k`` equal parts keeps about ``1/k`` of its
-error), sizing each interval's cut so that the predicted error fits the tolerance, at most
-tripling the points per round so that a poor prediction costs little.
+point is kept: a split adds points and never discards any. Where the errors of the interval
+with the gradient at either end alone have opposite signs, the gradient changes inside the
+interval, and the first new point goes where the two suggest (see :func:`split_points`). The
+split follows the error model of the trapezoid rule (an interval cut in two keeps about a
+quarter of its error), sizing each interval's cut so that the predicted error fits the
+tolerance, at most tripling the points per round so that a poor prediction costs little.
 
 A delta that no number of points can remove (part of the output change bypasses the layer,
 for instance through a residual connection) is recognised when three rounds of new points
@@ -87,22 +93,26 @@ def split_points(
     right_errors: Sequence[float],
     allowed: float,
     max_new: int,
+    left_errors: Sequence[float] | None = None,
 ) -> list[float]:
     """New path points that bring the error of the sum under ``allowed``.
 
-    ``points`` are ascending; ``errors[i]`` is the signed error of the interval from
-    ``points[i]`` to ``points[i + 1]`` (the gradient taken at its left end), and
-    ``right_errors[i]`` the same with the gradient taken at its right end. The intervals
+    ``points`` are ascending; ``errors[i]`` is the signed error of the sum's rule on the
+    interval from ``points[i]`` to ``points[i + 1]``; ``left_errors[i]`` and
+    ``right_errors[i]`` the same with the gradient taken at its left or right end only
+    (``left_errors`` defaults to ``errors``, for a sum that takes the left end). The intervals
     with the largest errors are split until the others hold at most ``allowed`` in total.
 
-    Where the two errors have opposite signs, the gradient changes inside the interval, and
-    by the sizes of the two errors at about the fraction ``t = right / (right - left)`` of it
-    (exactly so when the gradient jumps there, as it does where ReLUs switch): the first new
-    point goes there. Intervals with much more error than their share also get the midpoints
-    on either side. At most ``max_new`` points are returned.
+    Where the left and right errors have opposite signs, the gradient changes inside the
+    interval, and by the sizes of the two errors at about the fraction
+    ``t = right / (right - left)`` of it (exactly so when the gradient jumps there, as it does
+    where ReLUs switch): the first new point goes there. Intervals with much more error than
+    their share also get the midpoints on either side. At most ``max_new`` points are
+    returned.
     """
     if max_new < 1 or not errors:
         return []
+    lefts = errors if left_errors is None else left_errors
     sizes = [abs(e) for e in errors]
     # The delta is predicted as chosen intervals lose most of their error. Errors of the sign
     # of the delta are served first, largest first: they make up the bias that remains.
@@ -121,7 +131,7 @@ def split_points(
         if len(new) >= max_new:
             break
         a, b = points[i], points[i + 1]
-        left, right = errors[i], right_errors[i]
+        left, right = lefts[i], right_errors[i]
         t = right / (right - left) if left * right <= 0 and left != right else 0.5
         t = min(max(t, 0.02), 0.98)
         m = a + (b - a) * t
@@ -134,13 +144,15 @@ def split_points(
 @dataclass
 class Assessment:
     """Where one example stands: per part (a layer, or a neuron selector) the signed delta and
-    the largest delta allowed; per interval the error of the sum's own rule and of the same
-    rule with the integrand taken at the other end (for the worst part)."""
+    the largest delta allowed; per interval (for the worst part) the error of the sum's own
+    rule and of the rule with the integrand taken at the interval's right end, and at its left
+    end (``None``: the sum's own rule takes the left end)."""
 
     deltas: list[float]
     slacks: list[float]
     errors: list[float]
     right_errors: list[float]
+    left_errors: list[float] | None = None
 
 
 @dataclass
@@ -187,11 +199,13 @@ def slack(tolerance: float, outputs: Sequence[float]) -> float:
 
 class LayerPath(PathPoints):
     """Layer conductance: per point, per layer, per tensor the layer's value and the gradient
-    of the target there (without the example dimension), and the target output."""
+    of the target there (without the example dimension), and the target output. The result
+    is the trapezoid rule: each interval's change of the layer times the mean of the
+    gradients at its two ends."""
 
     def intervals(self) -> tuple[list[list[float]], list[list[float]]]:
         """Per interval, per layer: the conductance total of that interval with the gradient
-        at its left end (the sum's own rule) and at its right end."""
+        at its left end and at its right end (the rule's total is their mean)."""
         lefts, rights = [], []
         cache = self.cache  # per interval (a, b): its sums never change once computed
         for a, b, (v0s, g0s, _), (v1s, g1s, _) in zip(
@@ -222,23 +236,29 @@ class LayerPath(PathPoints):
         steps = [b - a for a, b in zip(outputs, outputs[1:], strict=False)]
         change = outputs[-1] - outputs[0]
         layers = range(len(lefts[0]))
-        deltas = [sum(p[li] for p in lefts) - change for li in layers]
+        deltas = [
+            sum(0.5 * (p[li] + r[li]) for p, r in zip(lefts, rights, strict=True)) - change
+            for li in layers
+        ]
         worst = max(layers, key=lambda li: abs(deltas[li]))
+        left_errors = [p[worst] - d for p, d in zip(lefts, steps, strict=True)]
+        right_errors = [r[worst] - d for r, d in zip(rights, steps, strict=True)]
         return Assessment(
             deltas=deltas,
             slacks=[slack(tolerance, outputs)] * len(deltas),
-            errors=[p[worst] - d for p, d in zip(lefts, steps, strict=True)],
-            right_errors=[r[worst] - d for r, d in zip(rights, steps, strict=True)],
+            errors=[0.5 * (a + b) for a, b in zip(left_errors, right_errors, strict=True)],
+            right_errors=right_errors,
+            left_errors=left_errors,
         )
 
     def result(self) -> list[list[Tensor]]:
         """Per layer, per tensor: the conductance from the points evaluated so far."""
         first = self.items[0][0]
         layers = [[torch.zeros_like(t) for t in layer] for layer in first]
-        for (v0s, g0s, _), (v1s, _, _) in zip(self.items, self.items[1:], strict=False):
-            for total, v0l, g0l, v1l in zip(layers, v0s, g0s, v1s, strict=True):
-                for t, v0, g0, v1 in zip(total, v0l, g0l, v1l, strict=True):
-                    t += g0 * (v1 - v0)
+        for (v0s, g0s, _), (v1s, g1s, _) in zip(self.items, self.items[1:], strict=False):
+            for total, v0l, g0l, v1l, g1l in zip(layers, v0s, g0s, v1s, g1s, strict=True):
+                for t, v0, g0, v1, g1 in zip(total, v0l, g0l, v1l, g1l, strict=True):
+                    t.addcmul_(g0 + g1, v1 - v0, value=0.5)
         return layers
 
 
@@ -352,7 +372,12 @@ class AutoSteps:
             allowed = min(s for _, s in pairs)
             budget = min(room, fits, max(3, len(path.points)))
             new = split_points(
-                path.points, state.errors, state.right_errors, _AIM * allowed, budget
+                path.points,
+                state.errors,
+                state.right_errors,
+                _AIM * allowed,
+                budget,
+                left_errors=state.left_errors,
             )
             if not new:
                 path.status = "stalled"

@@ -668,6 +668,12 @@ class LayerConductance(_LayerMethod):
         meter: PassMeter | None = PassMeter.for_model(forward)
         tuple_layers: list[bool] = [False] * len(self._layers)
         per_pass, done = num_examples, 0
+        # Rows cost what they cost in a fixed-step call: either call reuses the other's meter.
+        key = _row_cost_key("layer conductance", forward, self._layers, inputs, args, use_input)
+        known = _row_cost(forward, key)
+        if known is not None and known <= budget:
+            plan.row_bytes = known
+            per_pass, meter = max(1, min(max_rows, budget // known)), None
         rows = auto.first_rows()
         with (
             _out_of_memory_explained("layer conductance", plan),
@@ -716,6 +722,7 @@ class LayerConductance(_LayerMethod):
                             plan, meter, len(chunk), 1, "layer conductance", len(rows) - start
                         )
                         per_pass, meter = max(1, min(max_rows, row_cap)), None
+                        _remember_row_cost(forward, key, plan.row_bytes)
                     if progress is not None:
                         progress(done, max(done, num_examples * max_steps))
                 rows = auto.next_rows()
@@ -774,8 +781,11 @@ class LayerConductance(_LayerMethod):
         use_input: bool,
         progress: ProgressFn | None,
         grad_options: dict[str, Any],
+        rule: str = "left",
     ) -> tuple[list[list[Tensor]], list[bool]]:
-        """Sum over path points i of grad(F)(layer_i) * (layer_{i+1} - layer_i), pass by pass.
+        """Sum over path points i of grad(F)(layer_i) * (layer_{i+1} - layer_i), pass by pass
+        (the reference's rule); with ``rule="trapezoid"`` the gradient is the mean of those at
+        points i and i+1, the rule of ``n_steps="auto"``.
 
         Passes hold consecutive path points; the gradient at the last point of a pass is kept
         until the next pass supplies the layer value that follows it. The first pass holds one
@@ -834,13 +844,16 @@ class LayerConductance(_LayerMethod):
                         ):
                             v = value.reshape(k, num_examples, *value.shape[1:])
                             g = grad.reshape(k, num_examples, *value.shape[1:])
+                            lead = 0.5 * (g[:-1] + g[1:]) if rule == "trapezoid" else g[:-1]
                             part = (
-                                (g[:-1] * (v[1:] - v[:-1])).sum(0)
+                                (lead * (v[1:] - v[:-1])).sum(0)
                                 if k > 1
                                 else torch.zeros_like(v[0])
                             )
                             if carry is not None:
                                 g_prev, v_prev = carry[li][ti]
+                                if rule == "trapezoid":
+                                    g_prev = 0.5 * (g_prev + g[0])
                                 part = part + g_prev * (v[0] - v_prev)
                             if len(sums[li]) <= ti:
                                 sums[li].append(part)

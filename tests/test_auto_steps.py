@@ -93,20 +93,53 @@ def test_result_equals_a_fixed_run_at_the_same_points(net):
         points = lc.last_points[e]
         assert points[0] == 0.0 and points[-1] == 1.0 and points == sorted(points)
         assert len(points) == lc.last_steps[e] == len(set(points))
-        sums, _ = lc._integrate(
-            (x[e : e + 1],),
-            (0,),
-            [0, 3][e],
-            None,
-            points,
-            len(points),
-            _Plan(rows=1),
-            False,
-            None,
-            _grad_options(None),
-        )
-        for layer_sum, attr in zip(sums, attrs, strict=True):
-            torch.testing.assert_close(attr[e : e + 1], layer_sum[0], rtol=1e-9, atol=1e-12)
+        # The trapezoid rule at the same points, in one pass and in passes of two points.
+        for cap in (len(points), 2):
+            sums, _ = lc._integrate(
+                (x[e : e + 1],),
+                (0,),
+                [0, 3][e],
+                None,
+                points,
+                cap,
+                _Plan(rows=1),
+                False,
+                None,
+                _grad_options(None),
+                rule="trapezoid",
+            )
+            for layer_sum, attr in zip(sums, attrs, strict=True):
+                torch.testing.assert_close(attr[e : e + 1], layer_sum[0], rtol=1e-9, atol=1e-12)
+
+
+class Squares(nn.Module):
+    """F = sum of the squares of a linear layer's outputs: the gradient along the path is
+    linear in the path position, so the trapezoid rule is exact with the two ends alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.lin(x) ** 2).sum(1, keepdim=True)
+
+
+def test_auto_takes_the_trapezoid_rule():
+    model = Squares().double()
+    x = randn(3, 6, seed=13)
+    lc = LayerConductance(model, model.lin)
+    attr, delta = lc.attribute(x, target=0, n_steps="auto", return_convergence_delta=True)
+    assert lc.last_steps == [2, 2, 2] and lc.last_status == ["converged"] * 3
+    with torch.no_grad():
+        exact = model.lin(x) ** 2 - model.lin(torch.zeros_like(x)) ** 2
+    # The conductance of each unit h is the integral of 2h dh: h(x)^2 - h(baseline)^2.
+    torch.testing.assert_close(attr, exact, rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-12
+    # The reference's rule (gradient at the left end) at the same two points is far off.
+    fixed = lc.attribute(x, target=0, n_steps=1, method="riemann_trapezoid")
+    assert lc.last_points == [[0.0, 1.0]] * 3
+    assert (fixed - exact).abs().max() > 0.1
 
 
 def test_last_steps_counts_the_rows_run(net):

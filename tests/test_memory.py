@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,30 @@ def test_a_repeated_call_reuses_its_measured_row_cost(monkeypatch, kind):
     larger_calls: list[int] = []
     call(torch.rand(2, 3, 32, 32), lambda d, t: larger_calls.append(d))
     assert starts and larger_calls[0] == 1
+
+
+def test_auto_steps_and_fixed_steps_share_the_measured_row_cost(monkeypatch):
+    """An ``n_steps="auto"`` call after a fixed-step call alike runs no metered pass (and the
+    other way round): their rows are the same kind of pass."""
+    model = wide_then_narrow()
+    x = torch.rand(2, 3, 24, 24)
+    starts = _counting_probes(monkeypatch)
+    LayerConductance(model, model[0]).attribute(x, target=1, n_steps=8)
+    assert starts
+    starts.clear()
+    auto = LayerConductance(model, model[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto.attribute(x, target=1, n_steps="auto")
+    assert starts == [] and min(auto.last_steps) >= 2
+    other = wide_then_narrow()  # another model: metered, then remembered for a fixed call
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        LayerConductance(other, other[0]).attribute(x, target=1, n_steps="auto")
+    assert starts
+    starts.clear()
+    LayerConductance(other, other[0]).attribute(x, target=1, n_steps=8)
+    assert starts == []
 
 
 def test_budgeted_results_equal_unbudgeted(monkeypatch):
