@@ -15,7 +15,8 @@ Prints one table of medians and the explainer/Captum ratios. Usage::
 one mid layer of each architecture: torchvision models with random weights (no download), one
 image, ``n_steps=16``, the second call in the process timed. Per architecture it prints the
 Captum and explainer seconds, their ratio, the floor (one no-grad forward of the
-``n_steps + 1`` image path batch, also a second call) and explainer/floor. The ``demo`` row is
+``n_steps + 1`` image path batch, also a second call) and explainer/floor, and the steady ratio:
+the medians of the three calls after the second. The ``demo`` row is
 the built-in demo CNN, whose forward takes milliseconds: it shows fixed per-call overhead.
 
 ``--check [NAME ...]`` compares both implementations in float64 (smaller images where the
@@ -80,6 +81,9 @@ ARCHS = {
     "demo": ("block2", 64, 64, "the built-in demo CNN (explainer.intake.load_demo_model)"),
 }
 ARCH_STEPS = 16
+# Calls timed after the second one in each architecture process; their median is the steady
+# state (a worker of the app serves many calls on one model).
+STEADY_CALLS = 3
 CHECK_TOLERANCE = 1e-4
 
 
@@ -156,7 +160,8 @@ def _build_arch(name: str, size: int | None = None):
 
 
 def run_arch(name: str, impl: str, threads: int) -> dict[str, float]:
-    """Time one implementation on one architecture; the second call is the steady state."""
+    """Time one implementation on one architecture: the second call (the table's main column)
+    and, as the steady state, the median of the :data:`STEADY_CALLS` calls after it."""
     import torch
 
     torch.set_num_threads(threads)
@@ -184,12 +189,15 @@ def run_arch(name: str, impl: str, threads: int) -> dict[str, float]:
     call()
     first = time.perf_counter() - start
     peak = _rss_kib("VmHWM") - before
+    times = []
     with _OtherLoad() as load:
-        start = time.perf_counter()
-        call()
-        warm = time.perf_counter() - start
+        for _ in range(1 + STEADY_CALLS):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
     return {
-        "seconds": warm,
+        "seconds": times[0],
+        "steady_seconds": statistics.median(times[1:]),
         "first_seconds": first,
         "peak_mib": peak / 1024,
         "other_cpus": -1.0 if load.value is None else load.value,
@@ -470,12 +478,13 @@ def _arch_table(
 
     print(
         f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs; LayerConductance, "
-        f"random weights, one image, n_steps={ARCH_STEPS}, target={TARGET}; second call timed; "
-        f"medians of {repeats} fresh processes per implementation"
+        f"random weights, one image, n_steps={ARCH_STEPS}, target={TARGET}; second call timed, "
+        f"then {STEADY_CALLS} more (steady); medians of {repeats} fresh processes per "
+        "implementation"
     )
     head = ("architecture", "layer", "captum s", "ours s", "ratio", "floor s", "ours/floor")
-    head2 = ("1st call", "captum MiB", "ours MiB", "other")
-    fmt = "{:<19} {:<37} {:>9} {:>8} {:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>5}"
+    head2 = ("steady", "1st call", "captum MiB", "ours MiB", "other")
+    fmt = "{:<19} {:<37} {:>9} {:>8} {:>6} {:>8} {:>10} {:>6} {:>8} {:>10} {:>8} {:>5}"
     print(fmt.format(*head, *head2))
     impls = ("captum", "explainer", "floor")
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -500,12 +509,14 @@ def _arch_table(
             f"{name:<19} {layer:<37} {ref['seconds']:9.3f} {ours['seconds']:8.3f} "
             f"{ours['seconds'] / ref['seconds']:6.2f} {floor['seconds']:8.3f} "
             f"{ours['seconds'] / floor['seconds']:10.2f} "
+            f"{ours['steady_seconds'] / ref['steady_seconds']:6.2f} "
             f"{ours['first_seconds'] / ref['first_seconds']:8.2f} {ref['peak_mib']:10.0f} "
             f"{ours['peak_mib']:8.0f} {other:5.1f}",
             flush=True,
         )
     print("ratio: explainer / Captum (second calls); floor: one no-grad forward of the")
-    print(f"{ARCH_STEPS + 1}-image path batch; 1st call: ratio of first calls in the process;")
+    print(f"{ARCH_STEPS + 1}-image path batch; steady: ratio of the medians of calls 3 to")
+    print(f"{2 + STEADY_CALLS}; 1st call: ratio of first calls in the process;")
     print("MiB: peak resident memory of the first call above the level before it; other: the")
     print("most CPUs other processes used during a timed call (-1: unknown)")
     for name in names:
