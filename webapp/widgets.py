@@ -7,6 +7,7 @@ default session state, loads the model and the sample images, and draws the shar
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -30,6 +31,13 @@ from webapp import state as S
 from webapp.text import md
 
 LOG = logging.getLogger(__name__)
+
+# The libraries just imported (torch, plotly, streamlit) hold a few hundred thousand objects
+# for the life of the server. Moved out of the collector's sight, they no longer make each
+# full collection, which stops every thread of the server for a moment, cost a fifth of a
+# second: a click answered while one runs would wait for it. (Streamlit's own collection
+# after every run is switched off in .streamlit/config.toml for the same reason.)
+gc.freeze()
 T = TypeVar("T")
 
 ICON = Path(__file__).resolve().parent.parent / "assets" / "icon.png"

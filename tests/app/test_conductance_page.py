@@ -355,3 +355,21 @@ def test_every_baseline_is_previewed_for_the_active_image(app):
         np.testing.assert_array_equal(picture, expected)
     assert np.all(previews["black"] == 0)
     assert not np.array_equal(previews["blur"], previews["noise"])
+
+
+def test_no_full_collection_of_the_libraries_holds_up_a_click():
+    """A full garbage collection over every object of torch, plotly and streamlit takes about
+    0.2 s and stops the server's threads: Streamlit ran one after every rerun, so each click's
+    last messages waited for it. The libraries' objects are frozen when the app's widgets are
+    imported, and the collection after every run is switched off."""
+    import gc
+    import re
+    from pathlib import Path
+
+    import webapp.widgets  # noqa: F401 - importing it freezes what is loaded by then
+
+    assert gc.get_freeze_count() > 100_000
+    config = (Path(__file__).resolve().parents[2] / ".streamlit" / "config.toml").read_text()
+    runner = re.search(r"^\[runner\]\n(.*?)(?=^\[|\Z)", config, re.M | re.S)
+    assert runner is not None, "no [runner] section in .streamlit/config.toml"
+    assert re.search(r"^postScriptGC\s*=\s*false\s*$", runner.group(1), re.M)
