@@ -670,10 +670,9 @@ class LayerConductance(_LayerMethod):
         per_pass, done = num_examples, 0
         # Rows cost what they cost in a fixed-step call: either call reuses the other's meter.
         key = _row_cost_key("layer conductance", forward, self._layers, inputs, args, use_input)
-        known = _row_cost(forward, key)
-        if known is not None and known <= budget:
-            plan.row_bytes = known
-            per_pass, meter = max(1, min(max_rows, budget // known)), None
+        known = _known_rows(plan, _row_cost(forward, key), 1, max_rows)  # rows, not points
+        if known is not None:
+            per_pass, meter = known, None
         rows = auto.first_rows()
         with (
             _out_of_memory_explained("layer conductance", plan),

@@ -38,6 +38,7 @@ LOG = logging.getLogger(__name__)
 # second: a click answered while one runs would wait for it. (Streamlit's own collection
 # after every run is switched off in .streamlit/config.toml for the same reason.)
 gc.freeze()
+
 T = TypeVar("T")
 
 ICON = Path(__file__).resolve().parent.parent / "assets" / "icon.png"
