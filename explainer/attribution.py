@@ -65,7 +65,7 @@ from explainer.hooks import (
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
 from explainer.limits import memory_budget_bytes
-from explainer.memory import PassMeter, format_mib
+from explainer.memory import PassMeter, format_mib, reusing_freed_memory
 
 __all__ = ["LayerConductance", "NeuronGradient"]
 
@@ -214,9 +214,11 @@ class _PassState:
 
 @contextmanager
 def _out_of_memory_explained(what: str, plan: _Plan) -> Iterator[None]:
-    """Turn an allocation failure into an error that says how to make the work fit."""
+    """Turn an allocation failure into an error that says how to make the work fit; memory
+    freed while the block runs is kept for the next tensor (:func:`reusing_freed_memory`)."""
     try:
-        yield
+        with reusing_freed_memory():
+            yield
     except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
         text = str(exc)
         if not (

@@ -570,3 +570,89 @@ def test_a_pass_interrupted_while_metered_leaves_no_hooks_behind():
         assert dict(torch.nn.modules.module._global_forward_hooks) == global_hooks
         assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# --- freed memory kept for the next tensor (glibc) ---------------------------------------------
+
+_REFAULT_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from explainer.memory import reusing_freed_memory
+
+    def refaults(inside):
+        # Pages faulted in by a second 64 MiB tensor, made after a first one was freed.
+        def second():
+            t = torch.ones(16 * 2**20)
+            del t
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = torch.ones(16 * 2**20)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            del t
+            return faults
+        if not inside:
+            return second()
+        with reusing_freed_memory():
+            return second()
+
+    print(json.dumps({"outside": refaults(False), "inside": refaults(True)}))
+    """
+)
+
+
+@pytest.mark.skipif(not memory.heap_reuse_enabled(), reason="needs glibc's mallopt")
+def test_freed_activations_are_reused_without_page_faults():
+    """A large tensor freed inside the block backs the next one: its pages are not faulted in
+    again (outside the block glibc maps and unmaps every block of 32 MiB or more)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _REFAULT_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    faults = json.loads(out.stdout.strip().splitlines()[-1])
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert faults["outside"] > pages // 2, faults  # the measurement sees the faults
+    assert faults["inside"] < pages // 20, faults
+
+
+def test_every_engine_call_keeps_freed_memory_and_restores_the_settings(monkeypatch):
+    """LayerConductance, NeuronGradient and NeuronConductance switch mapping off for their
+    passes and back on when they return, also when they fail."""
+    if memory._mallopt is None:
+        pytest.skip("needs glibc's mallopt")
+    calls: list[tuple[int, int]] = []
+    real = memory._mallopt
+
+    def recording(param: int, value: int) -> int:
+        calls.append((param, value))
+        return real(param, value)
+
+    monkeypatch.setattr(memory, "_mallopt", recording)
+    model = wide_then_narrow()
+    x = torch.rand(1, 3, 8, 8)
+    mapping_off, mapping_on = (memory._M_MMAP_MAX, 0), (memory._M_MMAP_MAX, 65536)
+    runs = {
+        "layer conductance": lambda: LayerConductance(model, model[0]).attribute(
+            x, target=0, n_steps=4
+        ),
+        "neuron gradient": lambda: NeuronGradient(model, model[0]).attribute(x, (0, 1, 1)),
+        "neuron conductance": lambda: NeuronConductance(model, model[0]).attribute(
+            x, (0, 1, 1), target=0, n_steps=4
+        ),
+        "failing call": lambda: LayerConductance(model, model[0]).attribute(x, target=7),
+    }
+    for name, run in runs.items():
+        calls.clear()
+        try:
+            run()
+        except AttributionError:
+            assert name == "failing call"
+        assert calls and calls[0] == mapping_off, (name, calls)
+        assert calls[-1] == mapping_on, (name, calls)
+        assert memory._heap_users == 0
+    monkeypatch.setenv("EXPLAINER_REUSE_MEMORY", "0")
+    calls.clear()
+    runs["layer conductance"]()
+    assert calls == []
