@@ -78,21 +78,35 @@ def _nbytes(t: Tensor) -> int:
 # ------------------------------------------------------------------------------ measured peaks
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or ``None`` with another C library (musl, macOS, Windows)."""
+def _load_glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc, or ``None`` (musl, macOS, Windows: their ``mallopt``
+    may be a stub and they have no ``malloc_trim``)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    return libc
 
 
-_malloc_trim = _load_malloc_trim()
+def _glibc_function(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+    """glibc's function ``name`` taking ``argtypes`` and returning an int, or ``None``."""
+    if _GLIBC is None:
+        return None
+    try:
+        function = getattr(_GLIBC, name)
+    except AttributeError:
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
+_GLIBC = _load_glibc()
+_malloc_trim = _glibc_function("malloc_trim", [ctypes.c_size_t])
 
 
 class _ProcessPeak:
@@ -414,23 +428,7 @@ _DEFAULT_MMAP_MAX = 65536
 _INT_MAX = 2**31 - 1
 
 
-def _load_mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or ``None`` with another C library (its ``mallopt`` may be a stub)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt
-
-
-_mallopt = _load_mallopt()
+_mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])
 _HEAP_LOCK = threading.Lock()
 _heap_users = 0
 
