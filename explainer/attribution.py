@@ -65,7 +65,7 @@ from explainer.hooks import (
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
 from explainer.limits import memory_budget_bytes
-from explainer.memory import PassMeter, format_mib, reusing_freed_memory
+from explainer.memory import FreedMemory, PassMeter, format_mib, reusing_freed_memory
 
 __all__ = ["LayerConductance", "NeuronGradient"]
 
@@ -194,10 +194,18 @@ def _path_rows(
 
 @dataclass
 class _Plan:
-    """Example rows of the pass being run (for messages) and the measured cost of one row."""
+    """Example rows of the pass being run (for messages), the measured cost of one row, and the
+    freed memory the call keeps between its passes."""
 
     rows: int
     row_bytes: int | None = None
+    kept: FreedMemory | None = None
+
+    def start_pass(self, rows: int) -> None:
+        """Before a pass of ``rows`` example rows: bound the memory kept since the last one."""
+        self.rows = rows
+        if self.kept is not None:
+            self.kept.next_pass()
 
 
 @dataclass
@@ -217,7 +225,8 @@ def _out_of_memory_explained(what: str, plan: _Plan) -> Iterator[None]:
     """Turn an allocation failure into an error that says how to make the work fit; memory
     freed while the block runs is kept for the next tensor (:func:`reusing_freed_memory`)."""
     try:
-        with reusing_freed_memory():
+        with reusing_freed_memory(memory_budget_bytes()) as kept:
+            plan.kept = kept
             yield
     except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
         text = str(exc)
@@ -685,7 +694,7 @@ class LayerConductance(_LayerMethod):
                 start = 0
                 while start < len(rows):
                     chunk = rows[start : start + per_pass]
-                    plan.rows = len(chunk)
+                    plan.start_pass(len(chunk))
                     examples = torch.tensor([e for e, _ in chunk], device=inputs[0].device)
                     alphas = [a for _, a in chunk]
                     with _measuring(meter, inputs[0].device):
@@ -817,7 +826,7 @@ class LayerConductance(_LayerMethod):
             while start < total_points:
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
-                plan.rows = k * num_examples
+                plan.start_pass(k * num_examples)
                 with _measuring(meter, inputs[0].device):
                     values, grads, _ = self._pass(
                         forward,
@@ -1006,30 +1015,32 @@ class NeuronGradient(_LayerMethod):
         ]
         layout: dict[str, bool] = {}
         per_pass, start, looks = 1, 0, 1  # looks: metered passes so far (two at most)
-        while start < len(selectors):
-            group = selectors[start : start + per_pass]
-            plan.rows = len(group) * num_examples
-            with (
-                _out_of_memory_explained("neuron gradients", plan),
-                _measuring(meter, inputs_t[0].device),
-            ):
-                grads = self._group_gradients(
-                    inputs_t, group, args, attribute_to_neuron_input, layout, meter
-                )
-            for i, g in enumerate(grads):
-                results[i][start : start + len(group)] = g.reshape(len(group), *inputs_t[i].shape)
-            start += len(group)
-            if meter is not None:
-                left = len(selectors) - start
-                wanted = min(max(1, cache_rows // num_examples), left)
-                if looks < 2 and _worth_another_look(meter, num_examples, num_examples, wanted):
-                    meter, looks = PassMeter.for_model(_unwrap(self.forward_func)), looks + 1
-                else:
-                    rows = _rows_within_budget(
-                        plan, meter, num_examples, num_examples, "neuron gradients", left
+        with _out_of_memory_explained("neuron gradients", plan):
+            while start < len(selectors):
+                group = selectors[start : start + per_pass]
+                plan.start_pass(len(group) * num_examples)
+                with _measuring(meter, inputs_t[0].device):
+                    grads = self._group_gradients(
+                        inputs_t, group, args, attribute_to_neuron_input, layout, meter
                     )
-                    per_pass = max(1, min(rows, cache_rows) // num_examples)
-                    meter = None
+                for i, g in enumerate(grads):
+                    results[i][start : start + len(group)] = g.reshape(
+                        len(group), *inputs_t[i].shape
+                    )
+                start += len(group)
+                if meter is not None:
+                    left = len(selectors) - start
+                    wanted = min(max(1, cache_rows // num_examples), left)
+                    if looks < 2 and _worth_another_look(
+                        meter, num_examples, num_examples, wanted
+                    ):
+                        meter, looks = PassMeter.for_model(_unwrap(self.forward_func)), looks + 1
+                    else:
+                        rows = _rows_within_budget(
+                            plan, meter, num_examples, num_examples, "neuron gradients", left
+                        )
+                        per_pass = max(1, min(rows, cache_rows) // num_examples)
+                        meter = None
         out = tuple(r if many else r[0] for r in results)
         return out if is_tuple else out[0]
 

@@ -39,6 +39,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 __all__ = [
     "HEADROOM",
+    "FreedMemory",
     "PassMeter",
     "format_mib",
     "heap_reuse_enabled",
@@ -426,6 +427,8 @@ _SETTLED_MMAP_THRESHOLD = 32 * 2**20
 _SETTLED_TRIM_THRESHOLD = 64 * 2**20
 _DEFAULT_MMAP_MAX = 65536
 _INT_MAX = 2**31 - 1
+# Resident growth over a call below which freed memory is not worth returning between passes.
+_KEPT_SLACK = 64 * 2**20
 
 
 _mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])
@@ -439,8 +442,74 @@ def heap_reuse_enabled() -> bool:
     return _mallopt is not None and os.environ.get("EXPLAINER_REUSE_MEMORY", "1") != "0"
 
 
+class FreedMemory:
+    """What one :func:`reusing_freed_memory` block keeps, checked between the passes of a call.
+
+    Memory freed by one pass and kept for the next costs resident memory while it waits, and a
+    later pass of another size may not fit in the freed blocks: the heap then grows past them
+    (a pass of two rows after passes of one row reached twice the resident peak of the same
+    pass with large blocks mapped on their own). So memory is kept within a pass only: before
+    each pass (:meth:`next_pass`) free memory is returned to the system (``malloc_trim``)
+    once the process holds more than :data:`_KEPT_SLACK` above where the block started. When
+    the heap's address space (``VmData``, what ``RLIMIT_DATA`` limits) has grown by more than
+    two budgets, the call stops keeping memory: large blocks are mapped on their own again.
+    """
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.active = False
+        self.trims = 0
+        self._rss = self._data = 0
+
+    def _enter(self) -> None:
+        global _heap_users
+        with _HEAP_LOCK:
+            if _heap_users == 0:
+                _mallopt(_M_MMAP_MAX, 0)
+                _mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
+            _heap_users += 1
+        self.active = True
+        if self.budget is not None:
+            self._rss, self._data = _resident_and_data()
+
+    def _leave(self) -> None:
+        global _heap_users
+        if not self.active:
+            return
+        self.active = False
+        with _HEAP_LOCK:
+            _heap_users -= 1
+            if _heap_users == 0:
+                _mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+                _mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
+                _mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+
+    def next_pass(self) -> None:
+        """Before a pass: return the memory the last one freed; stop keeping memory once the
+        heap has grown by two budgets."""
+        if not self.active or self.budget is None:
+            return
+        rss, data = _resident_and_data()
+        if data - self._data > 2 * self.budget:
+            self._leave()
+        elif rss - self._rss <= _KEPT_SLACK:
+            return
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+            self.trims += 1
+
+
+def _resident_and_data() -> tuple[int, int]:
+    """Resident bytes and data-segment bytes of this process (0 where ``/proc`` cannot tell)."""
+    try:
+        fields = _status_fields("VmRSS", "VmData")
+    except OSError:
+        return 0, 0
+    return fields.get("VmRSS", 0), fields.get("VmData", 0)
+
+
 @contextmanager
-def reusing_freed_memory() -> Iterator[None]:
+def reusing_freed_memory(budget: int | None = None) -> Iterator[FreedMemory]:
     """While the block runs, memory freed in the process stays with it for the next tensor.
 
     glibc maps every block of 32 MiB or more afresh and unmaps it when freed, and it returns
@@ -449,7 +518,9 @@ def reusing_freed_memory() -> Iterator[None]:
     page of every such tensor again, at about a microsecond per 4 KiB page, which cost about a
     quarter of the time of a call on small CNNs. Inside the block, large blocks come from the
     heap (``M_MMAP_MAX`` 0) and the heap is not trimmed (``M_TRIM_THRESHOLD`` at its maximum),
-    so freed activations are reused by the next operator without faults.
+    so freed activations are reused by the next operator without faults. With a ``budget`` (the
+    memory budget of a pass, in bytes), what is kept between passes is bounded by it: see
+    :class:`FreedMemory`, which the block yields.
 
     Afterwards the thresholds are fixed at the values glibc's own adjustment settles at
     (32 MiB, 64 MiB) and mapping is allowed again. The settings are process-wide: other
@@ -457,22 +528,12 @@ def reusing_freed_memory() -> Iterator[None]:
     last one to leave restores the settings. Does nothing with another C library or with
     ``EXPLAINER_REUSE_MEMORY=0``.
     """
-    global _heap_users
+    kept = FreedMemory(budget)
     if not heap_reuse_enabled():
-        yield
+        yield kept
         return
-    assert _mallopt is not None
-    with _HEAP_LOCK:
-        if _heap_users == 0:
-            _mallopt(_M_MMAP_MAX, 0)
-            _mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
-        _heap_users += 1
+    kept._enter()
     try:
-        yield
+        yield kept
     finally:
-        with _HEAP_LOCK:
-            _heap_users -= 1
-            if _heap_users == 0:
-                _mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
-                _mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
-                _mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        kept._leave()

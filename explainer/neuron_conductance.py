@@ -270,7 +270,7 @@ class NeuronConductance(_LayerMethod):
             while start < total_points:
                 chunk = alphas[start : start + per_pass]
                 k = len(chunk)
-                plan.rows = k * num_examples
+                plan.start_pass(k * num_examples)
                 stems: list[_FoldedStem | None] = []
                 coef = torch.tensor(
                     weights[start : start + k], dtype=inputs[0].dtype, device=inputs[0].device
@@ -465,7 +465,7 @@ class NeuronConductance(_LayerMethod):
                 start = 0
                 while start < len(rows):
                     chunk = rows[start : start + per_pass]
-                    plan.rows = len(chunk)
+                    plan.start_pass(len(chunk))
                     examples = torch.tensor([e for e, _ in chunk], device=inputs[0].device)
                     alphas = [a for _, a in chunk]
                     with _measuring(meter, inputs[0].device):

@@ -489,3 +489,23 @@ def test_interrupted_computation_leaves_no_hooks(cnn):
     assert _hooks_left(cnn) == 0
     assert _flags(cnn) == flags
     assert torch.is_grad_enabled()
+
+
+def test_many_gauss_legendre_points_give_numpy_s_rule(monkeypatch):
+    """Past the size where numpy's rule turns slow, the rule comes from scipy: the same nodes and
+    weights (checked here at 300 points with the switch moved down to 8)."""
+    import numpy as np
+
+    from explainer import integration
+
+    monkeypatch.setattr(integration, "_NUMPY_LEGENDRE_MAX", 8)
+    integration._legendre.cache_clear()
+    try:
+        nodes, weights = np.polynomial.legendre.leggauss(300)
+        points, steps = integration.quadrature("gausslegendre", 300)
+        assert np.allclose(points, 0.5 * (nodes + 1.0), rtol=0, atol=1e-13)
+        assert np.allclose(steps, 0.5 * weights, rtol=0, atol=1e-13)
+        assert alphas("gausslegendre", 300) == points
+        assert not integration._legendre(300)[0].flags.writeable  # the cached rule stays intact
+    finally:
+        integration._legendre.cache_clear()

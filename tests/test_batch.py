@@ -142,10 +142,14 @@ def _sha256(path: Path) -> str:
 
 
 def close(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal within float32 rounding (summed in another order), same shape and type."""
+    """Equal within float32 rounding (summed in another order), same shape and type.
+
+    A channel's total adds positive and negative terms as large as the largest total, so a
+    small total carries the rounding of those terms: differences of up to 3.2e-6 of the largest
+    total have been seen between two pass splits; 1e-5 of it is allowed."""
     assert got.shape == want.shape and got.dtype == want.dtype
     scale = float(np.abs(want).max()) if want.size else 0.0
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * max(scale, 1.0))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
 def assert_store_matches_library(out: Path, expected: dict[str, dict], maps: bool) -> None:
