@@ -62,6 +62,7 @@ from explainer.hooks import (
     layer_label,
     tap_layers,
 )
+from explainer.folding import folded
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
 from explainer.limits import memory_budget_bytes
@@ -462,6 +463,11 @@ class _LayerMethod:
         self._layers, self._is_list = _layers_of(layer, "layer")
         self._labels = [layer_label(m, _unwrap(forward_func)) for m in self._layers]
 
+    def _model(self) -> Callable:
+        """What the passes run: the forward function (a DataParallel's module), with its
+        convolution + batch norm pairs folded where it is a model (:func:`folded`)."""
+        return folded(_unwrap(self.forward_func), self._layers)
+
     @property
     def multiplies_by_inputs(self) -> bool:
         """Whether the attributions are multiplied by ``input - baseline`` (as in Captum)."""
@@ -511,7 +517,7 @@ class _LayerMethod:
         args: tuple | None,
     ) -> Tensor:
         """``F(end) - F(start)`` of the target output, one value per example."""
-        forward = _unwrap(self.forward_func)
+        forward = self._model()
         with torch.no_grad():
             end_out = _check_output(_run(forward, ends, args))
             check_target(target, end_out.shape, ends[0].shape[0])
@@ -667,7 +673,7 @@ class LayerConductance(_LayerMethod):
     ) -> Any:
         """``n_steps="auto"``: rounds of path points chosen by :class:`AutoSteps`, each round
         run in passes of rows (example, point) that stay within the memory budget."""
-        forward = _unwrap(self.forward_func)
+        forward = self._model()
         num_examples = inputs[0].shape[0]
         max_rows = _points_per_pass(internal_batch_size, num_examples, max_steps) * num_examples
         budget = memory_budget_bytes()
@@ -802,7 +808,7 @@ class LayerConductance(_LayerMethod):
         point and is metered; later passes hold as many points as the memory budget allows,
         at most ``cap``.
         """
-        forward = _unwrap(self.forward_func)
+        forward = self._model()
         num_examples = inputs[0].shape[0]
         total_points = len(alphas)
         sums: list[list[Tensor]] | None = None
@@ -1007,7 +1013,7 @@ class NeuronGradient(_LayerMethod):
         row_bytes = sum(t[0].numel() * t.element_size() for t in inputs_t)
         cache_rows = max(1, _COPY_PASS_BYTES // max(row_bytes, 1))
         plan = _Plan(rows=num_examples)
-        meter: PassMeter | None = PassMeter.for_model(_unwrap(self.forward_func))
+        meter: PassMeter | None = PassMeter.for_model(self._model())
         # Written in place pass by pass: no second copy of all the gradients at the end.
         results = [
             torch.empty((len(selectors), *t.shape), dtype=t.dtype, device=t.device)
@@ -1034,7 +1040,7 @@ class NeuronGradient(_LayerMethod):
                     if looks < 2 and _worth_another_look(
                         meter, num_examples, num_examples, wanted
                     ):
-                        meter, looks = PassMeter.for_model(_unwrap(self.forward_func)), looks + 1
+                        meter, looks = PassMeter.for_model(self._model()), looks + 1
                     else:
                         rows = _rows_within_budget(
                             plan, meter, num_examples, num_examples, "neuron gradients", left
@@ -1062,7 +1068,7 @@ class NeuronGradient(_LayerMethod):
         copies = len(group)
         num_examples = inputs[0].shape[0]
         label = self._labels[0]
-        forward = _unwrap(self.forward_func)
+        forward = self._model()
         with torch.inference_mode(False), torch.enable_grad():
             leaves = tuple(
                 (torch.cat([t.detach()] * copies) if copies > 1 else t.detach()).requires_grad_(

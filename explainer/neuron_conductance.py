@@ -73,7 +73,6 @@ from explainer.attribution import (
     _row_cost_key,
     _rows_within_budget,
     _run_fast,
-    _unwrap,
     _worth_another_look,
 )
 from explainer.errors import AttributionError, AttributionTypeError
@@ -252,7 +251,7 @@ class NeuronConductance(_LayerMethod):
         """Add the weighted gradient products of every path point into ``totals``, pass by
         pass. The first pass holds one path point and is metered; later ones hold as many as
         the memory budget allows, at most ``cap``."""
-        forward = _unwrap(self.forward_func)
+        forward = self._model()
         num_examples = inputs[0].shape[0]
         total_points = len(alphas)
         state = _PassState(lean=False, target=target, num_examples=num_examples)
@@ -437,7 +436,7 @@ class NeuronConductance(_LayerMethod):
         """``n_steps="auto"``: rounds of path points chosen by :class:`AutoSteps`, each run in
         passes of rows (example, point) within the memory budget. Returns, per input tensor,
         the trapezoid sums over the points used (not yet multiplied by the inputs)."""
-        forward = _unwrap(self.forward_func)
+        forward = self._model()
         num_examples = inputs[0].shape[0]
         max_rows = _points_per_pass(internal_batch_size, num_examples, max_steps) * num_examples
         diffs = [

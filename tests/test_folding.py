@@ -1,0 +1,210 @@
+"""Batch norms folded into the convolutions before them (explainer.folding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+from explainer import LayerConductance, NeuronConductance, NeuronGradient
+from explainer.folding import folded
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class Net(nn.Module):
+    """A stem (conv + batch norm), two residual blocks, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.block1 = Block(6)
+        self.block2 = Block(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _net(dtype=torch.float64) -> Net:
+    torch.manual_seed(0)
+    net = Net().to(dtype)
+    with torch.no_grad():  # statistics and affine parameters that are not the identity
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return net.eval()
+
+
+def _norms_run(forward) -> int:
+    """Batch norms that run in one forward pass of ``forward``."""
+    ran = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: ran.append(m) if isinstance(m, nn.BatchNorm2d) else None
+    )
+    try:
+        forward(torch.rand(1, 3, 8, 8, dtype=torch.float64))
+    finally:
+        handle.remove()
+    return len(ran)
+
+
+def _unfolded(monkeypatch) -> None:
+    import explainer.attribution as attribution
+
+    monkeypatch.setattr(attribution, "folded", lambda forward, layers: forward)
+
+
+def test_every_pair_outside_the_layer_is_folded_and_the_model_is_left_alone():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    modules = list(net.modules())
+    f = folded(net, [net.block2])
+    assert isinstance(f, fx.GraphModule)
+    assert _norms_run(net) == 5
+    assert _norms_run(f) == 2  # the stem's and block1's are folded, block2's run whole
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(f(x), net(x), rtol=0, atol=1e-12)
+    assert list(net.modules()) == modules and not net.training
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+    assert folded(net, [net.block2]) is f  # kept while nothing changes
+
+
+@pytest.mark.parametrize("method", ["layer", "neuron", "gradient"])
+def test_results_equal_the_unfolded_model(monkeypatch, method):
+    net = _net()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+
+    def run():
+        if method == "layer":
+            return LayerConductance(net, net.block1).attribute(x, target=1, n_steps=8)
+        if method == "neuron":
+            return NeuronConductance(net, net.block1).attribute(x, (2, 3, 4), target=1, n_steps=8)
+        return NeuronGradient(net, net.block1).attribute(x, (2, 3, 4))
+
+    got = run()
+    _unfolded(monkeypatch)
+    want = run()
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["conv", "norm"])
+def test_a_chosen_convolution_or_batch_norm_is_not_folded(which):
+    """The layer's own output is what the user asked about: a conv followed by a batch norm
+    keeps its output when it is the layer (and so does the batch norm)."""
+    net = _net()
+    layer = net.stem[0] if which == "conv" else net.stem[1]
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    try:
+        net(x)
+        folded(net, [layer])(x)
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    f = folded(net, [layer])
+    assert _norms_run(f) == 1  # the stem's batch norm, kept; both blocks folded
+
+
+def test_a_convolution_output_used_twice_is_not_folded():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.head((self.bn(y) + y).mean((2, 3)))
+
+    net = Twice().double().eval()
+    with torch.no_grad():
+        net.bn.running_mean.fill_(0.3)
+    assert folded(net, [net.head]) is net  # nothing folded: the model runs as it is
+
+
+def test_training_mode_and_untraceable_models_run_as_they_are():
+    net = _net().train()
+    assert folded(net, [net.block1]) is net
+    net.eval()
+    net.block1.bn1.train()  # one batch norm in training mode: it runs as it is
+    f = folded(net, [net.block2])
+    assert _norms_run(f) == 3  # block1's bn1 and block2's two
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(f(x), net(x), rtol=0, atol=1e-12)
+
+    class Branchy(Net):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: fx cannot trace it
+                x = x * 2
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    branchy = Branchy().double().eval()
+    assert folded(branchy, [branchy.block1]) is branchy
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    LayerConductance(branchy, branchy.block1).attribute(x, target=0, n_steps=4)  # still runs
+
+
+def test_changed_weights_or_hooks_fold_again():
+    net = _net()
+    f = folded(net, [net.block2])
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        net.block1.bn1.running_var.mul_(4.0)
+    g = folded(net, [net.block2])
+    assert g is not f and torch.allclose(g(x), net(x), rtol=0, atol=1e-12)
+    assert not torch.allclose(f(x), net(x))  # the old copy no longer matches the model
+
+    calls = []
+    handle = net.block1.conv2.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        h = folded(net, [net.block2])
+        h(x)
+        assert calls == [1]  # a hooked module stays whole, and its hook fires
+        assert _norms_run(h) == 3  # block1's bn2 now runs after its hooked conv
+    finally:
+        handle.remove()
+
+
+def test_float32_results_stay_within_rounding_of_the_unfolded_model(monkeypatch):
+    net = _net(torch.float32)
+    x = torch.rand(2, 3, 8, 8)
+    got = LayerConductance(net, net.block2).attribute(x, target=3, n_steps=16)
+    _unfolded(monkeypatch)
+    want = LayerConductance(net, net.block2).attribute(x, target=3, n_steps=16)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_the_folded_copy_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    from explainer import folding
+
+    gc.collect()
+    held = len(folding._FOLDED)  # other tests' models may still be alive
+    net = _net()
+    alive = weakref.ref(net)
+    assert isinstance(folded(net, [net.block2]), fx.GraphModule)
+    assert len(folding._FOLDED) == held + 1
+    del net
+    gc.collect()
+    assert alive() is None and len(folding._FOLDED) == held
