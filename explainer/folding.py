@@ -13,24 +13,37 @@ changed: the folded convolutions are new modules of the traced copy, which share
 module (and its weights) with the model. A model that cannot be traced, or that has no pair to
 fold, runs as it is. The traced copy is kept for the model until its weights, buffers, modes
 or hooks change.
+
+Tracing patches ``torch.nn.Module.__call__`` for the whole process while it runs (a few to a few
+hundred milliseconds, once per model, layers and state): a model run by another thread at that
+moment would be traced instead. So the engine's calls pass through :func:`engine_call`: a call
+traces only while no other thread is inside one (otherwise it runs unfolded, with the same
+results up to rounding), and calls that start during a trace wait for it. Code that runs models
+in other threads outside the engine can switch folding off with ``EXPLAINER_FOLD_BATCH_NORM=0``.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["folded"]
+__all__ = ["engine_call", "folded"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-_LOCK = threading.Lock()
+_GATE = threading.Condition()
+_inside: dict[int, int] = {}  # thread id -> depth of engine calls it is in
+_tracing = False
 # model -> (state key, traced copy or None when there is nothing to fold)
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None]] = (
     weakref.WeakKeyDictionary()
@@ -113,18 +126,67 @@ def _fold(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module | None:
     return traced
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def _engine_block() -> Iterator[None]:
+    me = threading.get_ident()
+    with _GATE:
+        while _tracing and _inside.get(me, 0) == 0:
+            _GATE.wait()
+        _inside[me] = _inside.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _GATE:
+            _inside[me] -= 1
+            if _inside[me] == 0:
+                del _inside[me]
+            _GATE.notify_all()
+
+
+def engine_call(method: F) -> F:
+    """Mark an engine entry point: tracing for :func:`folded` waits for no other thread's call
+    (see the module's text)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _engine_block():
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def folded(forward: Callable, layers: Sequence[nn.Module]) -> Callable:
     """``forward`` with its convolution + batch norm pairs folded (see the module's text), or
-    ``forward`` itself when it is not a module or has nothing to fold."""
-    if not isinstance(forward, nn.Module) or isinstance(forward, fx.GraphModule):
+    ``forward`` itself when it is not a module, has nothing to fold, or cannot be traced now
+    because another thread is inside an engine call."""
+    global _tracing
+    if (
+        not isinstance(forward, nn.Module)
+        or isinstance(forward, fx.GraphModule)
+        or os.environ.get("EXPLAINER_FOLD_BATCH_NORM", "1") == "0"
+    ):
         return forward
     key = _state(forward, layers)
-    with _LOCK:
+    me = threading.get_ident()
+    with _GATE:
         try:
             cached = _FOLDED.get(forward)
         except TypeError:  # a module that cannot be weakly referenced
             return forward
-        if cached is None or cached[0] != key:
-            cached = (key, _fold(forward, layers))
-            _FOLDED[forward] = cached
-    return cached[1] if cached[1] is not None else forward
+        if cached is not None and cached[0] == key:
+            return cached[1] if cached[1] is not None else forward
+        if _tracing or any(thread != me for thread in _inside):
+            return forward  # another thread runs a model: no trace now
+        _tracing = True
+    traced = None
+    try:
+        traced = _fold(forward, layers)
+    finally:
+        with _GATE:
+            _tracing = False
+            _FOLDED[forward] = (key, traced)
+            _GATE.notify_all()
+    return traced if traced is not None else forward

@@ -76,6 +76,7 @@ from explainer.attribution import (
     _worth_another_look,
 )
 from explainer.errors import AttributionError, AttributionTypeError
+from explainer.folding import engine_call
 from explainer.hooks import tap_layers
 from explainer.integration import check_method, quadrature
 from explainer.limits import memory_budget_bytes
@@ -111,6 +112,7 @@ class NeuronConductance(_LayerMethod):
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
 
+    @engine_call
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],

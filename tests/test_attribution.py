@@ -266,14 +266,27 @@ def test_shared_model_in_threads_gives_solo_results(cnn):
     x = torch.rand(2, 3, 6, 6)
     jobs = [(cnn.conv1, 0), (cnn.conv2, 1), (cnn.act2, 2), (cnn.act1, 3)]
     solo = [LayerConductance(cnn, layer).attribute(x, target=t, n_steps=20) for layer, t in jobs]
-    results: dict[int, torch.Tensor] = {}
+    results = layer_conductance_in_threads(cnn, jobs, x, n_steps=20)
+    for i, expected in enumerate(solo):
+        for got in results[i]:
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert _hooks_left(cnn) == 0
+
+
+def layer_conductance_in_threads(
+    model: nn.Module, jobs: list[tuple[nn.Module, int]], x: torch.Tensor, n_steps: int
+) -> dict[int, list[torch.Tensor]]:
+    """Run LayerConductance for each (layer, target) of ``jobs`` three times, one thread per
+    job, all at once on ``model``; assert that none failed and return every result."""
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(jobs))}
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         try:
             for _ in range(3):
                 layer, t = jobs[i]
-                results[i] = LayerConductance(cnn, layer).attribute(x, target=t, n_steps=20)
+                got = LayerConductance(model, layer).attribute(x, target=t, n_steps=n_steps)
+                results[i].append(got)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -282,10 +295,9 @@ def test_shared_model_in_threads_gives_solo_results(cnn):
         th.start()
     for th in threads:
         th.join()
-    assert not errors
-    for i, expected in enumerate(solo):
-        torch.testing.assert_close(results[i], expected, rtol=1e-10, atol=1e-12)
-    assert _hooks_left(cnn) == 0
+    assert not errors, errors
+    assert all(len(r) == 3 for r in results.values())
+    return results
 
 
 def test_data_parallel_wrapper_is_accepted(cnn):

@@ -208,3 +208,34 @@ def test_the_folded_copy_does_not_keep_the_model_alive():
     del net
     gc.collect()
     assert alive() is None and len(folding._FOLDED) == held
+
+
+def test_threads_sharing_a_model_never_run_it_while_it_is_traced():
+    """Tracing patches every module's call in the process: engine calls of other threads must
+    not run meanwhile. Four threads, four layers of one resnet18, three calls each: no error and
+    the solo results (without the gate, calls failed with "module is not installed as a
+    submodule" or got a Proxy for an output)."""
+    import torchvision
+    from test_attribution import layer_conductance_in_threads
+
+    from explainer import folding
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    x = torch.rand(1, 3, 64, 64)
+    jobs = [(net.layer1, 0), (net.layer2, 1), (net.layer3, 2), (net.layer4, 3)]
+    solo = [LayerConductance(net, layer).attribute(x, target=t, n_steps=4) for layer, t in jobs]
+    folding._FOLDED.clear()
+    results = layer_conductance_in_threads(net, jobs, x, n_steps=4)
+    for i, expected in enumerate(solo):
+        for got in results[i]:
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_folding_can_be_switched_off(monkeypatch):
+    net = _net()
+    monkeypatch.setenv("EXPLAINER_FOLD_BATCH_NORM", "0")
+    assert folded(net, [net.block2]) is net
+    monkeypatch.delenv("EXPLAINER_FOLD_BATCH_NORM")
+    assert isinstance(folded(net, [net.block2]), fx.GraphModule)
