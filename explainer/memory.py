@@ -458,7 +458,6 @@ class FreedMemory:
     def __init__(self, budget: int | None) -> None:
         self.budget = budget
         self.active = False
-        self.trims = 0
         self._rss = self._data = 0
 
     def _enter(self) -> None:
@@ -496,7 +495,6 @@ class FreedMemory:
             return
         if _malloc_trim is not None:
             _malloc_trim(0)
-            self.trims += 1
 
 
 def _resident_and_data() -> tuple[int, int]:
