@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from explainer.attribution import LayerConductance, NeuronGradient
 from explainer.errors import AttributionError, AttributionTypeError
-from explainer.hooks import lone_tensor_index
+from explainer.hooks import lone_tensor_index, thread_bound
 from explainer.integration import check_method
 from explainer.limits import max_steps
 
@@ -1105,7 +1105,7 @@ def _recording(modules: Sequence[nn.Module]) -> Iterator[list[list[Any]]]:
             if threading.get_ident() == thread:
                 records[slot].append(output)
 
-        return hook
+        return thread_bound(hook)
 
     try:
         for slot, module in enumerate(modules):

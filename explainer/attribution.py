@@ -62,7 +62,7 @@ from explainer.hooks import (
     layer_label,
     tap_layers,
 )
-from explainer.folding import engine_call, folded
+from explainer.folding import folded
 from explainer.integration import alphas as integration_alphas
 from explainer.integration import check_method
 from explainer.limits import memory_budget_bytes
@@ -550,7 +550,6 @@ class LayerConductance(_LayerMethod):
             layer_attribution, interpolate_dims, mode=interpolate_mode
         )
 
-    @engine_call
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -980,7 +979,6 @@ class NeuronGradient(_LayerMethod):
             )
         super().__init__(forward_func, layer, device_ids)
 
-    @engine_call
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from explainer import analysis
 from explainer.analysis import Target
 from explainer.errors import AttributionError
-from explainer.hooks import lone_tensor_index, with_tensor_at
+from explainer.hooks import lone_tensor_index, thread_bound, with_tensor_at
 from explainer.neuron_conductance import NeuronConductance
 
 __all__ = [
@@ -351,12 +352,17 @@ def _channels(shape: tuple[int, ...], layer_name: str, axis: int = 0) -> int:
 
 
 class _Scaling:
-    """A forward hook that multiplies a layer's output by one mask per batch row."""
+    """A forward hook that multiplies a layer's output by one mask per batch row, in forwards
+    run by the thread that made it (others running the same model meanwhile are left alone)."""
 
     def __init__(self, mask: Tensor) -> None:
         self.mask = mask
+        self.thread = threading.get_ident()
+        thread_bound(self)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if threading.get_ident() != self.thread:
+            return None
         lone = lone_tensor_index(output)
         if lone is not None:  # one tensor next to sizes or None: scale it, pass the rest on
             return with_tensor_at(output, lone, self(module, args, output[lone]))

@@ -14,76 +14,111 @@ module (and its weights) with the model. A model that cannot be traced, or that 
 fold, runs as it is. The traced copy is kept for the model until its weights, buffers, modes
 or hooks change.
 
-Tracing patches ``torch.nn.Module.__call__`` for the whole process while it runs (a few to a few
-hundred milliseconds, once per model, layers and state): a model run by another thread at that
-moment would be traced instead. So the engine's calls pass through :func:`engine_call`: a call
-traces only while no other thread is inside one (otherwise it runs unfolded, with the same
-results up to rounding), and calls that start during a trace wait for it. Code that runs models
-in other threads outside the engine can switch folding off with ``EXPLAINER_FOLD_BATCH_NORM=0``.
+Tracing patches ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while
+it runs (a few to a few hundred milliseconds, once per model, layers and state). The tracer here
+hands calls from every other thread straight to the module, so models run by other threads
+meanwhile run as usual; traces themselves take turns (two at once would restore each other's
+patches out of order). Every call therefore gets the same folded copy, whatever other threads
+do. Hooks that act for one thread only (the engine's own, marked with
+:func:`explainer.hooks.thread_bound`) do not keep their module whole: they do nothing for the
+calling thread. Code that runs its own ``torch.fx`` traces in other threads can switch folding
+off with ``EXPLAINER_FOLD_BATCH_NORM=0``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["engine_call", "folded"]
+from explainer.hooks import is_thread_bound
+
+__all__ = ["folded"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_COPIES = 8  # traced copies kept per model (one per set of chosen layers and hooked modules)
 
-_GATE = threading.Condition()
-_inside: dict[int, int] = {}  # thread id -> depth of engine calls it is in
-_tracing = False
-# model -> (state key, traced copy or None when there is nothing to fold)
-_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None]] = (
-    weakref.WeakKeyDictionary()
-)
+_LOCK = threading.Lock()  # guards _FOLDED
+_TRACE = threading.Lock()  # one trace at a time in the process
+
+
+@dataclass
+class _Folds:
+    """What is kept for one model while its weights, buffers and modes stay as they were."""
+
+    state: tuple
+    fused: dict[tuple[int, int], nn.Module] = field(default_factory=dict)  # shared by the copies
+    copies: OrderedDict[tuple, nn.Module | None] = field(default_factory=OrderedDict)
+
+
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, _Folds] = weakref.WeakKeyDictionary()
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or getattr(module, "_backward_pre_hooks", None)
+    """Whether ``module`` has a hook that may act for the calling thread."""
+    return any(
+        not is_thread_bound(hook)
+        for hooks in (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._backward_hooks,
+            getattr(module, "_backward_pre_hooks", {}),
+        )
+        for hook in hooks.values()
     )
 
 
 class _Tracer(fx.Tracer):
-    """Keeps the chosen layers and hooked modules whole."""
+    """Keeps the chosen layers and hooked modules whole, and records only its own thread."""
 
     def __init__(self, whole: set[int]) -> None:
         super().__init__()
         self.whole = whole
+        self.thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.whole or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
+    ) -> Any:
+        if threading.get_ident() != self.thread:  # another thread runs a model meanwhile
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
-def _state(model: nn.Module, layers: Sequence[nn.Module]) -> tuple:
-    """What the traced copy depends on: the layers, every tensor's identity and version, the
-    modules' modes and hooks."""
-    tensors = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
-    chosen = {id(layer) for layer in layers}  # whole anyway, with or without the engine's hooks
-    modules = tuple(
-        (id(m), m.training, id(m) not in chosen and _hooked(m)) for m in model.modules()
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def _keys(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[tuple, tuple]:
+    """What the folds depend on: every tensor's identity and version and every module's mode
+    (shared by all copies); and, for one copy, the modules kept whole (the chosen layers and
+    the modules with hooks)."""
+    state = (
+        tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers())),
+        tuple(m.training for m in model.modules()),
     )
-    return tuple(chosen), tensors, modules
+    chosen = {id(layer) for layer in layers}
+    hooked = tuple(id(m) for m in model.modules() if id(m) not in chosen and _hooked(m))
+    return state, (tuple(sorted(chosen)), hooked)
 
 
-def _fold(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module | None:
-    """The traced copy of ``model`` with its convolution + batch norm pairs folded, or None."""
-    whole = {id(layer) for layer in layers} | {id(m) for m in model.modules() if _hooked(m)}
+def _fold(
+    model: nn.Module, whole: set[int], fused: dict[tuple[int, int], nn.Module]
+) -> nn.Module | None:
+    """The traced copy of ``model`` with its convolution + batch norm pairs outside ``whole``
+    folded, or None. Folded convolutions are taken from, and added to, ``fused``."""
     if not any(isinstance(m, _NORMS) and not m.training for m in model.modules()):
         return None
     try:
@@ -110,11 +145,13 @@ def _fold(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module | None:
         conv = modules.get(conv_node.target)
         if type(conv) not in _CONVS or id(conv) in whole or conv.training:
             continue
-        with torch.no_grad():
-            fused = fuse_conv_bn_eval(conv, norm)
+        pair = (id(conv), id(norm))
+        if pair not in fused:
+            with torch.no_grad():
+                fused[pair] = fuse_conv_bn_eval(conv, norm)
         name = f"_folded_{count}"
         count += 1
-        traced.add_submodule(name, fused)
+        traced.add_submodule(name, fused[pair])
         conv_node.target = name
         node.replace_all_uses_with(conv_node)
         traced.graph.erase_node(node)
@@ -126,67 +163,42 @@ def _fold(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module | None:
     return traced
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextmanager
-def _engine_block() -> Iterator[None]:
-    me = threading.get_ident()
-    with _GATE:
-        while _tracing and _inside.get(me, 0) == 0:
-            _GATE.wait()
-        _inside[me] = _inside.get(me, 0) + 1
-    try:
-        yield
-    finally:
-        with _GATE:
-            _inside[me] -= 1
-            if _inside[me] == 0:
-                del _inside[me]
-            _GATE.notify_all()
-
-
-def engine_call(method: F) -> F:
-    """Mark an engine entry point: tracing for :func:`folded` waits for no other thread's call
-    (see the module's text)."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _engine_block():
-            return method(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+def _cached(model: nn.Module, state: tuple, copy: tuple) -> tuple[bool, nn.Module | None]:
+    """(found, traced copy or None) from the cache; call with ``_LOCK`` held."""
+    folds = _FOLDED.get(model)
+    if folds is None or folds.state != state or copy not in folds.copies:
+        return False, None
+    folds.copies.move_to_end(copy)
+    return True, folds.copies[copy]
 
 
 def folded(forward: Callable, layers: Sequence[nn.Module]) -> Callable:
     """``forward`` with its convolution + batch norm pairs folded (see the module's text), or
-    ``forward`` itself when it is not a module, has nothing to fold, or cannot be traced now
-    because another thread is inside an engine call."""
-    global _tracing
+    ``forward`` itself when it is not a module, has nothing to fold, or cannot be traced."""
     if (
         not isinstance(forward, nn.Module)
         or isinstance(forward, fx.GraphModule)
         or os.environ.get("EXPLAINER_FOLD_BATCH_NORM", "1") == "0"
     ):
         return forward
-    key = _state(forward, layers)
-    me = threading.get_ident()
-    with _GATE:
+    state, copy = _keys(forward, layers)
+    with _LOCK:
         try:
-            cached = _FOLDED.get(forward)
+            found, traced = _cached(forward, state, copy)
         except TypeError:  # a module that cannot be weakly referenced
             return forward
-        if cached is not None and cached[0] == key:
-            return cached[1] if cached[1] is not None else forward
-        if _tracing or any(thread != me for thread in _inside):
-            return forward  # another thread runs a model: no trace now
-        _tracing = True
-    traced = None
-    try:
-        traced = _fold(forward, layers)
-    finally:
-        with _GATE:
-            _tracing = False
-            _FOLDED[forward] = (key, traced)
-            _GATE.notify_all()
+    if not found:
+        with _TRACE:
+            with _LOCK:  # another thread may have traced it while this one waited
+                found, traced = _cached(forward, state, copy)
+                folds = _FOLDED.get(forward)
+                if folds is None or folds.state != state:
+                    folds = _FOLDED[forward] = _Folds(state)
+            if not found:
+                whole = set(copy[0]) | set(copy[1])
+                traced = _fold(forward, whole, folds.fused)
+                with _LOCK:
+                    folds.copies[copy] = traced
+                    while len(folds.copies) > _COPIES:
+                        folds.copies.popitem(last=False)
     return traced if traced is not None else forward

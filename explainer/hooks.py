@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,12 +25,32 @@ __all__ = [
     "StopForward",
     "layer_label",
     "lone_tensor_index",
+    "is_thread_bound",
     "tap_layers",
+    "thread_bound",
     "with_tensor_at",
 ]
 
 # What may sit next to the one tensor of a layer output that is still explained as that tensor.
 _CARRIED = (int, float, bool, type(None), torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+_THREAD_BOUND = "explainer_thread_bound"
+
+H = TypeVar("H")
+
+
+def thread_bound(hook: H) -> H:
+    """Mark ``hook`` as one that acts only for the thread that registered it (the hook checks
+    the thread itself). Code that rebuilds a model for one thread (batch-norm folding) may
+    leave such a hook's module out: the hook would do nothing there."""
+    setattr(hook, _THREAD_BOUND, True)
+    return hook
+
+
+def is_thread_bound(hook: Any) -> bool:
+    """Whether ``hook`` was marked with :func:`thread_bound`."""
+    return getattr(hook, _THREAD_BOUND, False) is True
 
 
 class NeedsFullGraph(BaseException):
@@ -228,7 +248,7 @@ def tap_layers(
                 return None
             return capture(index, args)
 
-        return forward_hook, pre_hook
+        return thread_bound(forward_hook), thread_bound(pre_hook)
 
     try:
         for i, layer in enumerate(layers):

@@ -76,7 +76,6 @@ from explainer.attribution import (
     _worth_another_look,
 )
 from explainer.errors import AttributionError, AttributionTypeError
-from explainer.folding import engine_call
 from explainer.hooks import tap_layers
 from explainer.integration import check_method, quadrature
 from explainer.limits import memory_budget_bytes
@@ -112,7 +111,6 @@ class NeuronConductance(_LayerMethod):
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
 
-    @engine_call
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],

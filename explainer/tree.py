@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from explainer.errors import AttributionError, AttributionTypeError
-from explainer.hooks import lone_tensor_index
+from explainer.hooks import lone_tensor_index, thread_bound
 
 __all__ = [
     "MAX_SUGGESTED",
@@ -321,8 +321,8 @@ def module_tree(
     handles = []
     try:
         for _, module in named:
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(post_hook))
+            handles.append(module.register_forward_pre_hook(thread_bound(pre_hook)))
+            handles.append(module.register_forward_hook(thread_bound(post_hook)))
         if any(training.values()):
             model.eval()
         with torch.no_grad():

@@ -170,7 +170,10 @@ def test_default_layer_has_a_spatial_map(demo):
 
 def test_sessions_computing_at_once_get_their_solo_results(demo):
     """Several sessions computing on the model's one worker at the same time (different layers,
-    targets, images) get exactly what each would get alone."""
+    targets, images) get what each would get alone, up to float32 rounding: the first call on a
+    layer splits its path points into passes differently from later calls, which moves cells by
+    up to 3e-7 of the map's largest value. A job answered with another job's map, or run on
+    another's layer or target, differs by far more."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -190,7 +193,8 @@ def test_sessions_computing_at_once_get_their_solo_results(demo):
             pool.map(lambda job: backend.conductance(lm, job[0], prep, job[1], job[2]), jobs)
         )
     for alone, shared in zip(solo, together, strict=True):
-        np.testing.assert_allclose(shared.attributions, alone, rtol=1e-6, atol=1e-7)
+        scale = float(np.abs(alone).max())
+        np.testing.assert_allclose(shared.attributions, alone, rtol=1e-6, atol=2e-6 * scale)
 
 
 def test_soak_of_hundreds_of_requests_keeps_memory_bounded(demo, monkeypatch):
