@@ -27,6 +27,7 @@ off with ``EXPLAINER_FOLD_BATCH_NORM=0``.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import weakref
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from explainer.hooks import is_thread_bound
 
@@ -114,6 +115,23 @@ def _keys(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[tuple, tuple]:
     return state, (tuple(sorted(chosen)), hooked)
 
 
+def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
+    """A new convolution computing ``norm(conv(x))`` (a shallow copy of ``conv`` with new
+    weights and bias: the old weights are not copied first, as ``fuse_conv_bn_eval`` does)."""
+    fused = copy.copy(conv)
+    for name, value in vars(conv).items():  # registries of its own, so nothing is shared
+        if isinstance(value, dict):
+            setattr(fused, name, type(value)() if "hook" in name else type(value)(value))
+    fused._parameters = {}
+    with torch.no_grad():
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+            norm.weight, norm.bias,
+        )
+    fused.weight, fused.bias = weight, bias
+    return fused
+
+
 def _fold(
     model: nn.Module, whole: set[int], fused: dict[tuple[int, int], nn.Module]
 ) -> nn.Module | None:
@@ -147,8 +165,7 @@ def _fold(
             continue
         pair = (id(conv), id(norm))
         if pair not in fused:
-            with torch.no_grad():
-                fused[pair] = fuse_conv_bn_eval(conv, norm)
+            fused[pair] = _fused(conv, norm)
         name = f"_folded_{count}"
         count += 1
         traced.add_submodule(name, fused[pair])

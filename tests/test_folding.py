@@ -83,6 +83,16 @@ def test_every_pair_outside_the_layer_is_folded_and_the_model_is_left_alone():
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
     assert folded(net, [net.block2]) is f  # kept while nothing changes
+    fused = [m for name, m in f.named_modules() if name.startswith("_folded")]
+    assert len(fused) == 3 and not any(m in modules for m in fused)
+    assert all(m.weight is not c.weight for m in fused for c in modules if hasattr(c, "weight"))
+    seen = []
+    handle = net.stem[0].register_forward_hook(lambda m, a, o: seen.append(m))
+    try:  # the folded convolutions share no hook registry with the model's
+        f(x)
+    finally:
+        handle.remove()
+    assert seen == []
 
 
 @pytest.mark.parametrize("method", ["layer", "neuron", "gradient"])
