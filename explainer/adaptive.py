@@ -60,6 +60,10 @@ _KEPT = 0.25
 # of itself does not come from the spacing of the points.
 _STALL = 3.0
 _STEADY = 0.1
+# An end's error this small next to the other end's is taken as zero: the gradient changes at
+# the interval's other end (at a fraction of 1e-3 or less, well inside the smallest first cut
+# of 0.02), and float rounding may have given that zero either sign.
+_NEGLIGIBLE = 1e-3
 
 
 @dataclass
@@ -106,9 +110,10 @@ def split_points(
     Where the left and right errors have opposite signs, the gradient changes inside the
     interval, and by the sizes of the two errors at about the fraction
     ``t = right / (right - left)`` of it (exactly so when the gradient jumps there, as it does
-    where ReLUs switch): the first new point goes there. Intervals with much more error than
-    their share also get the midpoints on either side. At most ``max_new`` points are
-    returned.
+    where ReLUs switch): the first new point goes there. An end's error under
+    :data:`_NEGLIGIBLE` times the other's counts as zero, of either sign: the gradient then
+    changes right next to the other end. Intervals with much more error than their share also
+    get the midpoints on either side. At most ``max_new`` points are returned.
     """
     if max_new < 1 or not errors:
         return []
@@ -132,6 +137,10 @@ def split_points(
             break
         a, b = points[i], points[i + 1]
         left, right = lefts[i], right_errors[i]
+        if abs(right) <= _NEGLIGIBLE * abs(left):  # rounding may give a zero either sign
+            right = 0.0
+        elif abs(left) <= _NEGLIGIBLE * abs(right):
+            left = 0.0
         t = right / (right - left) if left * right <= 0 and left != right else 0.5
         t = min(max(t, 0.02), 0.98)
         m = a + (b - a) * t

@@ -106,12 +106,18 @@ def _keys(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[tuple, tuple]:
     """What the folds depend on: every tensor's identity and version and every module's mode
     (shared by all copies); and, for one copy, the modules kept whole (the chosen layers and
     the modules with hooks)."""
+    modules = list(model.modules())  # one walk of the tree: this runs on every call
     state = (
-        tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers())),
-        tuple(m.training for m in model.modules()),
+        tuple(
+            (id(t), t._version)
+            for m in modules
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
+        ),
+        tuple(m.training for m in modules),
     )
     chosen = {id(layer) for layer in layers}
-    hooked = tuple(id(m) for m in model.modules() if id(m) not in chosen and _hooked(m))
+    hooked = tuple(id(m) for m in modules if id(m) not in chosen and _hooked(m))
     return state, (tuple(sorted(chosen)), hooked)
 
 

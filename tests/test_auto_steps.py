@@ -232,6 +232,18 @@ def test_split_points_follow_the_errors():
     # A gradient that jumps right after the start: all error at the left end of [0, 1].
     new = split_points([0.0, 1.0], [-1.0], [0.0], allowed=0.01, max_new=1)
     assert new == [pytest.approx(0.02)]
+    # The same when rounding left the right end's error a hair below zero, or the left end's
+    # a hair above it (a jump just before the end): as random-weight resnet50's layer3 gave,
+    # where the points were halved evenly instead and 18 points were used rather than 5.
+    new = split_points(
+        [0.0, 1.0], [-27.9], [-1.38e-7], allowed=0.3, max_new=1, left_errors=[-55.8]
+    )
+    assert new == [pytest.approx(0.02)]
+    new = split_points([0.0, 1.0], [27.9], [55.8], allowed=0.3, max_new=1, left_errors=[2e-6])
+    assert new == [pytest.approx(0.98)]
+    # Errors of the same sign and alike in size: no jump to place, the midpoint.
+    new = split_points([0.0, 1.0], [-1.0], [-0.5], allowed=0.01, max_new=1, left_errors=[-1.5])
+    assert new == [pytest.approx(0.5)]
     # Opposite signs place the point where the two estimates balance.
     new = split_points([0.0, 1.0], [-0.3], [0.1], allowed=0.01, max_new=1)
     assert new == [pytest.approx(0.25)]
