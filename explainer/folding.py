@@ -10,8 +10,10 @@ The model is traced with :mod:`torch.fx`; the chosen layers, and every module wi
 own, stay whole (their hooks fire as before and nothing inside them changes). A pair is folded
 only where the convolution's output goes to the batch norm alone. The user's model is never
 changed: the folded convolutions are new modules of the traced copy, which shares every other
-module (and its weights) with the model. A model that cannot be traced, or that has no pair to
-fold, runs as it is. The traced copy is kept for the model until its weights, buffers, modes
+module (and its weights) with the model. A model that cannot be traced, that has no pair to
+fold, that stores a traced value on itself in ``forward``, or that runs under a hook on every
+module, runs as it is. A traced copy is kept until any of the model's tensors (identity,
+version, storage), modules (identity, type, plain attributes such as modes, strides or eps)
 or hooks change.
 
 Tracing patches ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole process while
@@ -19,10 +21,14 @@ it runs (a few to a few hundred milliseconds, once per model, layers and state).
 hands calls from every other thread straight to the module, so models run by other threads
 meanwhile run as usual; traces themselves take turns (two at once would restore each other's
 patches out of order). Every call therefore gets the same folded copy, whatever other threads
-do. Hooks that act for one thread only (the engine's own, marked with
-:func:`explainer.hooks.thread_bound`) do not keep their module whole: they do nothing for the
-calling thread. Code that runs its own ``torch.fx`` traces in other threads can switch folding
-off with ``EXPLAINER_FOLD_BATCH_NORM=0``.
+do. Hooks that act for one thread only, or on every module whatever runs (the engine's own,
+marked with :func:`explainer.hooks.thread_bound` or :func:`explainer.hooks.any_module`), do not
+keep their module whole. Other code's ``torch.fx`` traces running in other threads at the same
+moment may be disturbed (fx keeps one set of patches for the process); the tracer here passes
+every call through once its trace is over, should such an overlap leave its patch in place.
+Code that runs its own traces in other threads can switch folding off with
+``EXPLAINER_FOLD_BATCH_NORM=0``. Functions fx wraps while tracing (``math`` functions met in
+other threads' modules) may stay wrapped after such an overlap; the wrappers pass values on.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from explainer.hooks import is_thread_bound
+from explainer.hooks import skippable
 
 __all__ = ["folded"]
 
@@ -57,6 +63,7 @@ class _Folds:
     """What is kept for one model while its weights, buffers and modes stay as they were."""
 
     state: tuple
+    held: tuple  # the tensors named in ``state``, kept alive so that their ids stay theirs
     fused: dict[tuple[int, int], nn.Module] = field(default_factory=dict)  # shared by the copies
     copies: OrderedDict[tuple, nn.Module | None] = field(default_factory=OrderedDict)
 
@@ -64,17 +71,54 @@ class _Folds:
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, _Folds] = weakref.WeakKeyDictionary()
 
 
+def _acting(*registries: Any) -> bool:
+    """Whether a hook in ``registries`` may act for the calling thread. Each registry is
+    copied in one step first: other threads add and remove hooks meanwhile."""
+    return any(
+        not skippable(hook) for hooks in registries for hook in tuple(hooks.values())
+    )
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether ``module`` has a hook that may act for the calling thread."""
-    return any(
-        not is_thread_bound(hook)
-        for hooks in (
-            module._forward_hooks,
-            module._forward_pre_hooks,
-            module._backward_hooks,
-            getattr(module, "_backward_pre_hooks", {}),
+    return _acting(
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        getattr(module, "_backward_pre_hooks", {}),
+    )
+
+
+def _global_hooks() -> bool:
+    """Whether a hook for every module (``register_module_forward_hook`` and its kin) may act
+    for the calling thread: it would miss the batch norms folded away."""
+    from torch.nn.modules import module as registry
+
+    return _acting(
+        *(
+            getattr(registry, name, {})
+            for name in (
+                "_global_forward_hooks",
+                "_global_forward_pre_hooks",
+                "_global_backward_hooks",
+                "_global_backward_pre_hooks",
+            )
         )
-        for hook in hooks.values()
+    )
+
+
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+def _settings(module: nn.Module) -> tuple:
+    """The module's plain attributes (numbers, flags, strings and tuples of them: a
+    convolution's stride and padding, a batch norm's eps, flags read in ``forward``), which
+    the traced graph may have taken as constants."""
+    return tuple(
+        (name, value)
+        for name, value in vars(module).items()
+        if type(value) in _SIMPLE
+        or (type(value) is tuple and all(type(v) in _SIMPLE for v in value))
     )
 
 
@@ -85,6 +129,20 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.whole = whole
         self.thread = threading.get_ident()
+        self.active = False
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        self.active = True
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            # Off for good: should another fx trace of the process restore this tracer's
+            # patches after it (traces that overlap undo each other's patches in the wrong
+            # order), every call still reaches its module.
+            self.active = False
+
+    def _records(self) -> bool:
+        return self.active and threading.get_ident() == self.thread
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.whole or super().is_leaf_module(m, module_qualified_name)
@@ -92,33 +150,33 @@ class _Tracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
     ) -> Any:
-        if threading.get_ident() != self.thread:  # another thread runs a model meanwhile
+        if not self._records():  # another thread runs a model meanwhile
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if threading.get_ident() != self.thread:
+        if not self._records():
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
-def _keys(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[tuple, tuple]:
-    """What the folds depend on: every tensor's identity and version and every module's mode
-    (shared by all copies); and, for one copy, the modules kept whole (the chosen layers and
-    the modules with hooks)."""
+def _keys(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[tuple, tuple, tuple]:
+    """What the folds depend on: every tensor's identity, version and storage, every module's
+    identity, type and plain attributes (its mode among them), shared by all copies; and, for
+    one copy, the modules kept whole (the chosen layers and the modules with hooks). The
+    tensors themselves come first: the cache holds them, so that their ids are not reused
+    while it compares them."""
     modules = list(model.modules())  # one walk of the tree: this runs on every call
+    tensors = tuple(
+        t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+    )
     state = (
-        tuple(
-            (id(t), t._version)
-            for m in modules
-            for t in (*m._parameters.values(), *m._buffers.values())
-            if t is not None
-        ),
-        tuple(m.training for m in modules),
+        tuple((id(t), t._version, t.data_ptr()) for t in tensors),  # also `.data = ...`
+        tuple((id(m), type(m), _settings(m)) for m in modules),  # swapped modules, modes
     )
     chosen = {id(layer) for layer in layers}
     hooked = tuple(id(m) for m in modules if id(m) not in chosen and _hooked(m))
-    return state, (tuple(sorted(chosen)), hooked)
+    return tensors, state, (tuple(sorted(chosen)), hooked)
 
 
 def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
@@ -138,6 +196,21 @@ def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
     return fused
 
 
+def _restore_attributes(modules: list[nn.Module], before: list[dict[str, Any]]) -> bool:
+    """Undo what a traced ``forward`` stored on the model as a Proxy (it would be read by later
+    calls); whether there was any."""
+    found = False
+    for module, was in zip(modules, before, strict=True):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, fx.Proxy):
+                found = True
+                if name in was:
+                    setattr(module, name, was[name])
+                else:
+                    delattr(module, name)
+    return found
+
+
 def _fold(
     model: nn.Module, whole: set[int], fused: dict[tuple[int, int], nn.Module]
 ) -> nn.Module | None:
@@ -145,9 +218,16 @@ def _fold(
     folded, or None. Folded convolutions are taken from, and added to, ``fused``."""
     if not any(isinstance(m, _NORMS) and not m.training for m in model.modules()):
         return None
+    modules = list(model.modules())
+    before = [dict(vars(m)) for m in modules]
     try:
         graph = _Tracer(whole).trace(model)
     except Exception:  # noqa: BLE001 - any model fx cannot trace runs as it is
+        graph = None
+    finally:
+        if _restore_attributes(modules, before):
+            graph = None  # the graph lacks what forward stores on the model
+    if graph is None:
         return None
     traced = fx.GraphModule(model, graph, class_name=type(model).__name__)
     modules = dict(traced.named_modules())
@@ -204,7 +284,9 @@ def folded(forward: Callable, layers: Sequence[nn.Module]) -> Callable:
         or os.environ.get("EXPLAINER_FOLD_BATCH_NORM", "1") == "0"
     ):
         return forward
-    state, copy = _keys(forward, layers)
+    if _global_hooks():
+        return forward
+    tensors, state, copy = _keys(forward, layers)
     with _LOCK:
         try:
             found, traced = _cached(forward, state, copy)
@@ -216,7 +298,7 @@ def folded(forward: Callable, layers: Sequence[nn.Module]) -> Callable:
                 found, traced = _cached(forward, state, copy)
                 folds = _FOLDED.get(forward)
                 if folds is None or folds.state != state:
-                    folds = _FOLDED[forward] = _Folds(state)
+                    folds = _FOLDED[forward] = _Folds(state, tensors)
             if not found:
                 whole = set(copy[0]) | set(copy[1])
                 traced = _fold(forward, whole, folds.fused)

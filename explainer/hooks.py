@@ -25,7 +25,9 @@ __all__ = [
     "StopForward",
     "layer_label",
     "lone_tensor_index",
+    "any_module",
     "is_thread_bound",
+    "skippable",
     "tap_layers",
     "thread_bound",
     "with_tensor_at",
@@ -51,6 +53,23 @@ def thread_bound(hook: H) -> H:
 def is_thread_bound(hook: Any) -> bool:
     """Whether ``hook`` was marked with :func:`thread_bound`."""
     return getattr(hook, _THREAD_BOUND, False) is True
+
+
+_ANY_MODULE = "explainer_any_module"
+
+
+def any_module(hook: H) -> H:
+    """Mark ``hook`` (a hook on every module) as one that does not depend on which modules run:
+    a cancellation check, say. Batch-norm folding may run fewer modules under it."""
+    setattr(hook, _ANY_MODULE, True)
+    return hook
+
+
+def skippable(hook: Any) -> bool:
+    """Whether a model rebuilt without ``hook``'s module (or with fewer modules, for a hook on
+    every module) still does what the hook's owner needs: a hook marked with
+    :func:`thread_bound` or :func:`any_module`."""
+    return is_thread_bound(hook) or getattr(hook, _ANY_MODULE, False) is True
 
 
 class NeedsFullGraph(BaseException):

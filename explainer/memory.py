@@ -37,6 +37,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.nn import Module
 from torch.nn.modules.module import register_module_forward_hook
 
+from explainer.hooks import thread_bound
+
 __all__ = [
     "HEADROOM",
     "FreedMemory",
@@ -376,7 +378,7 @@ class PassMeter:
                 if self._sample is not None:
                     self._sample()
 
-        handle = register_module_forward_hook(seen)
+        handle = register_module_forward_hook(thread_bound(seen))
         saving = saved_tensors_hooks(pack, unpack)
         try:
             try:

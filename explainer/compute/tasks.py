@@ -25,6 +25,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from explainer import analysis
 from explainer.compute.jobs import ModelSource
 from explainer.errors import AttributionError, ExplainerError, JobCancelled
+from explainer.hooks import any_module
 
 __all__ = [
     "DEVICE_ENV",
@@ -82,7 +83,7 @@ def cancellable(event: threading.Event) -> Iterator[None]:
         if event.is_set():
             raise JobCancelled("The request was cancelled.")
 
-    handle = register_module_forward_pre_hook(check)
+    handle = register_module_forward_pre_hook(any_module(check))
     try:
         yield
     finally:
