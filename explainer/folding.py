@@ -92,11 +92,9 @@ def _hooked(module: nn.Module) -> bool:
 def _global_hooks() -> bool:
     """Whether a hook for every module (``register_module_forward_hook`` and its kin) may act
     for the calling thread: it would miss the batch norms folded away."""
-    from torch.nn.modules import module as registry
-
     return _acting(
         *(
-            getattr(registry, name, {})
+            getattr(torch.nn.modules.module, name, {})
             for name in (
                 "_global_forward_hooks",
                 "_global_forward_pre_hooks",
@@ -168,7 +166,10 @@ def _keys(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[tuple, tuple, 
     while it compares them."""
     modules = list(model.modules())  # one walk of the tree: this runs on every call
     tensors = tuple(
-        t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+        t
+        for m in modules
+        for t in (*m._parameters.values(), *m._buffers.values())
+        if t is not None
     )
     state = (
         tuple((id(t), t._version, t.data_ptr()) for t in tensors),  # also `.data = ...`
@@ -216,9 +217,9 @@ def _fold(
 ) -> nn.Module | None:
     """The traced copy of ``model`` with its convolution + batch norm pairs outside ``whole``
     folded, or None. Folded convolutions are taken from, and added to, ``fused``."""
-    if not any(isinstance(m, _NORMS) and not m.training for m in model.modules()):
-        return None
     modules = list(model.modules())
+    if not any(isinstance(m, _NORMS) and not m.training for m in modules):
+        return None
     before = [dict(vars(m)) for m in modules]
     try:
         graph = _Tracer(whole).trace(model)

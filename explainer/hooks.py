@@ -23,10 +23,9 @@ __all__ = [
     "LayerTap",
     "NeedsFullGraph",
     "StopForward",
+    "any_module",
     "layer_label",
     "lone_tensor_index",
-    "any_module",
-    "is_thread_bound",
     "skippable",
     "tap_layers",
     "thread_bound",
@@ -50,11 +49,6 @@ def thread_bound(hook: H) -> H:
     return hook
 
 
-def is_thread_bound(hook: Any) -> bool:
-    """Whether ``hook`` was marked with :func:`thread_bound`."""
-    return getattr(hook, _THREAD_BOUND, False) is True
-
-
 _ANY_MODULE = "explainer_any_module"
 
 
@@ -69,7 +63,7 @@ def skippable(hook: Any) -> bool:
     """Whether a model rebuilt without ``hook``'s module (or with fewer modules, for a hook on
     every module) still does what the hook's owner needs: a hook marked with
     :func:`thread_bound` or :func:`any_module`."""
-    return is_thread_bound(hook) or getattr(hook, _ANY_MODULE, False) is True
+    return any(getattr(hook, mark, False) is True for mark in (_THREAD_BOUND, _ANY_MODULE))
 
 
 class NeedsFullGraph(BaseException):
