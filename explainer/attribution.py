@@ -463,10 +463,11 @@ class _LayerMethod:
         self._layers, self._is_list = _layers_of(layer, "layer")
         self._labels = [layer_label(m, _unwrap(forward_func)) for m in self._layers]
 
-    def _model(self) -> Callable:
+    def _model(self, inputs: Sequence[Tensor] | None = None, args: tuple | None = None) -> Callable:
         """What the passes run: the forward function (a DataParallel's module), with its
-        convolution + batch norm pairs folded where it is a model (:func:`folded`)."""
-        return folded(_unwrap(self.forward_func), self._layers)
+        convolution + batch norm pairs folded where it is a model, and given the call's
+        ``inputs`` and ``args``, the tokens it never reads left out (:func:`folded`)."""
+        return folded(_unwrap(self.forward_func), self._layers, inputs, args)
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -517,7 +518,7 @@ class _LayerMethod:
         args: tuple | None,
     ) -> Tensor:
         """``F(end) - F(start)`` of the target output, one value per example."""
-        forward = self._model()
+        forward = self._model(ends, args)
         with torch.no_grad():
             end_out = _check_output(_run(forward, ends, args))
             check_target(target, end_out.shape, ends[0].shape[0])
@@ -673,7 +674,7 @@ class LayerConductance(_LayerMethod):
     ) -> Any:
         """``n_steps="auto"``: rounds of path points chosen by :class:`AutoSteps`, each round
         run in passes of rows (example, point) that stay within the memory budget."""
-        forward = self._model()
+        forward = self._model(inputs, args)
         num_examples = inputs[0].shape[0]
         max_rows = _points_per_pass(internal_batch_size, num_examples, max_steps) * num_examples
         budget = memory_budget_bytes()
@@ -808,7 +809,7 @@ class LayerConductance(_LayerMethod):
         point and is metered; later passes hold as many points as the memory budget allows,
         at most ``cap``.
         """
-        forward = self._model()
+        forward = self._model(inputs, args)
         num_examples = inputs[0].shape[0]
         total_points = len(alphas)
         sums: list[list[Tensor]] | None = None

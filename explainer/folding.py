@@ -10,9 +10,11 @@ The model is traced with :mod:`torch.fx`; the chosen layers, and every module wi
 own, stay whole (their hooks fire as before and nothing inside them changes). A pair is folded
 only where the convolution's output goes to the batch norm alone. The user's model is never
 changed: the folded convolutions are new modules of the traced copy, which shares every other
-module (and its weights) with the model. A model that cannot be traced, that has no pair to
-fold, that stores a traced value on itself in ``forward``, or that runs under a hook on every
-module, runs as it is. A traced copy is kept until any of the model's tensors (identity,
+module (and its weights) with the model. The same copy leaves out the token rows a
+transformer never reads (:mod:`explainer.pruning`). A model that cannot be traced, that has
+nothing to fold or leave out, that stores a traced value on itself in ``forward`` (as an
+attribute, or in a list, dict or set attribute), or that runs under a hook on every module,
+runs as it is. A traced copy is kept until any of the model's tensors (identity,
 version, storage), modules (identity, type, plain attributes such as modes, strides or eps)
 or hooks change.
 
@@ -47,6 +49,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from explainer.hooks import skippable
+from explainer.pruning import first_token_only
 
 __all__ = ["folded"]
 
@@ -69,6 +72,11 @@ class _Folds:
 
 
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, _Folds] = weakref.WeakKeyDictionary()
+
+# fx's tracer asks torch for its table of overridable functions at the first torch function
+# it meets; torch builds that table once per process (12 ms here). Built at import, it is not
+# paid by the first explanation (on the built-in model: 31 -> 24 ms, the whole call).
+torch.overrides.get_overridable_functions()
 
 
 def _acting(*registries: Any) -> bool:
@@ -197,11 +205,32 @@ def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
     return fused
 
 
-def _restore_attributes(modules: list[nn.Module], before: list[dict[str, Any]]) -> bool:
-    """Undo what a traced ``forward`` stored on the model as a Proxy (it would be read by later
-    calls); whether there was any."""
+def _attributes(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The module's attributes, and a copy of each list, dict or set among them (a traced
+    ``forward`` may append to one)."""
+    now = dict(vars(module))
+    return now, {
+        name: type(value)(value)
+        for name, value in now.items()
+        if type(value) in (list, dict, set) or isinstance(value, OrderedDict)
+    }
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(isinstance(v, fx.Proxy) for v in (*value.keys(), *value.values()))
+    if isinstance(value, (list, set)):
+        return any(isinstance(v, fx.Proxy) for v in value)
+    return False
+
+
+def _restore_attributes(
+    modules: list[nn.Module], before: list[tuple[dict[str, Any], dict[str, Any]]]
+) -> bool:
+    """Undo what a traced ``forward`` stored on the model as a Proxy, as an attribute or in a
+    list, dict or set attribute (it would be read by later calls); whether there was any."""
     found = False
-    for module, was in zip(modules, before, strict=True):
+    for module, (was, contents) in zip(modules, before, strict=True):
         for name, value in list(vars(module).items()):
             if isinstance(value, fx.Proxy):
                 found = True
@@ -209,18 +238,30 @@ def _restore_attributes(modules: list[nn.Module], before: list[dict[str, Any]]) 
                     setattr(module, name, was[name])
                 else:
                     delattr(module, name)
+            elif name in contents and _holds_proxy(value):
+                found = True
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(contents[name])
+                else:
+                    value.update(contents[name])
     return found
 
 
 def _fold(
-    model: nn.Module, whole: set[int], fused: dict[tuple[int, int], nn.Module]
+    model: nn.Module,
+    whole: set[int],
+    fused: dict[tuple[int, int], nn.Module],
+    example: tuple | None = None,
 ) -> nn.Module | None:
     """The traced copy of ``model`` with its convolution + batch norm pairs outside ``whole``
-    folded, or None. Folded convolutions are taken from, and added to, ``fused``."""
+    folded, and with the tokens it never reads left out (:mod:`explainer.pruning`, given two
+    ``example`` rows of the inputs), or None. Folded convolutions are taken from, and added
+    to, ``fused``."""
     modules = list(model.modules())
-    if not any(isinstance(m, _NORMS) and not m.training for m in modules):
+    if example is None and not any(isinstance(m, _NORMS) and not m.training for m in modules):
         return None
-    before = [dict(vars(m)) for m in modules]
+    before = [_attributes(m) for m in modules]
     try:
         graph = _Tracer(whole).trace(model)
     except Exception:  # noqa: BLE001 - any model fx cannot trace runs as it is
@@ -259,12 +300,12 @@ def _fold(
         conv_node.target = name
         node.replace_all_uses_with(conv_node)
         traced.graph.erase_node(node)
-    if count == 0:
-        return None
     traced.graph.lint()
     traced.recompile()
     traced.training = model.training  # not .train(): that would set the shared modules' modes
-    return traced
+    if example is not None and first_token_only(traced, whole, example):
+        count += 1
+    return traced if count else None
 
 
 def _cached(model: nn.Module, state: tuple, copy: tuple) -> tuple[bool, nn.Module | None]:
@@ -276,9 +317,38 @@ def _cached(model: nn.Module, state: tuple, copy: tuple) -> tuple[bool, nn.Modul
     return True, folds.copies[copy]
 
 
-def folded(forward: Callable, layers: Sequence[nn.Module]) -> Callable:
-    """``forward`` with its convolution + batch norm pairs folded (see the module's text), or
-    ``forward`` itself when it is not a module, has nothing to fold, or cannot be traced."""
+def _example(
+    model: nn.Module, copy: tuple, inputs: Sequence[Any] | None, args: Any
+) -> tuple[tuple | None, tuple | None]:
+    """(two rows of every input, their key) where the model may have token rows to leave
+    out: it has an attention module, no module has hooks and the forward takes the inputs
+    alone; else (None, None)."""
+    if (
+        inputs is None
+        or os.environ.get("EXPLAINER_PRUNE_TOKENS", "1") == "0"
+        or args
+        or copy[1]
+        or not inputs
+        or not all(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) > 0 for t in inputs)
+        or not any(type(m) is nn.MultiheadAttention for m in model.modules())
+    ):
+        return None, None
+    key = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs)
+    # two rows, so that a size of one in the example is not the batch's (``squeeze()``)
+    rows = tuple((t[:2] if len(t) > 1 else torch.cat([t[:1], t[:1]])).detach() for t in inputs)
+    return rows, key
+
+
+def folded(
+    forward: Callable,
+    layers: Sequence[nn.Module],
+    inputs: Sequence[Any] | None = None,
+    args: Any = None,
+) -> Callable:
+    """``forward`` with its convolution + batch norm pairs folded (see the module's text) and,
+    given the ``inputs`` (and ``args``) of the call, the tokens it never reads left out (see
+    :mod:`explainer.pruning`); or ``forward`` itself when it is not a module, has nothing to
+    change, or cannot be traced."""
     if (
         not isinstance(forward, nn.Module)
         or isinstance(forward, fx.GraphModule)
@@ -288,6 +358,8 @@ def folded(forward: Callable, layers: Sequence[nn.Module]) -> Callable:
     if _global_hooks():
         return forward
     tensors, state, copy = _keys(forward, layers)
+    example, example_key = _example(forward, copy, inputs, args)
+    copy = (*copy, example_key)
     with _LOCK:
         try:
             found, traced = _cached(forward, state, copy)
@@ -302,7 +374,7 @@ def folded(forward: Callable, layers: Sequence[nn.Module]) -> Callable:
                     folds = _FOLDED[forward] = _Folds(state, tensors)
             if not found:
                 whole = set(copy[0]) | set(copy[1])
-                traced = _fold(forward, whole, folds.fused)
+                traced = _fold(forward, whole, folds.fused, example)
                 with _LOCK:
                     folds.copies[copy] = traced
                     while len(folds.copies) > _COPIES:

@@ -251,7 +251,7 @@ class NeuronConductance(_LayerMethod):
         """Add the weighted gradient products of every path point into ``totals``, pass by
         pass. The first pass holds one path point and is metered; later ones hold as many as
         the memory budget allows, at most ``cap``."""
-        forward = self._model()
+        forward = self._model(inputs, args)
         num_examples = inputs[0].shape[0]
         total_points = len(alphas)
         state = _PassState(lean=False, target=target, num_examples=num_examples)
@@ -436,7 +436,7 @@ class NeuronConductance(_LayerMethod):
         """``n_steps="auto"``: rounds of path points chosen by :class:`AutoSteps`, each run in
         passes of rows (example, point) within the memory budget. Returns, per input tensor,
         the trapezoid sums over the points used (not yet multiplied by the inputs)."""
-        forward = self._model()
+        forward = self._model(inputs, args)
         num_examples = inputs[0].shape[0]
         max_rows = _points_per_pass(internal_batch_size, num_examples, max_steps) * num_examples
         diffs = [

@@ -266,7 +266,9 @@ def test_batch_gives_exactly_the_numbers_of_per_image_library_runs(
                                           target=want["target"], n_steps=STEPS)  # fmt: skip
                 totals = single[0].detach().flatten(1).sum(dim=1).numpy()
                 got = store.layer_row(key, name)["conductance"]
-                np.testing.assert_allclose(got, totals, rtol=1e-5, atol=1e-6)
+                # a total is a sum of many float32 cells: its rounding follows their size
+                scale = float(np.abs(totals).max())
+                np.testing.assert_allclose(got, totals, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_store_records_settings_digests_and_bad_images_with_reasons(dataset, local_pool, tmp_path):

@@ -66,7 +66,7 @@ def _norms_run(forward) -> int:
 def _unfolded(monkeypatch) -> None:
     import explainer.attribution as attribution
 
-    monkeypatch.setattr(attribution, "folded", lambda forward, layers: forward)
+    monkeypatch.setattr(attribution, "folded", lambda forward, layers, *example: forward)
 
 
 def test_every_pair_outside_the_layer_is_folded_and_the_model_is_left_alone():
