@@ -173,10 +173,13 @@ def assert_store_matches_library(out: Path, expected: dict[str, dict], maps: boo
                 got = store.layer_row(key, name)
                 assert got is not None
                 close(got["conductance"], result.channel_totals)
-                assert got["delta"] == pytest.approx(result.delta, rel=1e-4, abs=1e-6)
+                # the delta is a float32 sum minus the output change: it rounds at the
+                # size of that change, not its own
+                scale = max(abs(result.output_diff), 1.0)
+                assert got["delta"] == pytest.approx(result.delta, rel=1e-4, abs=1e-5 * scale)
                 assert got["output_diff"] == pytest.approx(result.output_diff, rel=1e-6)
                 assert got["relative_delta"] == pytest.approx(
-                    result.relative_delta, rel=1e-4, abs=1e-6
+                    result.relative_delta, rel=1e-4, abs=1e-5
                 )
                 assert got["n_steps"] == result.n_steps
                 assert got["steps_status"] == "fixed"
