@@ -318,7 +318,7 @@ def _cached(model: nn.Module, state: tuple, copy: tuple) -> tuple[bool, nn.Modul
 
 
 def _example(
-    model: nn.Module, copy: tuple, inputs: Sequence[Any] | None, args: Any
+    state: tuple, copy: tuple, inputs: Sequence[Any] | None, args: Any
 ) -> tuple[tuple | None, tuple | None]:
     """(two rows of every input, their key) where the model may have token rows to leave
     out: it has an attention module, no module has hooks and the forward takes the inputs
@@ -330,7 +330,7 @@ def _example(
         or copy[1]
         or not inputs
         or not all(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) > 0 for t in inputs)
-        or not any(type(m) is nn.MultiheadAttention for m in model.modules())
+        or not any(kind is nn.MultiheadAttention for _, kind, _ in state[1])  # module types
     ):
         return None, None
     key = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs)
@@ -358,7 +358,7 @@ def folded(
     if _global_hooks():
         return forward
     tensors, state, copy = _keys(forward, layers)
-    example, example_key = _example(forward, copy, inputs, args)
+    example, example_key = _example(state, copy, inputs, args)
     copy = (*copy, example_key)
     with _LOCK:
         try:

@@ -40,6 +40,7 @@ _PER_TOKEN_MODULES = (
     nn.Tanh,
     nn.Sigmoid,
     nn.Identity,
+    nn.Dropout,  # graphs with a module in training mode are left whole
 )
 _ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul)
 _FIRST = (slice(None, None, None), 0)
@@ -70,11 +71,7 @@ def _is_first_token(node: fx.Node, ranked: bool = True) -> bool:
 def _attention(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A batch-first self-attention call without masks, whose weights nobody reads."""
     module = modules.get(node.target) if node.op == "call_module" else None
-    if (
-        type(module) is not nn.MultiheadAttention
-        or not module.batch_first
-        or (module.training and module.dropout > 0)
-    ):
+    if type(module) is not nn.MultiheadAttention or not module.batch_first:
         return False
     if len(node.args) != 3 or set(node.kwargs) - {"need_weights"}:
         return False
@@ -102,8 +99,6 @@ def _per_token(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             return False
         if type(module) in _PER_TOKEN_MODULES:
             return True
-        if type(module) is nn.Dropout:
-            return not module.training
         if type(module) is nn.LayerNorm:
             return len(module.normalized_shape) <= rank - 2
         return False
